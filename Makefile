@@ -1,0 +1,29 @@
+# Everyday commands. PYTHON defaults to the project's virtual environment once `make install` made it.
+VENV ?= .venv
+PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+TORCH ?= torch==2.13.0
+
+.PHONY: install test test-all lint dry-run
+
+install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU machines) + this package
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e ".[dev]"
+
+test:  ## the default test run (CPU, offline, a few minutes)
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-all:  ## every test, slow ones included
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check mpoe_exp tests benchmarks
+	$(PYTHON) -m ruff format --check mpoe_exp tests benchmarks
+
+dry-run:  ## parameter counts of every paper model/method, no download
+	@for spec in "t5-base dense" "t5-base switch" "t5-base moe" "t5-base mpoe" "t5-base mpoe++" \
+	             "t5-large dense" "t5-large mpoe" "gpt2 dense" "gpt2 switch" "gpt2 mpoe" "gpt2 mpoe++"; do \
+	  set -- $$spec; $(PYTHON) -m mpoe_exp model=$$1 method=$$2 dry_run=true | head -2; done
+	@for a in no_sharing no_mask m3 m5 m7 m9; do \
+	  $(PYTHON) -m mpoe_exp model=gpt2 method=mpoe ablation=$$a dry_run=true | head -2; done

@@ -1,0 +1,73 @@
+"""Config composition (the Python twin of the CLI) and early validation with messages for people."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mpoe_exp import mpo
+from mpoe_exp.errors import UserError
+
+CONFIG_DIR = Path(os.environ.get("MPOE_EXP_CONF", Path(__file__).resolve().parent.parent / "conf"))
+CONFIG_NAME = "config"
+
+
+def available(group: str) -> list[str]:
+    """The choices of a config group (file names under conf/<group>/)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/ with Hydra overrides exactly as `python -m mpoe_exp <overrides>` does, then validate."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+    except HydraException as err:
+        raise UserError(f"bad config overrides {overrides}: {err}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse bad combinations before any work starts."""
+    method = cfg.method
+    if cfg.ablation.get("mpo_only") and method.experts != "mpo":
+        raise UserError(
+            f"ablation={cfg.ablation.name} only applies to MPO methods (mpoe, mpoe++), not method={method.name}"
+        )
+    if method.experts == "none":
+        return
+    if method.get("num_experts", 0) < 1:
+        raise UserError(f"method.num_experts must be >= 1, got {method.get('num_experts')}")
+    if method.experts == "mpo":
+        prob = method.get("gradient_mask_prob", 0.0)
+        if not 0.0 <= prob <= 1.0:
+            raise UserError(f"method.gradient_mask_prob must be in [0, 1], got {prob}")
+        d_model, d_ff = ffn_dims(cfg.model)
+        factorizations = method.mpo.get("factorizations")
+        overrides = OmegaConf.to_container(factorizations, resolve=True) if factorizations else {}
+        for rows, cols in ((d_ff, d_model), (d_model, d_ff)):
+            try:
+                mpo.factorization(rows, cols, method.mpo.num_tensors, overrides)
+            except ValueError as err:
+                raise UserError(f"model={cfg.model.name} method={method.name}: {err}") from None
+
+
+def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:
+    """(d_model, d_ff) of a model config's FFNs."""
+    arch = model_cfg.architecture
+    if model_cfg.family == "t5":
+        return arch.d_model, arch.d_ff
+    return arch.n_embd, arch.get("n_inner") or 4 * arch.n_embd
+
+
+def method_label(cfg: DictConfig) -> str:
+    """method[-ablation], as run directories and the paper's parameter table name it."""
+    name = cfg.ablation.get("name", "none")
+    return cfg.method.name if name == "none" else f"{cfg.method.name}-{name}"

@@ -1,0 +1,34 @@
+"""How many parameters? Build the model on the meta device (no weights, no download) and count."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from mpoe_exp.config import CONFIG_DIR, method_label
+from mpoe_exp.models import build_model, parameter_report
+
+PAPER_PARAMETERS = CONFIG_DIR / "paper" / "parameters.yaml"
+
+
+def paper_figure(cfg: DictConfig) -> float | None:
+    """The paper's total parameter count (millions) for this model and method[-ablation], if it reports one."""
+    table = OmegaConf.load(PAPER_PARAMETERS)
+    return table.get(cfg.model.name, {}).get(method_label(cfg))
+
+
+def dry_run(cfg: DictConfig) -> dict[str, int]:
+    """Print and return the parameter report of cfg's model."""
+    model, _ = build_model(cfg, meta=True)
+    report = parameter_report(model)
+    paper = paper_figure(cfg)
+    print(f"model={cfg.model.name} method={method_label(cfg)}")
+    print(f"  total parameters     {report['total']:>15,}   ({report['total'] / 1e6:.1f}M)", end="")
+    print(f"   paper: {paper}M" if paper is not None else "   paper: not reported")
+    print(f"  trainable parameters {report['trainable']:>15,}")
+    if "moe_layers" in report:
+        print(f"  MoE layers           {report['moe_layers']:>15,}   ({cfg.method.num_experts} experts each)")
+        print(f"  backbone (non-FFN)   {report['backbone']:>15,}")
+        print(f"  routers              {report['router']:>15,}")
+        print(f"  shared by experts    {report['expert_shared']:>15,}   (central tensors when shared, biases)")
+        print(f"  expert-specific      {report['expert_specific']:>15,}")
+    return report

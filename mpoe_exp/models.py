@@ -1,0 +1,279 @@
+"""Backbones (T5, GPT-2, tiny variants), their FFN adapters, upcycling into a method's MoE model, save/load."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mpoe_exp.errors import UserError
+from mpoe_exp.moe import FeedForwardSpec, MoEFeedForward, MPOExperts, build_moe_layer
+
+MODEL_CONFIG_FILE = "mpoe_exp_config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+# --- tokenizers ------------------------------------------------------------------------------------------------
+
+
+def byte_tokenizer(family: str):
+    """An offline byte-level tokenizer: one token per UTF-8 byte plus the family's special tokens.
+
+    T5: ids 0, 1, 2 = <pad>, </s>, <unk>, bytes from 3, and </s> appended to every sequence, as T5's tokenizer does.
+    GPT-2: bytes 0..255, then <|endoftext|> = 256.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    byte_chars.sort(key=lambda ch: _byte_of(ch))
+    specials = ["<pad>", "</s>", "<unk>"] if family == "t5" else []
+    tokens = specials + byte_chars + ([] if family == "t5" else ["<|endoftext|>"])
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>" if family == "t5" else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if family == "t5":
+        tok.add_special_tokens(specials)
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def _byte_of(char: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to 256 + n."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    code = ord(char)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+# --- backbones -------------------------------------------------------------------------------------------------
+
+FAMILIES = ("t5", "gpt2")
+
+
+def _architecture(model_cfg: DictConfig):
+    from transformers import GPT2Config, T5Config
+
+    kwargs = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    return T5Config(**kwargs) if model_cfg.family == "t5" else GPT2Config(**kwargs)
+
+
+def _model_class(family: str):
+    from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration if family == "t5" else GPT2LMHeadModel
+
+
+def load_backbone(model_cfg: DictConfig, *, meta: bool = False) -> nn.Module:
+    """The dense HF model: pre-trained from model.path or model.hub_id, or random weights from `architecture`.
+
+    meta=True builds the architecture on the meta device: no weights, no download, no memory.
+    """
+    if model_cfg.family not in FAMILIES:
+        raise UserError(f"unknown model family {model_cfg.family!r}; expected one of {FAMILIES}")
+    cls = _model_class(model_cfg.family)
+    if meta or not model_cfg.pretrained:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return cls(_architecture(model_cfg))
+    source = model_cfg.path or model_cfg.hub_id
+    if not source:
+        raise UserError(f"model {model_cfg.name}: pretrained=true needs model.path or model.hub_id")
+    try:
+        return cls.from_pretrained(source)
+    except OSError as err:
+        raise UserError(
+            f"could not load pre-trained weights for model {model_cfg.name} from {source!r}: {err}\n"
+            f"Offline? Download once with `huggingface-cli download {model_cfg.hub_id}` on a machine with network, "
+            f"or point model.path=/dir/of/checkpoint (a save_pretrained folder)."
+        ) from None
+
+
+def load_tokenizer(model_cfg: DictConfig):
+    """The model's tokenizer: its pre-trained one, or the offline byte-level tokenizer (`tokenizer: byte`)."""
+    if model_cfg.tokenizer == "byte":
+        return byte_tokenizer(model_cfg.family)
+    from transformers import AutoTokenizer
+
+    source = model_cfg.path or model_cfg.hub_id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise UserError(
+            f"could not load the tokenizer of model {model_cfg.name} from {source!r}: {err}\n"
+            f"Offline? Use model.path=/dir/with/tokenizer, or model.tokenizer=byte for a tiny model."
+        ) from None
+    if tokenizer.pad_token is None:  # GPT-2 has none
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --- FFN adapters ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FFNSite:
+    """One dense FFN of a backbone: where it hangs, what function it computes and its weights (out, in)."""
+
+    parent: nn.Module
+    attribute: str
+    spec: FeedForwardSpec
+    weights: dict[str, torch.Tensor]
+    biases: dict[str, torch.Tensor]
+
+
+def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
+    """Every dense FFN of a T5 (encoder and decoder; v1.0 ReLU and v1.1 gated) or GPT-2 model, in order."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerFF
+
+    config = model.config
+    for module in list(model.modules()):
+        if isinstance(module, T5LayerFF) and not isinstance(module.DenseReluDense, MoEFeedForward):
+            dense = module.DenseReluDense
+            gated = isinstance(dense, T5DenseGatedActDense)
+            if not gated and not isinstance(dense, T5DenseActDense):
+                raise UserError(f"unsupported T5 FFN module {type(dense).__name__}")
+            spec = FeedForwardSpec(
+                d_model=config.d_model,
+                d_ff=config.d_ff,
+                activation=config.dense_act_fn,
+                gated=gated,
+                inner_dropout=config.dropout_rate,
+            )
+            names = spec.matrix_names
+            weights = {n: getattr(dense, n).weight for n in names}
+            yield FFNSite(module, "DenseReluDense", spec, weights, {})
+        elif isinstance(module, GPT2MLP):
+            spec = FeedForwardSpec(
+                d_model=config.n_embd,
+                d_ff=module.c_fc.weight.shape[1],
+                activation=config.activation_function,
+                bias=True,
+                output_dropout=config.resid_pdrop,
+            )
+            # Conv1D stores (in, out): transpose to the (out, in) convention of nn.Linear
+            weights = {"wi": module.c_fc.weight.t(), "wo": module.c_proj.weight.t()}
+            biases = {"bi": module.c_fc.bias, "bo": module.c_proj.bias}
+            parent = next(m for m in model.modules() if getattr(m, "mlp", None) is module)
+            yield FFNSite(parent, "mlp", spec, weights, biases)
+
+
+# --- upcycling -------------------------------------------------------------------------------------------------
+
+
+def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool = True) -> nn.Module:
+    """Replace every dense FFN by the method's MoE layer, initialized from the FFN (in place; returns the model).
+
+    from_weights=False builds empty layers of the right shapes (meta-device dry run, or before loading a state
+    dict). Each FFN is replaced as soon as its layer is built, so the dense weights are freed one by one and the
+    n expert copies of an MPO layer are never materialized.
+    """
+    method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
+    if method.get("experts", "none") == "none":
+        return model
+    for site in list(ffn_sites(model)):
+        ref = next(iter(site.weights.values()))
+        use_weights = from_weights and ref.device.type != "meta"
+        with torch.no_grad():
+            layer = build_moe_layer(
+                site.spec,
+                method,
+                {n: w.detach() for n, w in site.weights.items()} if use_weights else None,
+                {n: b.detach() for n, b in site.biases.items()} if use_weights else None,
+                device=ref.device,
+                dtype=ref.dtype,
+            )
+        setattr(site.parent, site.attribute, layer)
+    return model
+
+
+def build_model(cfg: DictConfig, *, meta: bool = False) -> tuple[nn.Module, Any]:
+    """The model of `cfg` (backbone + method) and its tokenizer. meta=True: shapes only (tokenizer None)."""
+    backbone = load_backbone(cfg.model, meta=meta)
+    model = upcycle(backbone, cfg.method)
+    if meta:
+        return model, None
+    return model, load_tokenizer(cfg.model)
+
+
+# --- parameter counts ------------------------------------------------------------------------------------------
+
+
+def parameter_report(model: nn.Module) -> dict[str, int]:
+    """Total and trainable parameters; for expert methods also router, shared-expert and expert-specific ones."""
+    params = {id(p): p for p in model.parameters()}  # tied weights counted once
+    total = sum(p.numel() for p in params.values())
+    report = {"total": total, "trainable": sum(p.numel() for p in params.values() if p.requires_grad)}
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if layers:
+        router = {id(p): p for layer in layers for p in layer.router.parameters()}
+        expert = {id(p): p for layer in layers for p in layer.experts.parameters()}
+        shared = {id(p): p for layer in layers for p in layer.experts.shared_parameters()}
+        report["router"] = sum(p.numel() for p in router.values())
+        report["expert_shared"] = sum(p.numel() for p in shared.values())
+        report["expert_specific"] = sum(p.numel() for k, p in expert.items() if k not in shared)
+        report["backbone"] = total - report["router"] - report["expert_shared"] - report["expert_specific"]
+        report["moe_layers"] = len(layers)
+        report["central_tensors"] = sum(
+            len(m.central_parameters()) for m in model.modules() if isinstance(m, MPOExperts)
+        )
+    return report
+
+
+# --- save / load -----------------------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, cfg: DictConfig, directory: str | Path, tokenizer=None) -> Path:
+    """Save an upcycled model: its config (backbone + method), weights (safetensors) and tokenizer."""
+    from safetensors.torch import save_model as save_safetensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    saved = OmegaConf.create({"model": cfg.model, "method": cfg.method})
+    OmegaConf.save(saved, directory / MODEL_CONFIG_FILE, resolve=True)
+    save_safetensors(model, str(directory / WEIGHTS_FILE))  # shared/tied tensors stored once
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, DictConfig]:
+    """Rebuild a model saved by `save_model`: the backbone, the method's expert layers, then the weights."""
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    config_file = directory / MODEL_CONFIG_FILE
+    if not config_file.is_file():
+        raise UserError(f"{directory} is not a saved mpoe-exp model: {MODEL_CONFIG_FILE} is missing")
+    cfg = OmegaConf.load(config_file)
+    backbone_config = AutoConfig.from_pretrained(directory)
+    model = _model_class(cfg.model.family)(backbone_config)
+    upcycle(model, cfg.method, from_weights=False)
+    try:
+        load_safetensors(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"could not load weights from {directory / WEIGHTS_FILE}: {err}") from None
+    tokenizer = None
+    if any(directory.glob("tokenizer*.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model.to(device), tokenizer, cfg

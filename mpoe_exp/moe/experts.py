@@ -1,0 +1,184 @@
+"""Experts: the parameters of E feed-forward networks, handed to dispatch as per-expert matrices.
+
+Every expert is the same FFN function (see `FeedForwardSpec`) with its own matrices:
+
+- `DenseExperts`: E full copies of each matrix, stored stacked as (E, out, in) Parameters.
+- `MPOExperts`: each matrix of each expert is an MPO (`mpoe_exp.mpo`); the central tensor is ONE Parameter per
+  matrix shared by all experts (MPOE), or one per expert (`share_central=False`, the "w/o PS" ablation), and
+  each expert owns its auxiliary tensors, stored stacked over experts as (E, r, i, j, r').
+  Biases (GPT-2's Conv1D has them) are shared by all experts like the central tensor; this matches the
+  parameter count in SPEC section 2 (GPT-2 MPOE n = 8 -> 160.0M).
+
+Both are built either from the dense FFN's weights (upcycling: every expert starts equal to the dense FFN) or
+from shapes alone (`empty`: for the meta-device dry run and for loading a checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpoe_exp import mpo
+
+
+@dataclass(frozen=True)
+class FeedForwardSpec:
+    """The dense FFN function every expert computes, read off the backbone.
+
+    gated=False: out = W_o drop(act(W_i x + b_i)) + b_o
+    gated=True:  out = W_o drop(act(W_i0 x) * (W_i1 x))               (T5 v1.1)
+    Matrices are (out_features, in_features), as nn.Linear stores them.
+    """
+
+    d_model: int
+    d_ff: int
+    activation: str
+    gated: bool = False
+    bias: bool = False
+    inner_dropout: float = 0.0  # after the activation (T5)
+    output_dropout: float = 0.0  # after the output projection (GPT-2)
+
+    @property
+    def matrix_names(self) -> tuple[str, ...]:
+        return ("wi_0", "wi_1", "wo") if self.gated else ("wi", "wo")
+
+    def matrix_shape(self, name: str) -> tuple[int, int]:
+        return (self.d_model, self.d_ff) if name == "wo" else (self.d_ff, self.d_model)
+
+    @property
+    def bias_names(self) -> tuple[str, ...]:
+        return ("bi", "bo") if self.bias else ()
+
+    def bias_size(self, name: str) -> int:
+        return self.d_model if name == "bo" else self.d_ff
+
+
+class DenseExperts(nn.Module):
+    """E independent copies of every FFN matrix: (E, out, in) per matrix, (E, out) per bias."""
+
+    def __init__(self, spec: FeedForwardSpec, num_experts: int, device=None, dtype=None):
+        super().__init__()
+        self.spec, self.num_experts = spec, num_experts
+        kw = {"device": device, "dtype": dtype}
+        self.matrices = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(num_experts, *spec.matrix_shape(n), **kw)) for n in spec.matrix_names}
+        )
+        self.biases = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(num_experts, spec.bias_size(n), **kw)) for n in spec.bias_names}
+        )
+
+    @classmethod
+    def from_dense(cls, spec: FeedForwardSpec, num_experts: int, weights: dict, biases: dict) -> DenseExperts:
+        """Every expert a copy of the dense FFN."""
+        any_weight = next(iter(weights.values()))
+        experts = cls(spec, num_experts, device=any_weight.device, dtype=any_weight.dtype)
+        with torch.no_grad():
+            for name, w in weights.items():
+                experts.matrices[name].copy_(w.expand(num_experts, *w.shape))
+            for name, b in biases.items():
+                experts.biases[name].copy_(b.expand(num_experts, *b.shape))
+        return experts
+
+    def materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Matrices {name: (E, out, in)} and biases {name: (E, out)}."""
+        return dict(self.matrices), dict(self.biases)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return []
+
+
+class MPOExperts(nn.Module):
+    """E experts whose matrices are MPOs sharing one central tensor per matrix (or not, for the ablation)."""
+
+    def __init__(
+        self,
+        spec: FeedForwardSpec,
+        num_experts: int,
+        factorizations: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+        *,
+        max_bond: int | None = None,
+        share_central: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.spec, self.num_experts, self.share_central = spec, num_experts, share_central
+        self.factorizations = {n: (tuple(r), tuple(c)) for n, (r, c) in factorizations.items()}
+        self.max_bond = max_bond
+        kw = {"device": device, "dtype": dtype}
+        self.central = nn.ParameterDict()
+        self.auxiliary = nn.ModuleDict()
+        for name in spec.matrix_names:
+            row_shape, col_shape = self.factorizations[name]
+            mpo.check_shapes(spec.matrix_shape(name), row_shape, col_shape)
+            shapes = mpo.tensor_shapes(row_shape, col_shape, max_bond)
+            centre = len(shapes) // 2
+            central_shape = shapes[centre] if share_central else (num_experts, *shapes[centre])
+            self.central[name] = nn.Parameter(torch.empty(central_shape, **kw))
+            self.auxiliary[name] = nn.ParameterList(
+                [nn.Parameter(torch.empty(num_experts, *s, **kw)) for k, s in enumerate(shapes) if k != centre]
+            )
+        self.biases = nn.ParameterDict({n: nn.Parameter(torch.empty(spec.bias_size(n), **kw)) for n in spec.bias_names})
+
+    @classmethod
+    def from_dense(
+        cls,
+        spec: FeedForwardSpec,
+        num_experts: int,
+        weights: dict,
+        biases: dict,
+        factorizations: dict,
+        *,
+        max_bond: int | None = None,
+        share_central: bool = True,
+    ) -> MPOExperts:
+        """Decompose each dense matrix once; every expert gets the same auxiliary tensors (upcycling)."""
+        any_weight = next(iter(weights.values()))
+        experts = cls(
+            spec,
+            num_experts,
+            factorizations,
+            max_bond=max_bond,
+            share_central=share_central,
+            device=any_weight.device,
+            dtype=any_weight.dtype,
+        )
+        with torch.no_grad():
+            for name, w in weights.items():
+                # half precision SVDs are not supported and not accurate enough: decompose in float32 at least
+                work_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+                decomposition = mpo.decompose(w.to(work_dtype), *experts.factorizations[name], max_bond=max_bond)
+                central = decomposition.central
+                experts.central[name].copy_(central if share_central else central.expand(num_experts, *central.shape))
+                for param, tensor in zip(experts.auxiliary[name], decomposition.auxiliary):
+                    param.copy_(tensor.expand(num_experts, *tensor.shape))
+            for name, b in biases.items():
+                experts.biases[name].copy_(b)
+        return experts
+
+    def local_tensors(self, name: str) -> list[torch.Tensor]:
+        """The m tensors of matrix `name` in order: auxiliary (E, ...) with the central in the middle."""
+        aux = list(self.auxiliary[name])
+        centre = (len(aux) + 1) // 2
+        return aux[:centre] + [self.central[name]] + aux[centre:]
+
+    def materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Contract every expert's matrices: {name: (E, out, in)}; biases {name: (E, out)} (shared, expanded)."""
+        matrices = {
+            name: mpo.contract(self.local_tensors(name), *self.factorizations[name]) for name in self.spec.matrix_names
+        }
+        biases = {name: b.expand(self.num_experts, -1) for name, b in self.biases.items()}
+        return matrices, biases
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every expert uses (central tensors when shared, and biases)."""
+        shared = list(self.biases.values())
+        if self.share_central:
+            shared += list(self.central.values())
+        return shared
+
+    def central_parameters(self) -> list[nn.Parameter]:
+        """The central tensors, shared or not: what the gradient mask acts on."""
+        return list(self.central.values())

@@ -1,0 +1,176 @@
+"""Routers: map tokens (N, d) to expert indices and gates, plus their auxiliary loss.
+
+A router returns a `Routing`; experts and dispatch only consume it (DESIGN: narrow interfaces).
+
+- `SwitchRouter`: top-1 (Fedus et al. 2021). fp32 logits, optional multiplicative input jitter, capacity with
+  token dropping (first come, first served over the flattened tokens of the call), load-balancing loss
+  alpha * E * sum_e f_e P_e and router z-loss. With `straight_through=True` the gate is p / p.detach(): value 1,
+  gradient still reaches the router, so an upcycled model equals the dense one (the MPOE reference's routing).
+- `NoisyTopKRouter`: noisy top-k gating (Shazeer et al. 2017) with importance and load CV^2 losses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DROPPED = -1  # expert index of a token that exceeded its expert's capacity
+
+
+@dataclass
+class Routing:
+    """Where each token goes. N tokens, k choices each."""
+
+    expert_index: torch.Tensor  # (N, k) long; DROPPED where the token was dropped
+    gate: torch.Tensor  # (N, k) multiplier of each chosen expert's output (0 where dropped)
+    aux_loss: torch.Tensor  # scalar, already weighted by its coefficients
+    router_probs: torch.Tensor  # (N, E) softmax of the router logits, for logging and tests
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | None) -> int | None:
+    """ceil(capacity_factor * tokens / experts); None means no limit."""
+    if capacity_factor is None:
+        return None
+    return max(1, math.ceil(capacity_factor * num_tokens / num_experts))
+
+
+def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation, population variance (tensor2tensor's definition)."""
+    x = x.float()
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var(unbiased=False) / (x.mean() ** 2 + eps)
+
+
+class SwitchRouter(nn.Module):
+    """Top-1 router with optional capacity, jitter, load-balancing loss and z-loss."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        bias: bool = True,
+        init_std: float = 0.02,
+        jitter: float = 0.0,
+        capacity_factor_train: float | None = None,
+        capacity_factor_eval: float | None = None,
+        balance_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        straight_through: bool = False,
+        fp32: bool = True,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.classifier = nn.Linear(d_model, num_experts, bias=bias)
+        nn.init.normal_(self.classifier.weight, std=init_std)
+        if bias:
+            nn.init.zeros_(self.classifier.bias)
+        self.jitter = jitter
+        self.capacity_factor_train = capacity_factor_train
+        self.capacity_factor_eval = capacity_factor_eval
+        self.balance_loss_coef = balance_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.straight_through = straight_through
+        self.fp32 = fp32
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (N, d) -> Routing with k = 1."""
+        dtype = torch.float32 if self.fp32 else x.dtype
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        weight = self.classifier.weight.to(dtype)
+        bias = None if self.classifier.bias is None else self.classifier.bias.to(dtype)
+        logits = nn.functional.linear(x.to(dtype), weight, bias)  # (N, E)
+        probs = logits.softmax(dim=-1)
+        top_prob, top_index = probs.max(dim=-1)  # (N,)
+
+        capacity = expert_capacity(
+            x.shape[0],
+            self.num_experts,
+            self.capacity_factor_train if self.training else self.capacity_factor_eval,
+        )
+        one_hot = nn.functional.one_hot(top_index, self.num_experts)  # (N, E)
+        if capacity is not None:
+            position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # 1-based arrival order
+            kept = position_in_expert <= capacity
+        else:
+            kept = torch.ones_like(top_index, dtype=torch.bool)
+
+        gate = top_prob / top_prob.detach() if self.straight_through else top_prob
+        gate = torch.where(kept, gate, torch.zeros_like(gate))
+        expert_index = torch.where(kept, top_index, torch.full_like(top_index, DROPPED))
+
+        aux = logits.new_zeros(())
+        if self.balance_loss_coef:
+            fraction_routed = one_hot.float().mean(dim=0)  # f_e, before dropping (as in Switch)
+            mean_prob = probs.mean(dim=0)  # P_e
+            aux = aux + self.balance_loss_coef * self.num_experts * (fraction_routed * mean_prob).sum()
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+        return Routing(expert_index[:, None], gate[:, None].to(x.dtype), aux, probs)
+
+
+class NoisyTopKRouter(nn.Module):
+    """Noisy top-k gating: H = x W_g + N(0, 1) * softplus(x W_noise) in training; softmax over the top k."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        top_k: int = 2,
+        noisy: bool = True,
+        importance_loss_coef: float = 0.01,
+        load_loss_coef: float = 0.01,
+        noise_eps: float = 1e-2,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.noisy = noisy
+        self.importance_loss_coef = importance_loss_coef
+        self.load_loss_coef = load_loss_coef
+        self.noise_eps = noise_eps
+        # zero-initialized as in Shazeer et al.: uniform routing at the start
+        self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
+        self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (N, d) -> Routing with k = top_k; gates are the softmax over the k kept logits."""
+        x32 = x.float()
+        clean = x32 @ self.w_gate.float()  # (N, E)
+        use_noise = self.noisy and self.training
+        if use_noise:
+            noise_std = nn.functional.softplus(x32 @ self.w_noise.float()) + self.noise_eps
+            logits = clean + torch.randn_like(clean) * noise_std
+        else:
+            logits = clean
+        k = self.top_k
+        top_logits, top_index = logits.topk(min(k + 1, self.num_experts), dim=-1)  # (N, k+1)
+        gate = top_logits[:, :k].softmax(dim=-1)  # (N, k)
+        gates_full = torch.zeros_like(logits).scatter(1, top_index[:, :k], gate)  # (N, E)
+
+        importance = gates_full.sum(dim=0)
+        if use_noise and k < self.num_experts:
+            load = self._smooth_load(clean, logits, noise_std, top_logits)
+        else:
+            load = (gates_full > 0).float().sum(dim=0)
+        aux = self.importance_loss_coef * cv_squared(importance) + self.load_loss_coef * cv_squared(load)
+        return Routing(top_index[:, :k], gate.to(x.dtype), aux, clean.softmax(dim=-1))
+
+    def _smooth_load(self, clean, noisy, noise_std, top_logits) -> torch.Tensor:
+        """Sum over tokens of P(expert e is in the top k under fresh noise): Shazeer et al. 2017, eq. 8-10."""
+        k = self.top_k
+        threshold_if_in = top_logits[:, k : k + 1]  # k+1-th largest: what e must beat if it is in
+        threshold_if_out = top_logits[:, k - 1 : k]  # k-th largest: what e must beat if it is out
+        is_in = noisy > threshold_if_in
+        normal = torch.distributions.Normal(0.0, 1.0)
+        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)
