@@ -36,11 +36,17 @@ class CentralGradientMask:
         if not masked:
             self.central_updates += 1
             return optimizer.step(closure)
+        # a closure would recompute the central gradients inside optimizer.step: evaluate it first, then hide them
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         saved = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         try:
-            return optimizer.step(closure)
+            optimizer.step()
+            return loss
         finally:
             for p, grad in zip(self.params, saved):
                 p.grad = grad

@@ -80,11 +80,12 @@ class SwitchRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, d) -> Routing with k = 1."""
         dtype = torch.float32 if self.fp32 else x.dtype
+        x_route = x.to(dtype)  # jitter in the routing dtype too (as in Switch): bf16 would quantize it
         if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_route = x_route * torch.empty_like(x_route).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         weight = self.classifier.weight.to(dtype)
         bias = None if self.classifier.bias is None else self.classifier.bias.to(dtype)
-        logits = nn.functional.linear(x.to(dtype), weight, bias)  # (N, E)
+        logits = nn.functional.linear(x_route, weight, bias)  # (N, E)
         probs = logits.softmax(dim=-1)
         top_prob, top_index = probs.max(dim=-1)  # (N,)
 

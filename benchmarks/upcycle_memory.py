@@ -1,0 +1,55 @@
+"""Peak memory and time of upcycling a randomly initialized model (default: t5-base-shaped, to mpoe++).
+
+    python benchmarks/upcycle_memory.py [model=t5-base method=mpoe++ ...]
+
+Prints one table row: the dense model's size, the upcycled model's size, and the process's peak resident memory
+(ru_maxrss) over the whole build, which includes the Python/torch runtime (~0.3-0.4 GB). Run it in a fresh process:
+the peak is per process.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+from mpoe_exp import compose_config
+from mpoe_exp.models import load_backbone, parameter_report, upcycle
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def main(overrides: list[str]) -> dict:
+    cfg = compose_config(["model=t5-base", "method=mpoe++", "model.pretrained=false", *overrides])
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = load_backbone(cfg.model)
+    dense_params = parameter_report(model)["total"]
+    after_backbone = peak_rss_gb()
+    upcycle(model, cfg.method)
+    seconds = time.perf_counter() - start
+    upcycled_params = parameter_report(model)["total"]
+    result = {
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "dense_params": dense_params,
+        "upcycled_params": upcycled_params,
+        "peak_after_backbone_gb": after_backbone,
+        "peak_rss_gb": peak_rss_gb(),
+        "seconds": seconds,
+    }
+    print("| model | method | dense params | upcycled params | peak RSS after backbone | peak RSS | time |")
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {result['model']} | {result['method']} | {dense_params:,} | {upcycled_params:,} | "
+        f"{after_backbone:.2f} GB | {result['peak_rss_gb']:.2f} GB | {seconds:.1f} s |"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
