@@ -235,3 +235,22 @@ def test_local_checkpoint_by_path(tmp_path):
     model, loaded_tokenizer = build_model(cfg)
     assert torch.equal(model.transformer.wte.weight, dense.transformer.wte.weight)
     assert loaded_tokenizer("abc").input_ids == tokenizer("abc").input_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["switch", "moe", "mpoe"])
+def test_upcycled_model_trains_on_cuda_in_bf16(method):
+    cfg = compose_config(["model=tiny-t5", f"method={method}"])
+    model, tokenizer = build_model(cfg)
+    model = model.cuda().train()
+    inputs = {k: v.cuda() for k, v in model_inputs(cfg, tokenizer).items()}
+    labels = inputs.pop("decoder_input_ids")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(**inputs, labels=labels)
+    from mpoe_exp.moe import collect_aux_loss
+
+    loss = out.loss + collect_aux_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    routers = [m.router for m in model.modules() if isinstance(m, MoEFeedForward)]
+    assert routers and all(any(p.grad is not None for p in r.parameters()) for r in routers)
