@@ -145,7 +145,7 @@ def decompose(
     rank = 1
     for k in range(m - 1):
         unfolding = remainder.reshape(rank * site_dims[k], -1)
-        u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
+        u, s, vh = _svd(unfolding)
         keep = s.numel() if max_bond is None else min(max_bond, s.numel())
         discarded_sq += float((s[keep:].double() ** 2).sum())
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
@@ -157,7 +157,7 @@ def decompose(
     # Right-to-left gauge sweep (no truncation) down to the centre: right-orthonormal tensors, sorted bonds.
     for k in range(m - 1, m // 2, -1):
         r_prev, i, j, r_next = tensors[k].shape
-        u, s, vh = torch.linalg.svd(tensors[k].reshape(r_prev, i * j * r_next), full_matrices=False)
+        u, s, vh = _svd(tensors[k].reshape(r_prev, i * j * r_next))
         tensors[k] = vh.reshape(-1, i, j, r_next)
         tensors[k - 1] = torch.einsum("aijb,bc->aijc", tensors[k - 1], u * s)
     return MPO(
@@ -166,6 +166,14 @@ def decompose(
         col_shape=col_shape,
         truncation_error=math.sqrt(discarded_sq),
     )
+
+
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; wide matrices through their transpose (LAPACK is ~3x faster and more accurate on tall ones)."""
+    if a.shape[0] >= a.shape[1]:
+        return torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = torch.linalg.svd(a.mT, full_matrices=False)
+    return vh.mT, s, u.mT
 
 
 def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shape: Sequence[int]) -> torch.Tensor:
