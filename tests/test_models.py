@@ -254,3 +254,16 @@ def test_upcycled_model_trains_on_cuda_in_bf16(method):
     assert torch.isfinite(loss)
     routers = [m.router for m in model.modules() if isinstance(m, MoEFeedForward)]
     assert routers and all(any(p.grad is not None for p in r.parameters()) for r in routers)
+
+
+@pytest.mark.parametrize(
+    "ablation,paper", [("m3", "130.3M"), ("m5", "157.4M"), ("m7", "198.7M"), ("m9", "214.6M"), ("no_sharing", "153M")]
+)
+def test_dry_run_prints_the_papers_figure_beside_ours(capsys, ablation, paper):
+    from mpoe_exp.dry_run import dry_run
+
+    report = dry_run(compose_config(["model=gpt2", "method=mpoe", f"ablation={ablation}"]))
+    out = capsys.readouterr().out
+    assert f"paper: {paper}" in out
+    assert f"{report['total']:,}" in out
+    assert report["total"] > 124_439_808
