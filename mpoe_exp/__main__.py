@@ -20,10 +20,10 @@ def main(cfg: DictConfig) -> None:
         if cfg.dry_run:
             dry_run(cfg)
             return
-        raise UserError(
-            "training is not available yet (the experiment runner is tracked as issue #3); "
-            "use dry_run=true to count parameters"
-        )
+        from mpoe_exp.runner import check_task_fits_model, run
+
+        check_task_fits_model(cfg)
+        run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

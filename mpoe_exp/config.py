@@ -12,6 +12,10 @@ from mpoe_exp.errors import UserError
 
 CONFIG_DIR = Path(os.environ.get("MPOE_EXP_CONF", Path(__file__).resolve().parent.parent / "conf"))
 CONFIG_NAME = "config"
+DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
+
+# ${mpoe_demo_data:glue} -> the bundled demo data folder, wherever the package is installed
+OmegaConf.register_new_resolver("mpoe_demo_data", lambda sub="": str(DEMO_DATA_DIR / sub), replace=True)
 
 
 def available(group: str) -> list[str]:

@@ -1,0 +1,134 @@
+"""Run directories, the results.json schema, atomic writes and the "already done?" check.
+
+Layout (derived from the config, never from the clock):
+
+    <runs_dir>/<experiment>/<model>/<method>[-<ablation>]/<task>/<hparams>/seed=<seed>/
+        results.json          written once, atomically, when the run finishes (or fails: status "failed")
+        checkpoints/last.pt   model + optimizer + scheduler + gradient mask + RNG state, for resuming
+        checkpoints/best.pt   model weights at the best validation score
+        train.log
+
+The <hparams> level (e.g. `lr=0.0001,bs=32,ep=3`) is our addition to the layout in the issue: without it, runs
+of a learning-rate sweep would share one directory and all but the first would be skipped as "finished".
+
+results.json (schema_version 1):
+    status            "finished" | "failed"
+    experiment, model, method, ablation, task, seed, hparams
+    main_metric       name of the task's selection metric; greater_is_better
+    validation        metrics of the best checkpoint on the validation split (selection uses only these)
+    test              metrics of that checkpoint on the test split
+    best_step, steps  optimizer step of the best checkpoint; steps trained
+    parameters        total, trainable (and router / expert_shared / expert_specific for expert methods)
+    central_updates   optimizer steps that updated the central tensors (gradient mask)
+    history           [{"step", "loss", "validation": {...}}] one entry per evaluation
+    wall_time_s, tokens_per_second, code_version, library_versions, config (the resolved config), error
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mpoe_exp.config import method_label
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The hyperparameters that distinguish runs of one model/method/task (what a sweep varies)."""
+    train = cfg.train
+    return {
+        "lr": train.lr,
+        "bs": train.batch_size * train.grad_accum_steps,
+        "ep": train.epochs,
+        "steps": train.max_steps,
+    }
+
+
+def hparams_tag(cfg: DictConfig) -> str:
+    return ",".join(f"{k}={v}" for k, v in hparams(cfg).items() if v is not None)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return (
+        Path(cfg.runs_dir)
+        / cfg.experiment_name
+        / cfg.model.name
+        / method_label(cfg)
+        / cfg.task.name
+        / hparams_tag(cfg)
+        / f"seed={cfg.seed}"
+    )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(directory: Path, results: dict[str, Any]) -> Path:
+    path = directory / RESULTS_FILE
+    atomic_write_text(path, json.dumps({"schema_version": SCHEMA_VERSION, **results}, indent=2, default=str) + "\n")
+    return path
+
+
+def read_results(directory: Path) -> dict[str, Any] | None:
+    """The run's results, or None if there are none or the file is unreadable."""
+    path = directory / RESULTS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_finished(directory: Path) -> bool:
+    results = read_results(directory)
+    return results is not None and results.get("status") == "finished"
+
+
+def code_version() -> str:
+    """`git describe` of the checkout this package runs from, or the package version."""
+    from mpoe_exp import __version__
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "transformers", "datasets", "hydra-core", "omegaconf", "nltk", "sacrebleu", "scikit-learn"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions

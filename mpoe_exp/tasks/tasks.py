@@ -1,0 +1,157 @@
+"""Tasks as the trainer sees them: training features, a collate function, a loss and an evaluation.
+
+- `GlueTask`: T5 text-to-text (SPEC section 4): "<task> field: text ..." -> label string; greedy decoding;
+  unparsable predictions count as wrong.
+- `LanguageModelingTask`: GPT-2 causal LM (WikiText-2): the split's text tokenized and cut into blocks;
+  perplexity = exp(mean token NLL) over the evaluation split.
+
+A new task type is a class with these five members and one line in `TASK_TYPES`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from mpoe_exp import metrics
+from mpoe_exp.errors import UserError
+from mpoe_exp.tasks import glue_data, text_data
+
+
+def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+class GlueTask:
+    """One GLUE task for an encoder-decoder model."""
+
+    def __init__(self, task_cfg: DictConfig, tokenizer, data_dir: str | None):
+        self.name = task_cfg.name
+        self.glue_task = task_cfg.glue_task
+        self.cfg = task_cfg
+        self.tokenizer = tokenizer
+        self.main_metric = metrics.GLUE_MAIN_METRIC[self.glue_task]
+        self.greater_is_better = True
+        self.splits = glue_data.load_glue_splits(
+            self.glue_task, data_dir=data_dir, hub_path=task_cfg.hub_path, seed=task_cfg.data_seed
+        )
+        self.split_sizes = {k: len(v) for k, v in self.splits.items()}
+
+    def encode(self, example: dict) -> dict:
+        source = self.tokenizer(
+            glue_data.format_source(self.glue_task, example["fields"]),
+            max_length=self.cfg.max_source_length,
+            truncation=True,
+        ).input_ids
+        target = self.tokenizer(
+            glue_data.format_target(self.glue_task, example["label"]),
+            max_length=self.cfg.max_target_length,
+            truncation=True,
+        ).input_ids
+        return {"input_ids": source, "labels": target}
+
+    def train_features(self) -> list[dict]:
+        return [self.encode(e) for e in self.splits["train"]]
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (input_ids != self.tokenizer.pad_token_id).long(),
+            "labels": pad([f["labels"] for f in features], -100),
+        }
+
+    def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
+        from mpoe_exp.training import token_loss
+
+        logits = model(**batch).logits  # T5 shifts labels into decoder inputs itself
+        return token_loss(logits, batch["labels"], label_smoothing)
+
+    def evaluate(self, model, split: str, batch_size: int, device) -> dict[str, float]:
+        """Greedy-decode every example of `split` and score it with the task's GLUE metrics (x100)."""
+        examples = self.splits[split]
+        predictions = []
+        for start in range(0, len(examples), batch_size):
+            chunk = [self.encode(e) for e in examples[start : start + batch_size]]
+            batch = self.collate(chunk)
+            generated = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=self.cfg.max_target_length,
+                do_sample=False,
+                num_beams=1,
+            )
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            predictions += [glue_data.parse_prediction(self.glue_task, t) for t in texts]
+        references = [e["label"] for e in examples]
+        return metrics.glue_metrics(self.glue_task, predictions, references)
+
+
+class LanguageModelingTask:
+    """Causal LM fine-tuning; evaluation is perplexity over the split's blocks."""
+
+    def __init__(self, task_cfg: DictConfig, tokenizer, data_dir: str | None, max_positions: int):
+        self.name = task_cfg.name
+        self.cfg = task_cfg
+        self.tokenizer = tokenizer
+        self.main_metric = "perplexity"
+        self.greater_is_better = False
+        self.block_size = min(task_cfg.block_size, max_positions)
+        texts = text_data.load_text_splits(task_cfg.text_task, data_dir=data_dir, seed=task_cfg.data_seed)
+        self.blocks = {
+            split: text_data.lm_blocks(text_data.tokenize_and_concatenate(lines, tokenizer), self.block_size)
+            for split, lines in texts.items()
+        }
+        self.split_sizes = {k: len(v) for k, v in self.blocks.items()}
+
+    def train_features(self) -> list[dict]:
+        return [{"input_ids": b} for b in self.blocks["train"]]
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        input_ids = pad(ids, self.tokenizer.pad_token_id)
+        attention_mask = pad([[1] * len(s) for s in ids], 0)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
+        from mpoe_exp.training import token_loss
+
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_loss(logits[:, :-1], batch["labels"][:, 1:], label_smoothing)
+
+    def evaluate(self, model, split: str, batch_size: int, device) -> dict[str, float]:
+        total_nll, num_tokens = 0.0, 0
+        blocks = self.blocks[split]
+        for start in range(0, len(blocks), batch_size):
+            batch = self.collate([{"input_ids": b} for b in blocks[start : start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total_nll += float(nll)
+            num_tokens += int((labels != -100).sum())
+        ppl = metrics.perplexity(total_nll, num_tokens)
+        return {"perplexity": ppl, "nll": total_nll / num_tokens if num_tokens else math.nan, "tokens": num_tokens}
+
+
+TASK_TYPES = {"glue": GlueTask, "lm": LanguageModelingTask}
+
+
+def build_task(cfg: DictConfig, tokenizer):
+    """The task object of `cfg.task` with data from `cfg.data_dir` (or the hub)."""
+    kind = cfg.task.type
+    if kind not in TASK_TYPES:
+        raise UserError(f"task type {kind!r} is not available; known: {sorted(TASK_TYPES)}")
+    if kind == "lm":
+        arch = cfg.model.architecture
+        return LanguageModelingTask(cfg.task, tokenizer, cfg.data_dir, arch.get("n_positions", 1024))
+    return GlueTask(cfg.task, tokenizer, cfg.data_dir)
