@@ -1,0 +1,210 @@
+"""The experiment runner end to end on tiny models and local data: results files, skip, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpoe_exp import compose_config
+from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.results import RESULTS_FILE, run_dir
+from mpoe_exp.runner import run
+
+ROOT = Path(__file__).resolve().parent.parent
+LM_RUN = [
+    "model=tiny-gpt2",
+    "method=mpoe",
+    "task=wikitext2",
+    f"data_dir={DEMO_DATA_DIR / 'wikitext2'}",
+    "task.block_size=64",
+    "train.batch_size=8",
+    "train.max_steps=24",
+    "train.eval_every=4",
+    "train.lr=1e-3",
+    "train.eval_batch_size=16",
+]
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mpoe_exp", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs
+    )
+
+
+def test_quickstart_command_end_to_end(tmp_path):
+    start = time.perf_counter()
+    result = cli("experiment=quickstart", f"runs_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.perf_counter() - start < 120
+    files = list(tmp_path.rglob(RESULTS_FILE))
+    assert len(files) == 1
+    results = json.loads(files[0].read_text())
+    assert files[0].parent.relative_to(tmp_path).parts[:4] == ("quickstart", "tiny-t5", "mpoe", "cola")
+    assert results["status"] == "finished"
+    for key in ("validation", "test", "best_step", "parameters", "wall_time_s", "tokens_per_second", "config"):
+        assert key in results
+    assert "mcc" in results["test"] and "mcc" in results["validation"]
+    assert results["split_sizes"] == {"train": 400, "validation": 60, "test": 60}
+    assert (files[0].parent / "checkpoints" / "best.pt").is_file()
+
+
+def test_language_modeling_run_reports_perplexity_and_selects_on_validation(tmp_path):
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}"])
+    directory = run(cfg)
+    results = json.loads((directory / RESULTS_FILE).read_text())
+    history = results["history"]
+    assert [h["step"] for h in history] == [4, 8, 12, 16, 20, 24]
+    best = min(history, key=lambda h: h["validation"]["perplexity"])
+    assert results["best_step"] == best["step"]
+    assert results["validation"] == best["validation"]
+    assert results["test"]["perplexity"] > 1.0
+    assert history[-1]["validation"]["perplexity"] < history[0]["validation"]["perplexity"]
+    assert 0 < results["central_updates"] < 24  # gradient mask p_b = 0.5 skipped some steps
+
+
+def write_stsb(data_dir: Path) -> None:
+    folder = data_dir / "STS-B"
+    folder.mkdir(parents=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    rng = random.Random(0)
+    for split, n in (("train", 40), ("dev", 20)):
+        rows = [header]
+        for i in range(n):
+            score = round(rng.uniform(0, 5), 2)
+            rows.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\ta sentence {i}\tanother one {i % 7}\t{score}")
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_glue_regression_task_end_to_end(tmp_path):
+    write_stsb(tmp_path / "glue")
+    cfg = compose_config(
+        [
+            "model=tiny-t5",
+            "method=switch",
+            "task=stsb",
+            f"data_dir={tmp_path / 'glue'}",
+            f"runs_dir={tmp_path / 'runs'}",
+            "train.max_steps=6",
+            "train.eval_every=3",
+            "train.batch_size=8",
+        ]
+    )
+    results = json.loads((run(cfg) / RESULTS_FILE).read_text())
+    assert set(results["test"]) >= {"pearson", "spearman", "unparsable"}
+    assert results["split_sizes"] == {"train": 40, "validation": 10, "test": 10}
+
+
+def test_finished_run_is_skipped_and_force_reruns(tmp_path, capsys):
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.max_steps=4"])
+    directory = run(cfg)
+    mtime = (directory / RESULTS_FILE).stat().st_mtime_ns
+    run(cfg)
+    assert "already finished" in capsys.readouterr().out
+    assert (directory / RESULTS_FILE).stat().st_mtime_ns == mtime
+    run(compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.max_steps=4", "force=true"]))
+    assert (directory / RESULTS_FILE).stat().st_mtime_ns != mtime
+
+
+def test_run_killed_at_a_random_point_resumes_to_the_same_result(tmp_path):
+    args = [*LM_RUN, "train.max_steps=40", "train.eval_every=2"]
+    reference = cli(*args, f"runs_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = json.loads(next((tmp_path / "reference").rglob(RESULTS_FILE)).read_text())
+
+    runs = tmp_path / "killed"
+    directory = run_dir(compose_config([*args, f"runs_dir={runs}"]))
+    rng = random.Random()
+    for _attempt in range(5):  # kill -9 somewhere in training (after the first checkpoint)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mpoe_exp", *args, f"runs_dir={runs}"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while not (directory / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (directory / RESULTS_FILE).exists():
+            break
+        (directory / RESULTS_FILE).unlink()  # finished before the kill: try again, earlier
+    assert not (directory / RESULTS_FILE).exists(), "could not kill the run before it finished"
+    resumed = cli(*args, f"runs_dir={runs}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    got = json.loads((directory / RESULTS_FILE).read_text())
+    assert got["test"] == expected["test"]
+    assert got["validation"] == expected["validation"]
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in expected["history"]]
+    assert got["central_updates"] == expected["central_updates"]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from mpoe_exp.tasks.tasks import LanguageModelingTask
+    from mpoe_exp.training import TrainingDiverged
+
+    original = LanguageModelingTask.loss
+    calls = {"n": 0}
+
+    def loss_that_explodes(self, model, batch, label_smoothing):
+        calls["n"] += 1
+        loss = original(self, model, batch, label_smoothing)
+        return loss * torch.nan if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(LanguageModelingTask, "loss", loss_that_explodes)
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.eval_every=2"])
+    with pytest.raises(TrainingDiverged, match="the loss became nan at step 7"):
+        run(cfg)
+    directory = run_dir(cfg)
+    checkpoint = torch.load(directory / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["state"]["step"] == 6
+    results = json.loads((directory / RESULTS_FILE).read_text())
+    assert results["status"] == "failed" and "nan" in results["error"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model=tiny-gpt2", "task=cola"], "task=cola runs on t5 models"),
+        (["model=tiny-t5", "task=wikitext2"], "task=wikitext2 runs on gpt2 models"),
+        (["model=tiny-t5"], "no task chosen"),
+        (["model=tiny-t5", "task=nonexistent"], "Could not find 'task/nonexistent'"),
+        (["model=tiny-t5", "task=cola", "data_dir=/nonexistent/glue"], "/nonexistent/glue"),
+    ],
+)
+def test_bad_runs_are_refused_before_any_work(tmp_path, args, message):
+    result = cli(*args, f"runs_dir={tmp_path}")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob(RESULTS_FILE))
+
+
+def test_multirun_sweep_writes_one_results_file_per_run(tmp_path):
+    result = cli(
+        "-m",
+        "model=tiny-t5",
+        "method=switch,mpoe",
+        "task=cola",
+        "seed=1,2,3",
+        f"data_dir={DEMO_DATA_DIR / 'glue'}",
+        f"runs_dir={tmp_path}",
+        "train.max_steps=2",
+        "train.eval_every=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(tmp_path.rglob(RESULTS_FILE))
+    assert len(files) == 6
+    labels = {(f.parts[-5], f.parts[-2]) for f in files}
+    assert labels == {(m, f"seed={s}") for m in ("switch", "mpoe") for s in (1, 2, 3)}
