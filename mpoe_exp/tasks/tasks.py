@@ -5,7 +5,11 @@
 - `LanguageModelingTask`: GPT-2 causal LM (WikiText-2): the split's text tokenized and cut into blocks;
   perplexity = exp(mean token NLL) over the evaluation split.
 
-A new task type is a class with these five members and one line in `TASK_TYPES`.
+A task type is a class constructed as `Task(cfg, tokenizer)` (the whole run config) with the attributes `name`,
+`main_metric`, `greater_is_better`, `split_sizes` and the methods `train_features()`, `collate(features)` (a dict
+of tensors with at least input_ids, attention_mask, labels), `loss(model, batch, label_smoothing)` and
+`evaluate(model, split, batch_size, device)` (a dict of metrics holding `main_metric`), plus one line in
+`TASK_TYPES`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
 class GlueTask:
     """One GLUE task for an encoder-decoder model."""
 
-    def __init__(self, task_cfg: DictConfig, tokenizer, data_dir: str | None):
+    def __init__(self, cfg: DictConfig, tokenizer):
+        task_cfg, data_dir = cfg.task, cfg.data_dir
         self.name = task_cfg.name
         self.glue_task = task_cfg.glue_task
         self.cfg = task_cfg
@@ -93,7 +98,9 @@ class GlueTask:
 class LanguageModelingTask:
     """Causal LM fine-tuning; evaluation is perplexity over the split's blocks."""
 
-    def __init__(self, task_cfg: DictConfig, tokenizer, data_dir: str | None, max_positions: int):
+    def __init__(self, cfg: DictConfig, tokenizer):
+        task_cfg, data_dir = cfg.task, cfg.data_dir
+        max_positions = cfg.model.architecture.get("n_positions", 1024)
         self.name = task_cfg.name
         self.cfg = task_cfg
         self.tokenizer = tokenizer
@@ -151,7 +158,4 @@ def build_task(cfg: DictConfig, tokenizer):
     kind = cfg.task.type
     if kind not in TASK_TYPES:
         raise UserError(f"task type {kind!r} is not available; known: {sorted(TASK_TYPES)}")
-    if kind == "lm":
-        arch = cfg.model.architecture
-        return LanguageModelingTask(cfg.task, tokenizer, cfg.data_dir, arch.get("n_positions", 1024))
-    return GlueTask(cfg.task, tokenizer, cfg.data_dir)
+    return TASK_TYPES[kind](cfg, tokenizer)
