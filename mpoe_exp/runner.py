@@ -15,6 +15,7 @@ from mpoe_exp.models import build_model, parameter_report
 
 def run(cfg: DictConfig) -> Path:
     """Run (or resume, or skip if finished) the experiment of `cfg`; returns its run directory."""
+    from mpoe_exp.loggers import make_logger
     from mpoe_exp.tasks.tasks import build_task
     from mpoe_exp.training import Trainer, TrainingDiverged, resolve_device, seed_everything
 
@@ -31,7 +32,9 @@ def run(cfg: DictConfig) -> Path:
     model, tokenizer = build_model(cfg)
     model.to(device)
     task = build_task(cfg, tokenizer)
-    trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device)
+    parameters = parameter_report(model)
+    logger = make_logger(cfg, directory, parameters)
+    trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device, logger)
     summary = {
         "experiment": cfg.experiment_name,
         "model": cfg.model.name,
@@ -44,7 +47,7 @@ def run(cfg: DictConfig) -> Path:
         "main_metric": task.main_metric,
         "greater_is_better": task.greater_is_better,
         "split_sizes": task.split_sizes,
-        "parameters": parameter_report(model),
+        "parameters": parameters,
         "code_version": results.code_version(),
         "library_versions": results.library_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -54,6 +57,7 @@ def run(cfg: DictConfig) -> Path:
         state = trainer.fit()
     except TrainingDiverged as err:
         results.write_results(directory, {"status": "failed", "error": str(err), **summary})
+        logger.finish({"status": "failed"})
         raise
     trainer.load_best()
     best = next(h for h in state.history if h["step"] == state.best_step)
@@ -73,6 +77,7 @@ def run(cfg: DictConfig) -> Path:
             "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
         },
     )
+    logger.finish({"test": test_metrics, "best_validation": best["validation"], "best_step": state.best_step})
     print(f"results: {path}")
     print(f"  validation {task.main_metric} = {best['validation'][task.main_metric]:.4f} (step {state.best_step})")
     print(f"  test       {task.main_metric} = {test_metrics[task.main_metric]:.4f}")

@@ -97,8 +97,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 class Trainer:
     """Trains `model` on `task` as `train_cfg` says, writing checkpoints under `run_dir/checkpoints`."""
 
-    def __init__(self, model, task, train_cfg: DictConfig, method_cfg: DictConfig, run_dir: Path, seed: int, device):
+    def __init__(
+        self, model, task, train_cfg: DictConfig, method_cfg: DictConfig, run_dir: Path, seed: int, device, logger=None
+    ):
         self.model, self.task, self.cfg, self.seed, self.device = model, task, train_cfg, seed, device
+        self.logger = logger
         self.checkpoints = Path(run_dir) / "checkpoints"
         self.log_path = Path(run_dir) / "train.log"
         self.features = task.train_features()
@@ -271,6 +274,8 @@ class Trainer:
         }
         state.history.append(record)
         self.log(record)
+        if self.logger is not None:
+            self.logger.log(record)
         if better:
             state.best_metric, state.best_step = value, state.step
             atomic_torch_save(self.model.state_dict(), self.checkpoints / BEST)

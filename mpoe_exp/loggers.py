@@ -1,0 +1,75 @@
+"""Experiment loggers: none (default) or Weights & Biases (`logger=wandb`).
+
+W&B runs are grouped by experiment/model/method/task with one run per seed; the run id is derived from the run
+directory, so a resumed run continues the same W&B run. `logger.wandb.mode=offline` writes under the run directory
+and needs no network (`wandb sync` uploads it later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mpoe_exp.config import method_label
+from mpoe_exp.errors import UserError
+
+
+class NullLogger:
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"validation": {"mcc": 1}} -> {"validation/mcc": 1}; non-numeric leaves are dropped."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+class WandbLogger:
+    def __init__(self, cfg: DictConfig, directory: Path, parameters: dict[str, int]):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("logger=wandb needs the wandb package: pip install wandb") from None
+        settings = cfg.logger
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            mode=settings.mode,
+            group=f"{cfg.experiment_name}/{cfg.model.name}/{method_label(cfg)}/{cfg.task.name}",
+            name=f"seed={cfg.seed}",
+            id=hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16],
+            resume="allow",
+            dir=str(directory),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            tags=list(settings.tags or []),
+        )
+        self.run.summary.update({f"parameters/{k}": v for k, v in parameters.items()})
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(flatten(record), step=record["step"])
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.run.summary.update(flatten(summary))
+        self.run.finish()
+
+
+def make_logger(cfg: DictConfig, directory: Path, parameters: dict[str, int]):
+    kind = cfg.logger.name
+    if kind == "none":
+        return NullLogger()
+    if kind == "wandb":
+        return WandbLogger(cfg, directory, parameters)
+    raise UserError(f"unknown logger {kind!r}: use logger=none or logger=wandb")

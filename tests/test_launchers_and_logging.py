@@ -1,0 +1,127 @@
+"""Sweeps through Hydra's launchers (joblib in parallel, submitit as used for SLURM) and the W&B logger."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mpoe_exp import compose_config
+from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.results import RESULTS_FILE
+from mpoe_exp.runner import run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_SWEEP = [
+    "model=tiny-t5",
+    "method=switch,mpoe",
+    "task=cola",
+    "seed=1,2",
+    f"data_dir={DEMO_DATA_DIR / 'glue'}",
+    "train.max_steps=2",
+    "train.eval_every=2",
+]
+
+
+def sweep(tmp_path: Path, *args: str, runs: list[str] = TINY_SWEEP) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mpoe_exp", "-m", *args, *runs, f"runs_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_joblib_launcher_runs_the_sweep_in_parallel(tmp_path):
+    result = sweep(tmp_path, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    assert len(list(tmp_path.rglob(RESULTS_FILE))) == 4
+
+
+def test_submitit_launcher_runs_the_sweep_as_jobs(tmp_path):
+    """The SLURM path (hydra/launcher=slurm) uses submitit; its local executor runs the same code here."""
+    runs = [arg.replace("method=switch,mpoe", "method=mpoe") for arg in TINY_SWEEP]  # 2 jobs keep it quick
+    result = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=0", runs=runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.rglob(RESULTS_FILE))) == 2
+    assert list(tmp_path.rglob(".submitit"))
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from mpoe_exp.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "model=t5-base", "task=cola"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+
+
+class FakeWandbRun:
+    def __init__(self, **kwargs):
+        self.init_kwargs, self.logged, self.summary, self.finished = kwargs, [], {}, False
+
+    def log(self, data, step):
+        self.logged.append((step, data))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_logger_groups_runs_and_logs_metrics(tmp_path, monkeypatch):
+    import wandb
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeWandbRun(**kw)) or runs[-1])
+    cfg = compose_config(
+        [
+            "experiment=quickstart",
+            "logger=wandb",
+            f"runs_dir={tmp_path}",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "seed=3",
+        ]
+    )
+    directory = run(cfg)
+    (fake,) = runs
+    assert fake.init_kwargs["group"] == "quickstart/tiny-t5/mpoe/cola"
+    assert fake.init_kwargs["name"] == "seed=3"
+    assert fake.init_kwargs["config"]["method"]["name"] == "mpoe"
+    assert [step for step, _ in fake.logged] == [2, 4]
+    assert "validation/mcc" in fake.logged[0][1] and "loss" in fake.logged[0][1]
+    results = json.loads((directory / RESULTS_FILE).read_text())
+    assert fake.summary["parameters/total"] == results["parameters"]["total"]
+    assert fake.summary["test/mcc"] == results["test"]["mcc"]
+    assert fake.finished
+
+
+def test_wandb_offline_mode_needs_no_network(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpoe_exp",
+            "experiment=quickstart",
+            "logger=wandb",
+            "logger.mode=offline",
+            f"runs_dir={tmp_path}",
+            "train.max_steps=2",
+            "train.eval_every=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.rglob("offline-run-*/run-*.wandb"))
