@@ -15,26 +15,28 @@ from mpoe_exp.models import build_model, parameter_report
 
 def run(cfg: DictConfig) -> Path:
     """Run (or resume, or skip if finished) the experiment of `cfg`; returns its run directory."""
-    from mpoe_exp.loggers import make_logger
+    from mpoe_exp.loggers import NullLogger, make_logger
     from mpoe_exp.tasks.tasks import build_task
-    from mpoe_exp.training import Trainer, TrainingDiverged, resolve_device, seed_everything
+    from mpoe_exp.training import Trainer, TrainingDiverged, resolve_device, seed_everything, setup_distributed
 
     directory = results.run_dir(cfg)
+    dist = setup_distributed()
     if results.is_finished(directory) and not cfg.force:
         print(f"already finished: {directory / results.RESULTS_FILE} (force=true runs it again)")
         return directory
-    if cfg.force:
+    if cfg.force and dist.is_main:
         for name in ("checkpoints/last.pt", "checkpoints/best.pt", results.RESULTS_FILE):
             (directory / name).unlink(missing_ok=True)
+    dist.barrier()
     directory.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, dist)
     seed_everything(cfg.seed)
     model, tokenizer = build_model(cfg)
     model.to(device)
     task = build_task(cfg, tokenizer)
     parameters = parameter_report(model)
-    logger = make_logger(cfg, directory, parameters)
-    trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device, logger)
+    logger = make_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
+    trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device, logger, dist)
     summary = {
         "experiment": cfg.experiment_name,
         "model": cfg.model.name,
@@ -47,6 +49,7 @@ def run(cfg: DictConfig) -> Path:
         "main_metric": task.main_metric,
         "greater_is_better": task.greater_is_better,
         "split_sizes": task.split_sizes,
+        "world_size": dist.world_size,
         "parameters": parameters,
         "code_version": results.code_version(),
         "library_versions": results.library_versions(),
@@ -56,12 +59,15 @@ def run(cfg: DictConfig) -> Path:
     try:
         state = trainer.fit()
     except TrainingDiverged as err:
-        results.write_results(directory, {"status": "failed", "error": str(err), **summary})
+        if dist.is_main:
+            results.write_results(directory, {"status": "failed", "error": str(err), **summary})
         logger.finish({"status": "failed"})
         raise
     trainer.load_best()
     best = next(h for h in state.history if h["step"] == state.best_step)
     test_metrics = trainer.evaluate("test")
+    if not dist.is_main:
+        return directory
     path = results.write_results(
         directory,
         {

@@ -1,6 +1,10 @@
 """The training loop: AdamW + warmup/linear decay, clipping, label smoothing, accumulation, aux losses, the
 gradient mask, mixed precision on CUDA, evaluation on validation every N steps, best/last checkpoints, resume.
 
+Multi-GPU: launched with torchrun (WORLD_SIZE > 1), `setup_distributed` joins the process group and the model is
+wrapped in DistributedDataParallel; `train.batch_size` stays the global batch, each rank taking every
+world_size-th example of it. Every rank evaluates (the same numbers); rank 0 alone writes logs and checkpoints.
+
 Resuming is exact: the data order of each epoch comes from (seed, epoch), and a checkpoint holds the model,
 optimizer, scheduler, gradient-mask generator and every RNG state at an optimizer-step boundary, so a run killed at
 any point and restarted with the same command continues as if it had never stopped.
@@ -53,9 +57,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed() -> Distributed:
+    """Join the torchrun process group (NCCL on GPUs, Gloo on CPUs); a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return Distributed(torch.distributed.get_rank(), world_size, local_rank)
+
+
+def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank if dist else torch.cuda.current_device())
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} asked for, but CUDA is not available on this machine; use device=cpu")
@@ -98,10 +133,27 @@ class Trainer:
     """Trains `model` on `task` as `train_cfg` says, writing checkpoints under `run_dir/checkpoints`."""
 
     def __init__(
-        self, model, task, train_cfg: DictConfig, method_cfg: DictConfig, run_dir: Path, seed: int, device, logger=None
+        self,
+        model,
+        task,
+        train_cfg: DictConfig,
+        method_cfg: DictConfig,
+        run_dir: Path,
+        seed: int,
+        device,
+        logger=None,
+        dist: Distributed | None = None,
     ):
         self.model, self.task, self.cfg, self.seed, self.device = model, task, train_cfg, seed, device
         self.logger = logger
+        self.dist = dist or Distributed()
+        self.train_model = model
+        if self.dist.world_size > 1:
+            # experts that receive no token in a step have no gradient: find_unused_parameters
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, find_unused_parameters=True
+            )
         self.checkpoints = Path(run_dir) / "checkpoints"
         self.log_path = Path(run_dir) / "train.log"
         self.features = task.train_features()
@@ -191,10 +243,14 @@ class Trainer:
             order = self.epoch_order(epoch)
             for i in range(start, self.micro_batches_per_epoch):
                 ids = order[i * bs : (i + 1) * bs]
+                if self.dist.world_size > 1:  # this rank's share of the global micro-batch
+                    ids = ids[self.dist.rank :: self.dist.world_size] or ids[:1]
                 yield epoch, i, self.task.collate([self.features[j] for j in ids])
             epoch, start = epoch + 1, 0
 
     def log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -210,7 +266,13 @@ class Trainer:
         self.model.train()
         state, cfg = self.state, self.cfg
         accum = cfg.grad_accum_steps
-        progress = tqdm(total=self.total_steps, initial=state.step, desc=f"train {self.task.name}", dynamic_ncols=True)
+        progress = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc=f"train {self.task.name}",
+            dynamic_ncols=True,
+            disable=not self.dist.is_main,
+        )
         if resumed:
             progress.write(f"resumed from {self.checkpoints / LAST} at step {state.step}")
         batches = self.micro_batches()
@@ -220,7 +282,7 @@ class Trainer:
             for epoch, index, batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with autocast(self.device, cfg.precision):
-                    loss = self.task.loss(self.model, batch, cfg.label_smoothing)
+                    loss = self.task.loss(self.train_model, batch, cfg.label_smoothing)
                     aux = collect_aux_loss(self.model)
                     if aux is not None:
                         loss = loss + aux
@@ -261,6 +323,10 @@ class Trainer:
 
     def evaluate_and_checkpoint(self, train_loss: float) -> None:
         state = self.state
+        if self.dist.world_size > 1:  # the loss of the global batch, not of this rank's share
+            loss = torch.tensor([train_loss], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(loss)
+            train_loss = loss.item() / self.dist.world_size
         metrics = self.evaluate("validation")
         value = metrics[self.task.main_metric]
         better = state.best_metric is None or (
@@ -274,12 +340,15 @@ class Trainer:
         }
         state.history.append(record)
         self.log(record)
-        if self.logger is not None:
+        if self.logger is not None and self.dist.is_main:
             self.logger.log(record)
         if better:
             state.best_metric, state.best_step = value, state.step
-            atomic_torch_save(self.model.state_dict(), self.checkpoints / BEST)
-        self.save_checkpoint()
+            if self.dist.is_main:
+                atomic_torch_save(self.model.state_dict(), self.checkpoints / BEST)
+        if self.dist.is_main:
+            self.save_checkpoint()
+        self.dist.barrier()
 
 
 class _ScaledOptimizer:

@@ -125,3 +125,48 @@ def test_wandb_offline_mode_needs_no_network(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("offline-run-*/run-*.wandb"))
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """Multi-GPU path (DDP) run on CPU with Gloo: same global batch, no dropout -> the same training."""
+    args = [
+        "model=tiny-gpt2",
+        "method=mpoe",
+        "task=wikitext2",
+        f"data_dir={DEMO_DATA_DIR / 'wikitext2'}",
+        "task.block_size=64",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.lr=1e-3",
+        "method.gradient_mask_prob=0.5",
+        "model.architecture.resid_pdrop=0",
+        "model.architecture.embd_pdrop=0",
+        "model.architecture.attn_pdrop=0",
+    ]
+    single = subprocess.run(
+        [sys.executable, "-m", "mpoe_exp", *args, f"runs_dir={tmp_path / 'one'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    double = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "-m", "mpoe_exp", *args, f"runs_dir={tmp_path / 'two'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    (one,) = [json.loads(p.read_text()) for p in (tmp_path / "one").rglob(RESULTS_FILE)]
+    (two,) = [json.loads(p.read_text()) for p in (tmp_path / "two").rglob(RESULTS_FILE)]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"])
+        assert (
+            abs(a["validation"]["perplexity"] - b["validation"]["perplexity"]) <= 1e-3 * a["validation"]["perplexity"]
+        )
+    assert one["central_updates"] == two["central_updates"]
