@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm.auto import tqdm
 
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import FeedForwardSpec, MoEFeedForward, MPOExperts, build_moe_layer
@@ -187,7 +188,10 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
     method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
     if method.get("experts", "none") == "none":
         return model
-    for site in list(ffn_sites(model)):
+    sites = list(ffn_sites(model))
+    is_meta = bool(sites) and next(iter(sites[0].weights.values())).device.type == "meta"
+    show = from_weights and not is_meta and method.get("experts") == "mpo" and len(sites) >= 8
+    for site in tqdm(sites, desc=f"upcycling to {method.get('name', '')}", disable=not show, leave=False):
         ref = next(iter(site.weights.values()))
         use_weights = from_weights and ref.device.type != "meta"
         with torch.no_grad():
