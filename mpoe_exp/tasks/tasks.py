@@ -3,7 +3,10 @@
 - `GlueTask`: T5 text-to-text (SPEC section 4): "<task> field: text ..." -> label string; greedy decoding;
   unparsable predictions count as wrong.
 - `LanguageModelingTask`: GPT-2 causal LM (WikiText-2): the split's text tokenized and cut into blocks;
-  perplexity = exp(mean token NLL) over the evaluation split.
+  perplexity = exp(mean token NLL) over the evaluation split; with `task.bleu_n` set, the test split also reports
+  BLEU-n of unconditional samples against the test paragraphs (`generation.sample_and_score`).
+- `GenerationTask` (generation.py): EMNLP News / IMDB, one sentence per sequence; validation perplexity; test
+  perplexity plus BLEU-n and Self-BLEU-n of unconditional top-k samples.
 
 A task type is a class constructed as `Task(cfg, tokenizer)` (the whole run config) with the attributes `name`,
 `main_metric`, `greater_is_better`, `split_sizes` and the methods `train_features()`, `collate(features)` (a dict
@@ -14,14 +17,21 @@ of tensors with at least input_ids, attention_mask, labels), `loss(model, batch,
 
 from __future__ import annotations
 
-import math
-
 import torch
 from omegaconf import DictConfig
 
 from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
 from mpoe_exp.tasks import glue_data, text_data
+from mpoe_exp.tasks.generation import (
+    GenerationTask,
+    causal_lm_nll,
+    check_sampling_config,
+    perplexity_metrics,
+    sample_and_score,
+    wikitext_references,
+)
+from mpoe_exp.tasks.multitask import MultiTaskGlue
 
 
 def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
@@ -113,6 +123,11 @@ class LanguageModelingTask:
             for split, lines in texts.items()
         }
         self.split_sizes = {k: len(v) for k, v in self.blocks.items()}
+        # Samples scored on test when the task config asks for BLEU (WikiText-2: BLEU-2/4, SPEC section 4).
+        self.seed = cfg.seed
+        self.sample_references = wikitext_references(texts["test"]) if task_cfg.get("bleu_n") else None
+        if self.sample_references is not None:
+            check_sampling_config(task_cfg, length_key="sample_length")
 
     def train_features(self) -> list[dict]:
         return [{"input_ids": b} for b in self.blocks["train"]]
@@ -130,27 +145,26 @@ class LanguageModelingTask:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_loss(logits[:, :-1], batch["labels"][:, 1:], label_smoothing)
 
-    def evaluate(self, model, split: str, batch_size: int, device) -> dict[str, float]:
-        total_nll, num_tokens = 0.0, 0
-        blocks = self.blocks[split]
-        for start in range(0, len(blocks), batch_size):
-            batch = self.collate([{"input_ids": b} for b in blocks[start : start + batch_size]])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
+    def evaluate(self, model, split: str, batch_size: int, device) -> dict:
+        """Perplexity over the split's blocks; on "test" with task.bleu_n set, also BLEU-n of unconditional samples
+        (task.num_samples of at most task.sample_length tokens, top-k task.top_k, seeded by the run seed)."""
+        features = [{"input_ids": b} for b in self.blocks[split]]
+        result = perplexity_metrics(*causal_lm_nll(model, features, self.collate, batch_size, device))
+        if split == "test" and self.sample_references is not None:
+            result.update(
+                sample_and_score(
+                    model, self.tokenizer, self.sample_references, self.cfg, self.seed, device, self.cfg.sample_length
+                )
             )
-            total_nll += float(nll)
-            num_tokens += int((labels != -100).sum())
-        ppl = metrics.perplexity(total_nll, num_tokens)
-        return {"perplexity": ppl, "nll": total_nll / num_tokens if num_tokens else math.nan, "tokens": num_tokens}
+        return result
 
 
-TASK_TYPES = {"glue": GlueTask, "lm": LanguageModelingTask}
+TASK_TYPES = {
+    "glue": GlueTask,
+    "lm": LanguageModelingTask,
+    "glue_multitask": MultiTaskGlue,
+    "generation": GenerationTask,
+}
 
 
 def build_task(cfg: DictConfig, tokenizer):

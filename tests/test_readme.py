@@ -1,0 +1,69 @@
+"""Every `python -m mpoe_exp` / `torchrun ... -m mpoe_exp` command in the README composes into valid runs.
+
+Each command is expanded like Hydra's basic sweeper (comma-separated values) and every resulting run is composed
+and validated exactly as the CLI does before any work starts. The commands that can run offline are also run by
+tests/test_runner.py and tests/test_launchers_and_logging.py (quickstart, local data, joblib, submitit, torchrun).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mpoe_exp.config import CONFIG_DIR, validate_config
+from mpoe_exp.runner import check_task_fits_model
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_commands() -> list[list[str]]:
+    commands, in_block = [], False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            in_block = line.strip() == "```bash"
+            continue
+        if not in_block:
+            continue
+        line = line.split("  #")[0].strip()
+        match = re.search(r"(?:^|\s)-m mpoe_exp(\s.*)?$", line)
+        if match and ("python" in line or "torchrun" in line):
+            args = shlex.split(match.group(1) or "")
+            commands.append([a for a in args if a != "-m"])
+    return commands
+
+
+def expand(args: list[str]) -> list[list[str]]:
+    """Hydra's basic sweep: key=a,b -> one run per value (values in [] or {} are not split)."""
+    choices = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if "," in value and not value.startswith(("[", "{")):
+            choices.append([f"{key}={v}" for v in value.split(",")])
+        else:
+            choices.append([arg])
+    return [list(c) for c in itertools.product(*choices)]
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_the_commands_we_expect():
+    assert len(COMMANDS) >= 10
+    joined = [" ".join(c) for c in COMMANDS]
+    assert any("experiment=quickstart" in c for c in joined)
+    assert any("hydra/launcher=slurm" in c for c in joined)
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a)[:80])
+def test_readme_command_composes_into_valid_runs(args):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for overrides in expand(args):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            validate_config(cfg)
+            if not cfg.dry_run:
+                check_task_fits_model(cfg)
