@@ -208,3 +208,31 @@ def test_multirun_sweep_writes_one_results_file_per_run(tmp_path):
     assert len(files) == 6
     labels = {(f.parts[-5], f.parts[-2]) for f in files}
     assert labels == {(m, f"seed={s}") for m in ("switch", "mpoe") for s in (1, 2, 3)}
+
+
+def test_results_file_is_never_half_written(tmp_path, monkeypatch):
+    import os
+
+    from mpoe_exp import results
+
+    directory = tmp_path / "run"
+    results.write_results(directory, {"status": "finished", "test": {"mcc": 1.0}})
+    before = (directory / RESULTS_FILE).read_text()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed between writing the temporary file and renaming it
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_results(directory, {"status": "finished", "test": {"mcc": 2.0}})
+    assert (directory / RESULTS_FILE).read_text() == before
+    assert [p.name for p in directory.iterdir()] == [RESULTS_FILE]  # no temporary file left behind
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_tiny_run_on_cuda_with_mixed_precision(tmp_path, precision):
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "device=cuda", f"train.precision={precision}"])
+    results = json.loads((run(cfg) / RESULTS_FILE).read_text())
+    assert results["status"] == "finished"
+    assert results["test"]["perplexity"] < 1e4
