@@ -129,16 +129,12 @@ def test_wandb_offline_mode_needs_no_network(tmp_path):
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Multi-GPU path (DDP) run on CPU with Gloo: same global batch, no dropout -> the same training."""
+    from test_runner import LM_RUN
+
     args = [
-        "model=tiny-gpt2",
-        "method=mpoe",
-        "task=wikitext2",
-        f"data_dir={DEMO_DATA_DIR / 'wikitext2'}",
-        "task.block_size=64",
-        "train.batch_size=8",
+        *(a for a in LM_RUN if not a.startswith(("train.max_steps", "train.eval_every"))),
         "train.max_steps=6",
         "train.eval_every=3",
-        "train.lr=1e-3",
         "method.gradient_mask_prob=0.5",
         "model.architecture.resid_pdrop=0",
         "model.architecture.embd_pdrop=0",
