@@ -57,6 +57,14 @@ def causal_lm_collate(sequences: Sequence[Sequence[int]], pad_token_id: int) -> 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def causal_lm_loss(model, batch: dict, label_smoothing: float) -> torch.Tensor:
+    """Training loss of a causal LM: token t predicts token t+1 (labels -100 are ignored)."""
+    from mpoe_exp.training import token_loss
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_loss(logits[:, :-1], batch["labels"][:, 1:], label_smoothing)
+
+
 def causal_lm_nll(
     model, features: Sequence[dict], collate: Callable[[list[dict]], dict], batch_size: int, device
 ) -> tuple[float, int]:
@@ -282,10 +290,7 @@ class GenerationTask:
         return causal_lm_collate([f["input_ids"] for f in features], self.pad_id)
 
     def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
-        from mpoe_exp.training import token_loss
-
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_loss(logits[:, :-1], batch["labels"][:, 1:], label_smoothing)
+        return causal_lm_loss(model, batch, label_smoothing)
 
     def evaluate(self, model, split: str, batch_size: int, device) -> dict:
         """Perplexity of `split`; on "test" also the sample scores of `sample_and_score` (see the module doc)."""

@@ -25,6 +25,8 @@ from mpoe_exp.errors import UserError
 from mpoe_exp.tasks import glue_data, text_data
 from mpoe_exp.tasks.generation import (
     GenerationTask,
+    causal_lm_collate,
+    causal_lm_loss,
     causal_lm_nll,
     check_sampling_config,
     perplexity_metrics,
@@ -133,17 +135,10 @@ class LanguageModelingTask:
         return [{"input_ids": b} for b in self.blocks["train"]]
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [f["input_ids"] for f in features]
-        input_ids = pad(ids, self.tokenizer.pad_token_id)
-        attention_mask = pad([[1] * len(s) for s in ids], 0)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return causal_lm_collate([f["input_ids"] for f in features], self.tokenizer.pad_token_id)
 
     def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
-        from mpoe_exp.training import token_loss
-
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_loss(logits[:, :-1], batch["labels"][:, 1:], label_smoothing)
+        return causal_lm_loss(model, batch, label_smoothing)
 
     def evaluate(self, model, split: str, batch_size: int, device) -> dict:
         """Perplexity over the split's blocks; on "test" with task.bleu_n set, also BLEU-n of unconditional samples
