@@ -35,10 +35,11 @@ def sweep(tmp_path: Path, *args: str, runs: list[str] = TINY_SWEEP) -> subproces
 
 
 def test_joblib_launcher_runs_the_sweep_in_parallel(tmp_path):
-    result = sweep(tmp_path, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2")
+    runs = [arg.replace("seed=1,2", "seed=1,2,3") for arg in TINY_SWEEP]  # the runner's six-run sweep
+    result = sweep(tmp_path, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", runs=runs)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
-    assert len(list(tmp_path.rglob(RESULTS_FILE))) == 4
+    assert len(list(tmp_path.rglob(RESULTS_FILE))) == 6
 
 
 def test_submitit_launcher_runs_the_sweep_as_jobs(tmp_path):

@@ -236,3 +236,35 @@ def test_tiny_run_on_cuda_with_mixed_precision(tmp_path, precision):
     results = json.loads((run(cfg) / RESULTS_FILE).read_text())
     assert results["status"] == "finished"
     assert results["test"]["perplexity"] < 1e4
+
+
+def test_glue_run_from_a_save_to_disk_folder(tmp_path):
+    """The third local format: a `save_to_disk` DatasetDict per task, as made from the hub copy."""
+    from datasets import Dataset, DatasetDict
+
+    def rows(n, offset):
+        return {
+            "sentence1": [f"premise number {i}" for i in range(offset, offset + n)],
+            "sentence2": [f"hypothesis {i % 5}" for i in range(offset, offset + n)],
+            "label": [i % 2 for i in range(n)],
+            "idx": list(range(n)),
+        }
+
+    DatasetDict({"train": Dataset.from_dict(rows(24, 0)), "validation": Dataset.from_dict(rows(10, 100))}).save_to_disk(
+        str(tmp_path / "glue" / "rte")
+    )
+    cfg = compose_config(
+        [
+            "model=tiny-t5",
+            "method=mpoe",
+            "task=rte",
+            f"data_dir={tmp_path / 'glue'}",
+            f"runs_dir={tmp_path / 'runs'}",
+            "train.max_steps=2",
+            "train.eval_every=2",
+            "train.batch_size=8",
+        ]
+    )
+    results = json.loads((run(cfg) / RESULTS_FILE).read_text())
+    assert results["split_sizes"] == {"train": 24, "validation": 5, "test": 5}
+    assert "accuracy" in results["test"]
