@@ -268,3 +268,23 @@ def test_glue_run_from_a_save_to_disk_folder(tmp_path):
     results = json.loads((run(cfg) / RESULTS_FILE).read_text())
     assert results["split_sizes"] == {"train": 24, "validation": 5, "test": 5}
     assert "accuracy" in results["test"]
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    no_dropout = [
+        "model.architecture.resid_pdrop=0",
+        "model.architecture.embd_pdrop=0",
+        "model.architecture.attn_pdrop=0",
+    ]
+    base = [a for a in LM_RUN if not a.startswith(("train.batch_size", "train.max_steps"))] + no_dropout
+    full = compose_config([*base, "train.batch_size=8", "train.max_steps=8", f"runs_dir={tmp_path / 'full'}"])
+    accumulated = compose_config(
+        [*base, "train.batch_size=4", "train.grad_accum_steps=2", "train.max_steps=8", f"runs_dir={tmp_path / 'acc'}"]
+    )
+    one = json.loads((run(full) / RESULTS_FILE).read_text())
+    two = json.loads((run(accumulated) / RESULTS_FILE).read_text())
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert a["step"] == b["step"]
+        assert (
+            abs(a["validation"]["perplexity"] - b["validation"]["perplexity"]) <= 1e-4 * a["validation"]["perplexity"]
+        )
