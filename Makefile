@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-all lint dry-run
+.PHONY: install test test-all lint dry-run tables
 
 install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU machines) + this package
 	python3 -m venv $(VENV)
@@ -27,3 +27,6 @@ dry-run:  ## parameter counts of every paper model/method, no download
 	  set -- $$spec; $(PYTHON) -m mpoe_exp model=$$1 method=$$2 dry_run=true | head -2; done
 	@for a in no_sharing no_mask m3 m5 m7 m9; do \
 	  $(PYTHON) -m mpoe_exp model=gpt2 method=mpoe ablation=$$a dry_run=true | head -2; done
+
+tables:  ## the paper's Tables 1-4 beside our results, in runs/<experiment>/tables/
+	$(PYTHON) -m mpoe_exp.tables runs

@@ -1,0 +1,492 @@
+"""`make tables`: the paper's Tables 1-4 from finished runs, ours beside the paper's numbers.
+
+    python -m mpoe_exp.tables [runs_dir] [--experiment NAME] [--paper conf/paper/tables.yaml]
+
+Reads only results.json files (mpoe_exp/results.py describes the layout and schema) and the paper's values
+(conf/paper/tables.yaml); imports no model or training code of its own.
+
+Aggregation, per (experiment, model, method[-ablation], task):
+  * runs with status "failed" are counted (`n_failed`) and never enter a mean;
+  * the finished runs are split by hyperparameter setting (the `hparams` dict); the setting with the best MEAN
+    validation main metric over its seeds wins (greater_is_better respected; ties: the first setting in sorted
+    order). Selection never looks at test metrics;
+  * each test metric is reported as mean and sample standard deviation (ddof=1) over that setting's seeds, with the
+    number of seeds n. With one seed there is no standard deviation: it is left blank. Fewer than 3 seeds is marked
+    with a dagger and "(n=...)", never hidden.
+
+Tables (written atomically to <runs_dir>/<experiment>/tables/{table1_nlu,table1_nlg,table2,table3,table4}.{md,tex,csv}):
+  * Markdown and LaTeX keep the paper's shape; each paper row becomes three lines, "ours" (mean ± std (n=...)),
+    "paper" and "ours − paper", so our value sits directly above the paper's and the difference;
+  * CSV is long (one line per paper row and column, "#To (M)" included) with mean, std, n, paper, diff, the
+    selected hyperparameters and the number of settings tried: the machine-readable form;
+  * a row the paper has and we have not run reads "missing"; Table 1's NLU average is the mean of the 8 tasks'
+    (main metric) means, only when all 8 are there ("incomplete (k/8)" otherwise), with n the smallest task n and no
+    standard deviation (seeds are not paired across tasks);
+  * "#To (M)" is our results' parameters.total in millions (a range "a-b" if the row's tasks differ) beside the
+    paper's; reference rows (model null, e.g. Hyperformer) show the paper's values only ("n/a").
+Metrics are used as results store them: GLUE and BLEU already x100, perplexity as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from mpoe_exp.results import RESULTS_FILE, atomic_write_text
+
+PAPER_TABLES = Path(__file__).resolve().parents[1] / "conf" / "paper" / "tables.yaml"
+TABLE_NAMES = ("table1_nlu", "table1_nlg", "table2", "table3", "table4")
+REQUIRED_KEYS = ("status", "experiment", "model", "method_label", "task", "seed", "hparams")
+FINISHED_KEYS = ("main_metric", "greater_is_better", "validation", "test")
+MIN_SEEDS = 3
+DAGGER = "†"
+PARAMS_COLUMN = "#To (M)"
+
+GroupKey = tuple[str, str, str, str]  # experiment, model, method_label, task
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_record(data: Any) -> str | None:
+    """Why this parsed results.json cannot be used, or None."""
+    if not isinstance(data, dict):
+        return f"not a JSON object ({type(data).__name__})"
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if data.get("status") == "finished":
+        missing += [k for k in FINISHED_KEYS if k not in data]
+    if missing:
+        return f"missing required keys: {', '.join(missing)}"
+    if data["status"] not in ("finished", "failed"):
+        return f"unknown status {data['status']!r}"
+    if not isinstance(data["hparams"], dict):
+        return "hparams is not an object"
+    if data["status"] == "finished":
+        if not isinstance(data["validation"], dict) or not isinstance(data["test"], dict):
+            return "validation/test are not objects"
+        if not _is_number(data["validation"].get(data["main_metric"])):
+            return f"validation has no numeric main metric {data['main_metric']!r}"
+    return None
+
+
+def load_results(runs_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every results.json under runs_dir (failed runs included), and the problems: "path: reason" of skipped files.
+
+    Each record gets "_path". Unreadable or corrupt JSON and files missing required keys are skipped, never raised.
+    """
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return records, [f"{root}: no such directory"]
+    for path in sorted(root.rglob(RESULTS_FILE)):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problems.append(f"{path}: unreadable JSON ({type(err).__name__}: {err})")
+            continue
+        reason = _check_record(data)
+        if reason is not None:
+            problems.append(f"{path}: {reason}")
+            continue
+        records.append({**data, "_path": str(path)})
+    return records, problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # sample std (ddof=1); None with one seed
+    n: int
+
+    @property
+    def few(self) -> bool:
+        return self.n < MIN_SEEDS
+
+
+@dataclass
+class Selection:
+    """One (experiment, model, method_label, task) group at its validation-selected hyperparameter setting."""
+
+    key: GroupKey
+    hparams: dict[str, Any]
+    runs: list[dict[str, Any]]
+    validation_mean: float
+    settings: int  # hyperparameter settings tried (finished runs)
+    n_failed: int  # failed runs of the group, all settings
+
+    @property
+    def seeds(self) -> list[Any]:
+        return sorted((r["seed"] for r in self.runs), key=str)
+
+    def stat(self, metric: str) -> Stat | None:
+        values = [float(r["test"][metric]) for r in self.runs if _is_number(r["test"].get(metric))]
+        if not values:
+            return None
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        return Stat(float(np.mean(values)), std, len(values))
+
+    def params_millions(self) -> float | None:
+        totals = [r.get("parameters", {}).get("total") for r in self.runs if isinstance(r.get("parameters"), dict)]
+        totals = [t for t in totals if _is_number(t)]
+        return float(np.mean(totals)) / 1e6 if totals else None
+
+
+def _hparams_key(hparams: dict[str, Any]) -> str:
+    return json.dumps(hparams, sort_keys=True, default=str)
+
+
+def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
+    """Per group, the hyperparameter setting with the best mean validation main metric over its seeds."""
+    settings: dict[GroupKey, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    failed: Counter[GroupKey] = Counter()
+    for r in records:
+        key = (str(r["experiment"]), str(r["model"]), str(r["method_label"]), str(r["task"]))
+        if r["status"] != "finished":
+            failed[key] += 1
+            continue
+        settings[key][_hparams_key(r["hparams"])].append(r)
+
+    selections: dict[GroupKey, Selection] = {}
+    for key, by_setting in settings.items():
+        best: tuple[float, str, float] | None = None  # (score, hparams key, validation mean)
+        for hkey in sorted(by_setting):
+            runs = by_setting[hkey]
+            mean = float(np.mean([float(r["validation"][r["main_metric"]]) for r in runs]))
+            score = mean if runs[0]["greater_is_better"] else -mean
+            score = score if math.isfinite(score) else -math.inf
+            if best is None or score > best[0]:
+                best = (score, hkey, mean)
+        assert best is not None
+        runs = by_setting[best[1]]
+        selections[key] = Selection(key, runs[0]["hparams"], runs, best[2], len(by_setting), failed[key])
+    for key, count in failed.items():
+        if key not in selections:  # only failed runs: nothing to report, but keep the count visible
+            selections[key] = Selection(key, {}, [], math.nan, 0, count)
+    return selections
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    column: str
+    task: str | None
+    metric: str | None
+    paper: float | None
+    ours: Stat | None = None
+    status: str = "ok"  # ok | missing | incomplete (k/n) | n/a
+    selection: Selection | None = None
+
+    @property
+    def diff(self) -> float | None:
+        if self.ours is None or self.paper is None:
+            return None
+        return self.ours.mean - float(self.paper)
+
+
+@dataclass
+class Row:
+    label: str
+    model: str | None
+    method: str | None
+    cells: list[Cell] = field(default_factory=list)
+    params_paper: float | None = None
+    params_ours: list[float] = field(default_factory=list)  # distinct values (millions) over the row's tasks
+
+    @property
+    def reference(self) -> bool:
+        return self.model is None
+
+    @property
+    def params_diff(self) -> float | None:
+        if len(self.params_ours) != 1 or self.params_paper is None:
+            return None
+        return self.params_ours[0] - float(self.params_paper)
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    experiment: str
+    columns: list[str]
+    rows: list[Row]
+
+
+def load_paper(path: str | Path = PAPER_TABLES) -> dict[str, Any]:
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(spec, dict)
+    return spec
+
+
+def build_table(name: str, spec: dict[str, Any], selections: dict[GroupKey, Selection], experiment: str) -> Table:
+    columns = spec["columns"]
+    rows = []
+    for row_spec in spec["rows"]:
+        values = row_spec.get("values") or {}
+        row = Row(row_spec["label"], row_spec.get("model"), row_spec.get("method"), params_paper=row_spec.get("params"))
+        params: set[float] = set()
+        for col in columns:
+            cell = Cell(col["name"], col.get("task"), col.get("metric"), values.get(col["name"]))
+            if row.reference:
+                cell.status = "n/a"
+            elif not col.get("average"):
+                sel = selections.get((experiment, row.model, row.method, col["task"]))
+                cell.selection = sel
+                cell.ours = sel.stat(col["metric"]) if sel is not None else None
+                if cell.ours is None:
+                    cell.status = "missing"
+                if sel is not None and sel.params_millions() is not None:
+                    params.add(round(sel.params_millions(), 1))
+            row.cells.append(cell)
+        for cell, col in zip(row.cells, columns):
+            if col.get("average") and not row.reference:
+                parts = [c.ours for c, cc in zip(row.cells, columns) if not cc.get("average")]
+                present = [p for p in parts if p is not None]
+                if present and len(present) == len(parts):
+                    cell.ours = Stat(float(np.mean([p.mean for p in present])), None, min(p.n for p in present))
+                else:
+                    cell.status = f"incomplete ({len(present)}/{len(parts)})" if present else "missing"
+        row.params_ours = sorted(params)
+        rows.append(row)
+    return Table(name, spec.get("title", name), experiment, [c["name"] for c in columns], rows)
+
+
+def build_tables(
+    selections: dict[GroupKey, Selection], experiment: str, paper: dict[str, Any] | None = None
+) -> list[Table]:
+    paper = load_paper() if paper is None else paper
+    return [build_table(name, paper[name], selections, experiment) for name in TABLE_NAMES if name in paper]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _num(x: float | None, digits: int = 2, sign: bool = False) -> str:
+    if x is None:
+        return ""
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def format_ours(cell: Cell) -> str:
+    if cell.ours is None:
+        return cell.status
+    s = cell.ours
+    text = _num(s.mean) + (f" ± {_num(s.std)}" if s.std is not None else "") + f" (n={s.n})"
+    return text + DAGGER if s.few else text
+
+
+def _params_ours(row: Row) -> str:
+    if row.reference:
+        return "n/a"
+    if not row.params_ours:
+        return "missing"
+    low, high = row.params_ours[0], row.params_ours[-1]
+    return _num(low, 1) if low == high else f"{_num(low, 1)}-{_num(high, 1)}"
+
+
+def _lines(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the wide layout (three lines per paper row), as plain strings."""
+    header = ["Row", "Model/method", ""] + table.columns + [PARAMS_COLUMN]
+    body = []
+    for row in table.rows:
+        who = [row.label, f"{row.model}/{row.method}" if not row.reference else "(reference)"]
+        paper_params = "" if row.params_paper is None else f"{row.params_paper:g}"
+        body.append(who + ["ours"] + [format_ours(c) for c in row.cells] + [_params_ours(row)])
+        body.append(["", "", "paper"] + [_num(c.paper) for c in row.cells] + [paper_params])
+        body.append(
+            ["", "", "ours − paper"] + [_num(c.diff, sign=True) for c in row.cells] + [_num(row.params_diff, 1, True)]
+        )
+    return header, body
+
+
+def _footnote(table: Table) -> list[str]:
+    notes = [
+        f"Experiment `{table.experiment}`. Ours: mean ± sample std (ddof=1) of the TEST metric over the seeds of the "
+        "hyperparameter setting with the best mean validation main metric; n = seeds; no std with one seed.",
+        f"{DAGGER} fewer than {MIN_SEEDS} seeds. missing: not run (or no finished run). "
+        "ours − paper: signed difference of means (for PPL lower is better).",
+    ]
+    chosen = []
+    for row in table.rows:
+        seen = set()
+        for cell in row.cells:
+            sel = cell.selection
+            if sel is None or not sel.runs or sel.key in seen:
+                continue
+            seen.add(sel.key)
+            failed = f", {sel.n_failed} failed run(s) excluded" if sel.n_failed else ""
+            chosen.append(
+                f"{row.label} ({row.model}/{row.method}) {sel.key[3]}: {_hparams_key(sel.hparams)} "
+                f"(validation mean {sel.validation_mean:.2f}, {sel.settings} setting(s), seeds {sel.seeds}{failed})"
+            )
+    return notes + (["Selected settings:"] + chosen if chosen else [])
+
+
+def render_markdown(table: Table) -> str:
+    header, body = _lines(table)
+    out = [f"## {table.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in body]
+    notes = _footnote(table)
+    out += ["", notes[0], "", notes[1]]
+    if len(notes) > 2:
+        out += ["", notes[2]] + [f"- {n}" for n in notes[3:]]
+    return "\n".join(out) + "\n"
+
+
+_LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "^": r"\^{}"}
+
+
+def _tex(text: str) -> str:
+    text = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+    return text.replace("±", r"$\pm$").replace(DAGGER, r"$^\dagger$").replace("−", "$-$")
+
+
+def render_latex(table: Table) -> str:
+    header, body = _lines(table)
+    out = [
+        f"% {table.title} (experiment {table.experiment}); generated by mpoe_exp.tables",
+        r"% needs \usepackage{booktabs}",
+        r"\begin{tabular}{lll" + "r" * (len(header) - 3) + "}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
+    for i, line in enumerate(body):
+        if i and i % 3 == 0:
+            out.append(r"\midrule")
+        out.append(" & ".join(_tex(x) for x in line) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    out += ["% " + _tex(n) for n in _footnote(table)[:2]]
+    return "\n".join(out) + "\n"
+
+
+CSV_FIELDS = (
+    "table", "label", "model", "method", "column", "task", "metric", "ours_mean", "ours_std", "n", "few_seeds",
+    "n_failed", "status", "paper", "diff", "hparams", "settings",
+)  # fmt: skip
+
+
+def render_csv(table: Table) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in table.rows:
+        base = {"table": table.name, "label": row.label, "model": row.model or "", "method": row.method or ""}
+        for cell in row.cells:
+            s, sel = cell.ours, cell.selection
+            writer.writerow(
+                {
+                    **base,
+                    "column": cell.column,
+                    "task": cell.task or "",
+                    "metric": cell.metric or "average",
+                    "ours_mean": _num(s.mean, 4) if s else "",
+                    "ours_std": _num(s.std, 4) if s else "",
+                    "n": s.n if s else 0,
+                    "few_seeds": int(bool(s and s.few)),
+                    "n_failed": sel.n_failed if sel else 0,
+                    "status": cell.status,
+                    "paper": "" if cell.paper is None else cell.paper,
+                    "diff": _num(cell.diff, 4),
+                    "hparams": _hparams_key(sel.hparams) if sel and sel.runs else "",
+                    "settings": sel.settings if sel else 0,
+                }
+            )
+        params_status = "n/a" if row.reference else ("ok" if row.params_ours else "missing")
+        writer.writerow(
+            {
+                **base,
+                "column": PARAMS_COLUMN,
+                "metric": "parameters.total",
+                "ours_mean": _params_ours(row) if row.params_ours else "",
+                "status": params_status,
+                "paper": "" if row.params_paper is None else row.params_paper,
+                "diff": _num(row.params_diff, 4),
+            }
+        )
+    return buf.getvalue()
+
+
+def write_tables(tables: list[Table], out_dir: Path) -> list[Path]:
+    written = []
+    for table in tables:
+        for ext, render in (("md", render_markdown), ("tex", render_latex), ("csv", render_csv)):
+            path = out_dir / f"{table.name}.{ext}"
+            atomic_write_text(path, render(table))
+            written.append(path)
+    return written
+
+
+def make_tables(
+    runs_dir: str | Path, experiment: str | None = None, paper_path: str | Path = PAPER_TABLES
+) -> tuple[dict[str, list[Path]], list[str], int]:
+    """Write the tables of `experiment` (default: every experiment with results). Returns the files per experiment,
+    the problems found and the number of failed runs excluded."""
+    records, problems = load_results(runs_dir)
+    selections = select(records)
+    n_failed = sum(r["status"] == "failed" for r in records)
+    experiments = [experiment] if experiment else sorted({str(r["experiment"]) for r in records})
+    paper = load_paper(paper_path)
+    written = {}
+    for exp in experiments:
+        tables = build_tables(selections, exp, paper)
+        written[exp] = write_tables(tables, Path(runs_dir) / exp / "tables")
+    return written, problems, n_failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpoe_exp.tables", description=__doc__.split("\n")[0])
+    parser.add_argument("runs_dir", nargs="?", default="runs", help="the runs directory (default: runs)")
+    parser.add_argument("--experiment", help="only this experiment (default: every experiment with results)")
+    parser.add_argument("--paper", default=str(PAPER_TABLES), help="the paper's values (YAML)")
+    args = parser.parse_args(argv)
+    if not Path(args.runs_dir).is_dir():
+        print(f"error: {args.runs_dir}: no such directory", file=sys.stderr)
+        return 2
+    written, problems, n_failed = make_tables(args.runs_dir, args.experiment, args.paper)
+    if not written:
+        print(f"no results.json under {args.runs_dir}: nothing to tabulate")
+    for exp, paths in written.items():
+        print(f"experiment {exp}: wrote {len(paths)} files to {paths[0].parent if paths else '-'}")
+        for path in paths:
+            print(f"  {path}")
+    if n_failed:
+        print(f"{n_failed} failed run(s) excluded from the means")
+    if problems:
+        print(f"{len(problems)} problem(s) found (files skipped):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

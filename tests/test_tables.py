@@ -1,0 +1,223 @@
+"""`make tables` (mpoe_exp/tables.py): results.json files written by hand, aggregated and rendered beside the paper."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpoe_exp import tables
+
+ROOT = Path(__file__).resolve().parents[1]
+EXP = "paper"
+
+
+def write_run(
+    runs: Path,
+    model: str,
+    method: str,
+    task: str,
+    seed: int,
+    lr: float,
+    validation: dict,
+    test: dict,
+    *,
+    status: str = "finished",
+    main_metric: str = "perplexity",
+    greater_is_better: bool = False,
+    total: int = 157_400_000,
+) -> Path:
+    hp = {"lr": lr, "bs": 32, "ep": 3, "steps": None}
+    directory = runs / EXP / model / method / task / f"lr={lr},bs=32,ep=3" / f"seed={seed}"
+    directory.mkdir(parents=True)
+    record = {
+        "schema_version": 1,
+        "status": status,
+        "experiment": EXP,
+        "model": model,
+        "method": method.split("-")[0],
+        "method_label": method,
+        "ablation": method.split("-")[1] if "-" in method else "none",
+        "task": task,
+        "seed": seed,
+        "hparams": hp,
+        "main_metric": main_metric,
+        "greater_is_better": greater_is_better,
+        "parameters": {"total": total, "trainable": total},
+    }
+    if status == "finished":
+        record.update(validation=validation, test=test)
+    else:
+        record["error"] = "loss diverged"
+    path = directory / "results.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+# gpt2/mpoe on wikitext2, lr 1e-4 (3 seeds): validation PPL 20 (the better, lower), test PPL 21, 22, 23 (mean 22).
+# lr 1e-3 (3 seeds): validation PPL 25 (worse), test PPL 10: test-better, must NOT be chosen.
+GOOD_TEST_PPL = [21.0, 22.0, 23.0]
+GOOD_B2 = [28.0, 29.0, 30.5]
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    runs = tmp_path / "runs"
+    for seed, ppl, b2 in zip((1, 2, 3), GOOD_TEST_PPL, GOOD_B2):
+        write_run(runs, "gpt2", "mpoe", "wikitext2", seed, 1e-4, {"perplexity": 20.0}, {"perplexity": ppl, "bleu2": b2})
+        write_run(runs, "gpt2", "mpoe", "wikitext2", seed, 1e-3, {"perplexity": 25.0}, {"perplexity": 10.0, "bleu2": 1})
+    # A failed run in the selected setting: excluded from the means, counted.
+    write_run(runs, "gpt2", "mpoe", "wikitext2", 4, 1e-4, {}, {}, status="failed")
+    # gpt2/dense on wikitext2: only 2 seeds (must be marked).
+    for seed, ppl in ((1, 21.0), (2, 22.0)):
+        write_run(
+            runs, "gpt2", "dense", "wikitext2", seed, 1e-4, {"perplexity": 30.0}, {"perplexity": ppl}, total=124e6
+        )
+    # t5-base/mpoe on CoLA (mcc, greater is better): lr 1e-4 validation 60 (best) -> test 50; lr 1e-3 val 40 -> 70.
+    for seed in (1, 2, 3):
+        for lr, val, tst in ((1e-4, 60.0, 50.0 + seed), (1e-3, 40.0, 70.0)):
+            write_run(
+                runs, "t5-base", "mpoe", "cola", seed, lr, {"mcc": val}, {"mcc": tst},
+                main_metric="mcc", greater_is_better=True, total=294_000_000,
+            )  # fmt: skip
+    # A corrupt file and one missing required keys: reported and skipped.
+    bad = runs / EXP / "gpt2" / "moe" / "wikitext2" / "lr=0.0001,bs=32,ep=3" / "seed=1"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text('{"status": "finished", "experiment": ')
+    partial = bad.parent / "seed=2"
+    partial.mkdir()
+    (partial / "results.json").write_text(json.dumps({"status": "finished", "experiment": EXP}))
+    return runs
+
+
+def test_load_results_reports_corrupt_and_incomplete_files(runs: Path):
+    records, problems = tables.load_results(runs)
+    assert len(records) == 6 + 1 + 2 + 6
+    assert sum(r["status"] == "failed" for r in records) == 1
+    assert len(problems) == 2
+    assert any("seed=1" in p and "unreadable JSON" in p for p in problems)
+    assert any("seed=2" in p and "missing required keys" in p and "model" in p for p in problems)
+    missing_dir_records, missing_dir_problems = tables.load_results(runs / "nowhere")
+    assert missing_dir_records == [] and "no such directory" in missing_dir_problems[0]
+
+
+def test_selection_uses_mean_validation_and_reports_test_mean_std(runs: Path):
+    records, _ = tables.load_results(runs)
+    sel = tables.select(records)
+    mpoe = sel[(EXP, "gpt2", "mpoe", "wikitext2")]
+    assert mpoe.hparams["lr"] == 1e-4 and mpoe.settings == 2 and mpoe.n_failed == 1
+    ppl = mpoe.stat("perplexity")
+    assert ppl.n == 3 and ppl.mean == pytest.approx(22.0) and ppl.std == pytest.approx(1.0)  # ddof=1
+    b2 = mpoe.stat("bleu2")
+    assert b2.mean == pytest.approx(np.mean(GOOD_B2)) and b2.std == pytest.approx(np.std(GOOD_B2, ddof=1))
+    cola = sel[(EXP, "t5-base", "mpoe", "cola")].stat("mcc")  # greater is better: validation 60 beats 40
+    assert cola.mean == pytest.approx(52.0) and cola.n == 3
+    dense = sel[(EXP, "gpt2", "dense", "wikitext2")].stat("perplexity")
+    assert dense.n == 2 and dense.few and dense.std == pytest.approx(np.std([21.0, 22.0], ddof=1))
+    one = tables.Selection(("e", "m", "x", "t"), {}, [{"test": {"a": 1.0}}], 0.0, 1, 0).stat("a")
+    assert one.n == 1 and one.std is None
+
+
+def test_tables_ours_beside_paper(runs: Path):
+    records, _ = tables.load_results(runs)
+    built = {t.name: t for t in tables.build_tables(tables.select(records), EXP)}
+    t3 = built["table3"]
+    mpoe = next(r for r in t3.rows if r.method == "mpoe")
+    ppl = mpoe.cells[0]
+    assert ppl.paper == 20.72 and ppl.diff == pytest.approx(22.0 - 20.72)
+    assert mpoe.params_ours == [157.4] and mpoe.params_diff == pytest.approx(157.4 - 157)
+    assert next(r for r in t3.rows if r.method == "moe").cells[0].status == "missing"
+    # Table 1 NLU: only CoLA ran for t5-base/mpoe, so the average is incomplete, not a mean of one task.
+    nlu = next(r for r in built["table1_nlu"].rows if (r.model, r.method) == ("t5-base", "mpoe"))
+    assert nlu.cells[-1].ours is None and nlu.cells[-1].status == "incomplete (1/8)"
+    hyper = next(r for r in built["table2"].rows if r.label == "Hyperformer")
+    assert hyper.reference and all(c.status == "n/a" for c in hyper.cells)
+
+
+def test_nlu_average_when_all_tasks_present(tmp_path: Path):
+    runs = tmp_path / "runs"
+    main = {"mnli": "accuracy", "qnli": "accuracy", "sst2": "accuracy", "rte": "accuracy", "qqp": "accuracy",
+            "cola": "mcc", "mrpc": "accuracy", "stsb": "pearson"}  # fmt: skip
+    for i, (task, metric) in enumerate(main.items()):
+        for seed in (1, 2, 3):
+            write_run(runs, "t5-base", "dense", task, seed, 1e-4, {metric: 1.0}, {metric: 80.0 + i},
+                      main_metric=metric, greater_is_better=True)  # fmt: skip
+    records, _ = tables.load_results(runs)
+    nlu = tables.build_tables(tables.select(records), EXP)[0]
+    row = next(r for r in nlu.rows if (r.model, r.method) == ("t5-base", "dense"))
+    avg = row.cells[-1]
+    assert avg.ours.mean == pytest.approx(83.5) and avg.ours.n == 3 and avg.diff == pytest.approx(83.5 - 84.12)
+
+
+def test_cli_writes_markdown_latex_csv(runs: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "mpoe_exp.tables", str(runs)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    tables_dir = runs / EXP / "tables"
+    assert str(tables_dir) in out.stdout and "1 failed run(s) excluded" in out.stdout
+    assert "2 problem(s)" in out.stderr and "unreadable JSON" in out.stderr
+    for name in tables.TABLE_NAMES:
+        for ext in ("md", "tex", "csv"):
+            assert (tables_dir / f"{name}.{ext}").is_file()
+    assert not list(tables_dir.glob(".*.tmp"))
+
+    md = (tables_dir / "table3.md").read_text()
+    lines = md.splitlines()
+    ours = next(i for i, line in enumerate(lines) if line.startswith("| +MPOE | gpt2/mpoe | ours |"))
+    assert "| 22.00 ± 1.00 (n=3) |" in lines[ours] and "| 157.4 |" in lines[ours]
+    assert "| paper | 20.72 | 28.78 | 9.51 | 157 |" in lines[ours + 1]
+    assert "| ours − paper | +1.28 | +0.39 |" in lines[ours + 2]  # bleu2 mean 29.1667 - 28.78
+    assert "| +MoE^F | gpt2/moe | ours | missing | missing | missing | missing |" in md
+    assert "failed run(s) excluded" in md
+
+    md4 = (tables_dir / "table4.md").read_text()
+    assert "| GPT-2 | gpt2/dense | ours | 21.50 ± 0.71 (n=2)† |" in md4  # 2 seeds: marked, not hidden
+
+    tex = (tables_dir / "table3.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"22.00 $\pm$ 1.00 (n=3)" in tex
+    assert r"mpoe-no\_sharing" in tex and r"\#To (M)" in tex
+    assert r"21.50 $\pm$ 0.71 (n=2)$^\dagger$" in (tables_dir / "table4.tex").read_text()
+
+    rows = list(csv.DictReader((tables_dir / "table3.csv").open()))
+    ppl = next(r for r in rows if r["method"] == "mpoe" and r["column"] == "PPL")
+    assert float(ppl["ours_mean"]) == pytest.approx(22.0) and float(ppl["ours_std"]) == pytest.approx(1.0)
+    assert ppl["n"] == "3" and ppl["few_seeds"] == "0" and ppl["n_failed"] == "1"
+    assert float(ppl["paper"]) == 20.72 and float(ppl["diff"]) == pytest.approx(1.28)
+    assert json.loads(ppl["hparams"])["lr"] == 1e-4 and ppl["settings"] == "2"
+    moe = next(r for r in rows if r["method"] == "moe" and r["column"] == "PPL")
+    assert moe["status"] == "missing" and moe["ours_mean"] == "" and float(moe["paper"]) == 21.86
+    params = next(r for r in rows if r["method"] == "mpoe" and r["column"] == "#To (M)")
+    assert params["ours_mean"] == "157.4" and float(params["paper"]) == 157
+
+    nlu = list(csv.DictReader((tables_dir / "table1_nlu.csv").open()))
+    cola = next(r for r in nlu if (r["model"], r["method"], r["column"]) == ("t5-base", "mpoe", "CoLA"))
+    assert float(cola["ours_mean"]) == pytest.approx(52.0) and float(cola["diff"]) == pytest.approx(52.0 - 65.53)
+    avg = next(r for r in nlu if (r["model"], r["method"], r["column"]) == ("t5-base", "mpoe", "Avg"))
+    assert avg["status"] == "incomplete (1/8)" and avg["ours_mean"] == ""
+
+
+def test_cli_missing_runs_dir(tmp_path: Path):
+    assert tables.main([str(tmp_path / "nope")]) == 2
+
+
+def test_paper_values_transcribed():
+    paper = tables.load_paper()
+    assert set(tables.TABLE_NAMES) <= set(paper)
+    for name in tables.TABLE_NAMES:
+        columns = {c["name"] for c in paper[name]["columns"]}
+        for row in paper[name]["rows"]:
+            assert set(row["values"]) == columns, (name, row["label"])
+    nlu = {(r["model"], r["method"]): r for r in paper["table1_nlu"]["rows"]}
+    assert nlu[("t5-base", "mpoe")]["values"]["CoLA"] == 65.53 and nlu[("t5-large", "mpoe")]["params"] == 956
+    # The NLU averages the paper prints are the means of its 8 tasks (to rounding).
+    for row in paper["table1_nlu"]["rows"]:
+        values = [v for k, v in row["values"].items() if k != "Avg"]
+        assert np.mean(values) == pytest.approx(row["values"]["Avg"], abs=0.02), row["label"]
