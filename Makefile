@@ -2,8 +2,10 @@
 VENV ?= .venv
 PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 TORCH ?= torch==2.13.0
+RUNS ?= runs
+SMOKE = table1_t5_base_smoke table1_t5_large_smoke table1_gpt2_smoke table2_smoke table3_smoke table4_smoke
 
-.PHONY: install test test-all lint dry-run tables
+.PHONY: install test test-all lint dry-run tables smoke gpu-hours
 
 install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU machines) + this package
 	python3 -m venv $(VENV)
@@ -29,4 +31,11 @@ dry-run:  ## parameter counts of every paper model/method, no download
 	  $(PYTHON) -m mpoe_exp model=gpt2 method=mpoe ablation=$$a dry_run=true | head -2; done
 
 tables:  ## the paper's Tables 1-4 beside our results, in runs/<experiment>/tables/
-	$(PYTHON) -m mpoe_exp.tables runs
+	$(PYTHON) -m mpoe_exp.tables $(RUNS)
+
+smoke:  ## every table's sweep on tiny models and demo data (CPU, offline, ~20 min), then the tables
+	@for e in $(SMOKE); do OMP_NUM_THREADS=1 $(PYTHON) -m mpoe_exp -m experiment=$$e runs_dir=$(RUNS) || exit 1; done
+	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment smoke
+
+gpu-hours:  ## estimated GPU hours of each table's sweep (mpoe_exp/cost.py)
+	$(PYTHON) -m mpoe_exp.cost

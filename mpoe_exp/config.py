@@ -14,8 +14,18 @@ CONFIG_DIR = Path(os.environ.get("MPOE_EXP_CONF", Path(__file__).resolve().paren
 CONFIG_NAME = "config"
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 
+# The demo data folder of each task (smoke experiments sweep tasks, so data_dir must follow the task).
+DEMO_DATA_OF_TASK = {"wikitext2": "wikitext2", "emnlp_news": "news", "imdb": "imdb"}  # every GLUE task: "glue"
+
+
+def demo_data_for(task_name: str) -> str:
+    """The bundled demo data folder for a task: ${mpoe_demo_data_for:${task.name}} in a config."""
+    return str(DEMO_DATA_DIR / DEMO_DATA_OF_TASK.get(task_name, "glue"))
+
+
 # ${mpoe_demo_data:glue} -> the bundled demo data folder, wherever the package is installed
 OmegaConf.register_new_resolver("mpoe_demo_data", lambda sub="": str(DEMO_DATA_DIR / sub), replace=True)
+OmegaConf.register_new_resolver("mpoe_demo_data_for", demo_data_for, replace=True)
 
 
 def available(group: str) -> list[str]:
@@ -36,6 +46,27 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         raise UserError(f"bad config overrides {overrides}: {err}") from None
     validate_config(cfg)
     return cfg
+
+
+def expand_sweep(arguments: list[str]) -> list[list[str]]:
+    """The runs of `python -m mpoe_exp -m <arguments>`, as Hydra's basic sweeper makes them: the sweep parameters
+    of the config (an experiment's hydra.sweeper.params), then the command line's (which win), one run per
+    combination of their comma-separated values. Each run is a list of overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    try:
+        fixed = [a for a, o in zip(arguments, parser.parse_overrides(arguments)) if not o.is_sweep_override()]
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=fixed, return_hydra_config=True)
+        params = cfg.hydra.sweeper.get("params") or {}
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(arguments))
+        return BasicSweeper.split_arguments(overrides, None)[0]
+    except HydraException as err:
+        raise UserError(f"bad sweep {arguments}: {err}") from None
 
 
 def validate_config(cfg: DictConfig) -> None:

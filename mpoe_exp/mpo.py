@@ -210,6 +210,24 @@ def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shap
     return matrix if batched else matrix[0]
 
 
+def contraction_macs(row_shape: Sequence[int], col_shape: Sequence[int], max_bond: int | None = None) -> int:
+    """Multiply-adds `contract` spends on one matrix (one expert) of these shapes: its left and right chains, then
+    the central tensor from the cheaper side (SPEC section 6: ~|W| * (r_{c-1} + r_c))."""
+    shapes = tensor_shapes(row_shape, col_shape, max_bond)
+    centre = len(shapes) // 2
+    macs, p_left, p_right = 0, 1, 1
+    for k, (r_prev, i, j, r_next) in enumerate(shapes[:centre]):  # (P, r_prev) @ (r_prev, i j r_next)
+        macs += p_left * r_prev * i * j * r_next if k > 0 else 0  # the first tensor is only reshaped
+        p_left *= i * j
+    for k, (r_prev, i, j, r_next) in enumerate(reversed(shapes[centre + 1 :])):  # (r_prev i j, r_next) @ (r_next, P)
+        macs += r_prev * i * j * r_next * p_right if k > 0 else 0
+        p_right *= i * j
+    r_prev, i_c, j_c, r_next = shapes[centre]
+    left_first = p_left * r_prev * i_c * j_c * r_next + p_left * i_c * j_c * r_next * p_right
+    right_first = r_prev * i_c * j_c * r_next * p_right + p_left * r_prev * i_c * j_c * p_right
+    return macs + min(left_first, right_first)
+
+
 def _chain(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Left chain (E, 1, i, j, r) ... -> (E, P, r); P = 1 and r = 1 for an empty chain."""
     if not tensors:

@@ -2,7 +2,7 @@
 
 Layout (derived from the config, never from the clock):
 
-    <runs_dir>/<experiment>/<model>/<method>[-<ablation>]/<task>/<hparams>/seed=<seed>/
+    <runs_dir>/<experiment>/<model>[-as-<table_model>]/<method>[-<ablation>]/<task>/<hparams>/seed=<seed>/
         results.json          written once, atomically, when the run finishes (or fails: status "failed")
         checkpoints/last.pt   model + optimizer + scheduler + gradient mask + RNG state, for resuming
         checkpoints/best.pt   model weights at the best validation score
@@ -14,6 +14,7 @@ of a learning-rate sweep would share one directory and all but the first would b
 results.json (schema_version 1):
     status            "finished" | "failed"
     experiment, model, method, ablation, task, seed, hparams
+    table_model       the paper's model the run stands in for in `make tables` (the model itself unless set)
     main_metric       name of the task's selection metric; greater_is_better
     validation        metrics of the best checkpoint on the validation split (selection uses only these)
     test              metrics of that checkpoint on the test split
@@ -56,11 +57,22 @@ def hparams_tag(cfg: DictConfig) -> str:
     return ",".join(f"{k}={v}" for k, v in hparams(cfg).items() if v is not None)
 
 
+def table_model(cfg: DictConfig) -> str:
+    """The paper's model this run stands in for in the tables (`table_model`, default the model itself)."""
+    return cfg.get("table_model") or cfg.model.name
+
+
+def model_dir_name(cfg: DictConfig) -> str:
+    """The run directory's model level: the model, or `<model>-as-<table_model>` for a stand-in."""
+    stands_for = table_model(cfg)
+    return cfg.model.name if stands_for == cfg.model.name else f"{cfg.model.name}-as-{stands_for}"
+
+
 def run_dir(cfg: DictConfig) -> Path:
     return (
         Path(cfg.runs_dir)
         / cfg.experiment_name
-        / cfg.model.name
+        / model_dir_name(cfg)
         / method_label(cfg)
         / cfg.task.name
         / hparams_tag(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import results
@@ -30,6 +31,8 @@ def run(cfg: DictConfig) -> Path:
     dist.barrier()
     directory.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device, dist)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
     seed_everything(cfg.seed)
     model, tokenizer = build_model(cfg)
     model.to(device)
@@ -40,6 +43,7 @@ def run(cfg: DictConfig) -> Path:
     summary = {
         "experiment": cfg.experiment_name,
         "model": cfg.model.name,
+        "table_model": results.table_model(cfg),
         "method": cfg.method.name,
         "method_label": method_label(cfg),
         "ablation": cfg.ablation.name,

@@ -14,7 +14,8 @@ Aggregation, per (experiment, model, method[-ablation], task):
     number of seeds n. With one seed there is no standard deviation: it is left blank. Fewer than 3 seeds is marked
     with a dagger and "(n=...)", never hidden.
 
-Tables (written atomically to <runs_dir>/<experiment>/tables/{table1_nlu,table1_nlg,table2,table3,table4}.{md,tex,csv}):
+Tables (written atomically to <runs_dir>/<experiment>/tables/{table1_nlu,table1_nlg,table2,table3,table4}.{md,tex,csv},
+with the PNG figures of mpoe_exp/figures.py beside them):
   * Markdown and LaTeX keep the paper's shape; each paper row becomes three lines, "ours" (mean ± std (n=...)),
     "paper" and "ours − paper", so our value sits directly above the paper's and the difference;
   * CSV is long (one line per paper row and column, "#To (M)" included) with mean, std, n, paper, diff, the
@@ -154,20 +155,28 @@ class Selection:
         return float(np.mean(totals)) / 1e6 if totals else None
 
 
+def table_model(record: dict[str, Any]) -> str:
+    """The paper's model a run counts for: its `table_model` (a tiny stand-in in smoke runs), else its model."""
+    return str(record.get("table_model") or record["model"])
+
+
 def _hparams_key(hparams: dict[str, Any]) -> str:
     return json.dumps(hparams, sort_keys=True, default=str)
 
 
 def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
-    """Per group, the hyperparameter setting with the best mean validation main metric over its seeds."""
+    """Per group, the hyperparameter setting with the best mean validation main metric over its seeds.
+
+    A setting is the model that ran plus its hyperparameters: runs of a tiny stand-in never pool seeds with runs of
+    the model it stands in for."""
     settings: dict[GroupKey, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     failed: Counter[GroupKey] = Counter()
     for r in records:
-        key = (str(r["experiment"]), str(r["model"]), str(r["method_label"]), str(r["task"]))
+        key = (str(r["experiment"]), table_model(r), str(r["method_label"]), str(r["task"]))
         if r["status"] != "finished":
             failed[key] += 1
             continue
-        settings[key][_hparams_key(r["hparams"])].append(r)
+        settings[key][f"{r['model']} {_hparams_key(r['hparams'])}"].append(r)
 
     selections: dict[GroupKey, Selection] = {}
     for key, by_setting in settings.items():
@@ -218,6 +227,7 @@ class Row:
     cells: list[Cell] = field(default_factory=list)
     params_paper: float | None = None
     params_ours: list[float] = field(default_factory=list)  # distinct values (millions) over the row's tasks
+    ran_models: list[str] = field(default_factory=list)  # the models that actually ran (tiny stand-ins in smoke runs)
 
     @property
     def reference(self) -> bool:
@@ -237,12 +247,24 @@ class Table:
     experiment: str
     columns: list[str]
     rows: list[Row]
+    figure_column: str | None = None  # plotted against parameters (figures.params_figure)
 
 
 def load_paper(path: str | Path = PAPER_TABLES) -> dict[str, Any]:
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(spec, dict)
     return spec
+
+
+def _find_selection(
+    selections: dict[GroupKey, Selection], experiment: str, row_spec: dict[str, Any], task: str
+) -> Selection | None:
+    """The row's selection for a task: its method label, else the first of its `aliases` (same model) with runs."""
+    for method in [row_spec["method"], *row_spec.get("aliases", [])]:
+        sel = selections.get((experiment, row_spec["model"], method, task))
+        if sel is not None and sel.runs:
+            return sel
+    return selections.get((experiment, row_spec["model"], row_spec["method"], task))
 
 
 def build_table(name: str, spec: dict[str, Any], selections: dict[GroupKey, Selection], experiment: str) -> Table:
@@ -252,19 +274,22 @@ def build_table(name: str, spec: dict[str, Any], selections: dict[GroupKey, Sele
         values = row_spec.get("values") or {}
         row = Row(row_spec["label"], row_spec.get("model"), row_spec.get("method"), params_paper=row_spec.get("params"))
         params: set[float] = set()
+        ran: set[str] = set()
         for col in columns:
             cell = Cell(col["name"], col.get("task"), col.get("metric"), values.get(col["name"]))
             if row.reference:
                 cell.status = "n/a"
             elif not col.get("average"):
-                sel = selections.get((experiment, row.model, row.method, col["task"]))
+                sel = _find_selection(selections, experiment, row_spec, col["task"])
                 cell.selection = sel
                 cell.ours = sel.stat(col["metric"]) if sel is not None else None
                 if cell.ours is None:
                     cell.status = "missing"
                 if sel is not None and sel.params_millions() is not None:
                     params.add(round(sel.params_millions(), 1))
+                ran.update(str(r["model"]) for r in (sel.runs if sel is not None else []))
             row.cells.append(cell)
+        row.ran_models = sorted(ran)
         for cell, col in zip(row.cells, columns):
             if col.get("average") and not row.reference:
                 parts = [c.ours for c, cc in zip(row.cells, columns) if not cc.get("average")]
@@ -275,7 +300,7 @@ def build_table(name: str, spec: dict[str, Any], selections: dict[GroupKey, Sele
                     cell.status = f"incomplete ({len(present)}/{len(parts)})" if present else "missing"
         row.params_ours = sorted(params)
         rows.append(row)
-    return Table(name, spec.get("title", name), experiment, [c["name"] for c in columns], rows)
+    return Table(name, spec.get("title", name), experiment, [c["name"] for c in columns], rows, spec.get("figure"))
 
 
 def build_tables(
@@ -313,12 +338,20 @@ def _params_ours(row: Row) -> str:
     return _num(low, 1) if low == high else f"{_num(low, 1)}-{_num(high, 1)}"
 
 
+def _who(row: Row) -> str:
+    """model/method, and the models that ran when they are stand-ins: "t5-base/mpoe (ran tiny-t5)"."""
+    if row.reference:
+        return "(reference)"
+    stand_ins = [m for m in row.ran_models if m != row.model]
+    return f"{row.model}/{row.method}" + (f" (ran {', '.join(row.ran_models)})" if stand_ins else "")
+
+
 def _lines(table: Table) -> tuple[list[str], list[list[str]]]:
     """Header and body of the wide layout (three lines per paper row), as plain strings."""
     header = ["Row", "Model/method", ""] + table.columns + [PARAMS_COLUMN]
     body = []
     for row in table.rows:
-        who = [row.label, f"{row.model}/{row.method}" if not row.reference else "(reference)"]
+        who = [row.label, _who(row)]
         paper_params = "" if row.params_paper is None else f"{row.params_paper:g}"
         body.append(who + ["ours"] + [format_ours(c) for c in row.cells] + [_params_ours(row)])
         body.append(["", "", "paper"] + [_num(c.paper) for c in row.cells] + [paper_params])
@@ -391,7 +424,7 @@ def render_latex(table: Table) -> str:
 
 CSV_FIELDS = (
     "table", "label", "model", "method", "column", "task", "metric", "ours_mean", "ours_std", "n", "few_seeds",
-    "n_failed", "status", "paper", "diff", "hparams", "settings",
+    "n_failed", "status", "paper", "diff", "hparams", "settings", "models_ran",
 )  # fmt: skip
 
 
@@ -400,7 +433,8 @@ def render_csv(table: Table) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in table.rows:
-        base = {"table": table.name, "label": row.label, "model": row.model or "", "method": row.method or ""}
+        base = {"table": table.name, "label": row.label, "model": row.model or "", "method": row.method or "",
+                "models_ran": " ".join(row.ran_models)}  # fmt: skip
         for cell in row.cells:
             s, sel = cell.ours, cell.selection
             writer.writerow(
@@ -459,8 +493,17 @@ def make_tables(
     written = {}
     for exp in experiments:
         tables = build_tables(selections, exp, paper)
-        written[exp] = write_tables(tables, Path(runs_dir) / exp / "tables")
+        out_dir = Path(runs_dir) / exp / "tables"
+        written[exp] = write_tables(tables, out_dir) + write_figures(tables, selections, exp, out_dir)
     return written, problems, n_failed
+
+
+def write_figures(tables: list[Table], selections: dict[GroupKey, Selection], experiment: str, out_dir: Path):
+    """PNG figures (mpoe_exp/figures.py): each table's headline column against parameters, training curves."""
+    from mpoe_exp import figures  # Matplotlib only when figures are drawn
+
+    written = [figures.params_figure(t, t.figure_column, out_dir) for t in tables if t.figure_column]
+    return [p for p in written if p is not None] + figures.curves_figures(selections, experiment, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ tests/test_runner.py and tests/test_launchers_and_logging.py (quickstart, local 
 
 from __future__ import annotations
 
-import itertools
 import re
 import shlex
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mpoe_exp.config import CONFIG_DIR, validate_config
+from mpoe_exp.config import CONFIG_DIR, expand_sweep, validate_config
 from mpoe_exp.runner import check_task_fits_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -38,15 +37,13 @@ def readme_commands() -> list[list[str]]:
 
 
 def expand(args: list[str]) -> list[list[str]]:
-    """Hydra's basic sweep: key=a,b -> one run per value (values in [] or {} are not split)."""
-    choices = []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if "," in value and not value.startswith(("[", "{")):
-            choices.append([f"{key}={v}" for v in value.split(",")])
-        else:
-            choices.append([arg])
-    return [list(c) for c in itertools.product(*choices)]
+    """Hydra's basic sweep: key=a,b -> one run per value, with an experiment's own sweep parameters; runs that
+    differ only in seed or learning rate are composed once (they are equally valid)."""
+    runs = {}
+    for overrides in expand_sweep(args):
+        key = tuple(o for o in overrides if o.partition("=")[0] not in ("seed", "train.lr"))
+        runs.setdefault(key, list(key))
+    return list(runs.values())
 
 
 COMMANDS = readme_commands()
@@ -61,8 +58,9 @@ def test_the_readme_shows_the_commands_we_expect():
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a)[:80])
 def test_readme_command_composes_into_valid_runs(args):
+    runs = expand(args)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for overrides in expand(args):
+        for overrides in runs:
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
             validate_config(cfg)
             if not cfg.dry_run:

@@ -32,15 +32,18 @@ def write_run(
     main_metric: str = "perplexity",
     greater_is_better: bool = False,
     total: int = 157_400_000,
+    table_model: str | None = None,
 ) -> Path:
     hp = {"lr": lr, "bs": 32, "ep": 3, "steps": None}
-    directory = runs / EXP / model / method / task / f"lr={lr},bs=32,ep=3" / f"seed={seed}"
+    model_dir = f"{model}-as-{table_model}" if table_model else model
+    directory = runs / EXP / model_dir / method / task / f"lr={lr},bs=32,ep=3" / f"seed={seed}"
     directory.mkdir(parents=True)
     record = {
         "schema_version": 1,
         "status": status,
         "experiment": EXP,
         "model": model,
+        "table_model": table_model or model,
         "method": method.split("-")[0],
         "method_label": method,
         "ablation": method.split("-")[1] if "-" in method else "none",
@@ -221,3 +224,29 @@ def test_paper_values_transcribed():
     for row in paper["table1_nlu"]["rows"]:
         values = [v for k, v in row["values"].items() if k != "Avg"]
         assert np.mean(values) == pytest.approx(row["values"]["Avg"], abs=0.02), row["label"]
+
+
+def test_stand_in_models_and_method_aliases(tmp_path: Path):
+    """A tiny model's runs fill the row of the model it stands in for, and say so; Table 4's m = 5 row takes an
+    `ablation=m5` run when there is no plain mpoe run (the same model)."""
+    runs = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        write_run(runs, "tiny-gpt2", "mpoe-m5", "wikitext2", seed, 1e-3, {"perplexity": 30.0},
+                  {"perplexity": 40.0 + seed}, table_model="gpt2", total=200_000)  # fmt: skip
+        write_run(runs, "tiny-gpt2", "dense", "wikitext2", seed, 1e-3, {"perplexity": 30.0},
+                  {"perplexity": 50.0}, table_model="gpt2", total=100_000)  # fmt: skip
+        write_run(runs, "gpt2", "dense", "wikitext2", seed, 1e-4, {"perplexity": 20.0}, {"perplexity": 21.0})
+    records, problems = tables.load_results(runs)
+    assert not problems
+    selections = tables.select(records)
+    # the real gpt2 and its tiny stand-in fill the same row, as two settings that never pool their seeds;
+    # validation picks the real one here (PPL 20 < 30)
+    dense = selections[(EXP, "gpt2", "dense", "wikitext2")]
+    assert dense.settings == 2 and {r["model"] for r in dense.runs} == {"gpt2"} and dense.stat("perplexity").n == 3
+    t4 = next(t for t in tables.build_tables(selections, EXP) if t.name == "table4")
+    m5 = next(r for r in t4.rows if r.label == "MPOE (m=5)")
+    assert m5.cells[0].ours.mean == pytest.approx(42.0) and m5.cells[0].ours.n == 3
+    assert m5.ran_models == ["tiny-gpt2"] and tables._who(m5) == "gpt2/mpoe (ran tiny-gpt2)"
+    assert next(r for r in t4.rows if r.label == "MPOE (m=3)").cells[0].status == "missing"
+    md = tables.render_markdown(t4)
+    assert "| MPOE (m=5) | gpt2/mpoe (ran tiny-gpt2) | ours | 42.00 ± 1.00 (n=3) |" in md
