@@ -33,8 +33,10 @@ dry-run:  ## parameter counts of every paper model/method, no download
 tables:  ## the paper's Tables 1-4 beside our results, in runs/<experiment>/tables/
 	$(PYTHON) -m mpoe_exp.tables $(RUNS)
 
-smoke:  ## every table's sweep on tiny models and demo data (CPU, offline, ~20 min), then the tables
-	@for e in $(SMOKE); do OMP_NUM_THREADS=1 $(PYTHON) -m mpoe_exp -m experiment=$$e runs_dir=$(RUNS) || exit 1; done
+JOBS ?= 2
+smoke:  ## every table's sweep on tiny models and demo data (CPU, offline, JOBS runs at a time), then the tables
+	@for e in $(SMOKE); do OMP_NUM_THREADS=1 $(PYTHON) -m mpoe_exp -m experiment=$$e runs_dir=$(RUNS) \
+	  hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS) || exit 1; done
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment smoke
 
 gpu-hours:  ## estimated GPU hours of each table's sweep (mpoe_exp/cost.py)

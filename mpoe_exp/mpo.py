@@ -180,34 +180,55 @@ def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shap
     """Contract local tensors (r, i, j, r') into the (I, J) matrix; tensors may share one leading batch dim.
 
     With a leading batch dimension E (an expert stack) on some tensors, the result has shape (E, I, J); tensors
-    without it are broadcast (a shared central tensor). The central tensor is contracted last, from whichever side
-    is cheaper, so the work is ~ |W| * (r_{c-1} + r_c) multiply-adds per matrix (SPEC section 6).
+    without it are broadcast (a shared central tensor, multiplied with all experts' rows in one matmul). The chains
+    left and right of the centre are contracted first (small), their row and column indices regrouped while they are
+    small, then the central tensor from whichever side is cheaper: ~ |W| * (r_{c-1} + r_c) multiply-adds per matrix
+    (SPEC section 6; `contraction_macs` counts them). The result needs one permute of W-sized data, of 6 grouped
+    dimensions, (I_left, J_left, i_c, j_c, I_right, J_right) -> (I_left, i_c, I_right, J_left, j_c, J_right).
     """
     m = len(tensors)
     centre = m // 2
     batched = any(t.dim() == 5 for t in tensors)
     t5 = [t if t.dim() == 5 else t.unsqueeze(0) for t in tensors]  # (E or 1, r, i, j, r')
-
     c = t5[centre]
-    left = _chain(t5[:centre], c)  # (E?, P_left, r_{c-1}), P_left = prod of i_k j_k left of the centre
-    right = _chain_right(t5[centre + 1 :], c)  # (E?, r_c, P_right)
-    e, r_prev, i_c, j_c, r_next = c.shape
-    c = c.reshape(e, r_prev, i_c * j_c * r_next)
-    p_left, p_right = left.shape[1], right.shape[2]
+    shared_c, (_, r_prev, i_c, j_c, r_next) = c.shape[0] == 1, c.shape
+    rows_l, cols_l = math.prod(row_shape[:centre]), math.prod(col_shape[:centre])
+    rows_r, cols_r = math.prod(row_shape[centre + 1 :]), math.prod(col_shape[centre + 1 :])
+    left = _group_rows_cols(_chain(t5[:centre], c), row_shape[:centre], col_shape[:centre], bond_last=True)
+    right = _group_rows_cols(_chain_right(t5[centre + 1 :], c), row_shape[centre + 1 :], col_shape[centre + 1 :])
+    # left (E, I_l J_l, r_prev), right (E, r_next, I_r J_r), grouped: rows before columns
+    p_left, p_right = rows_l * cols_l, rows_r * cols_r
     cost_left_first = p_left * r_prev * i_c * j_c * r_next + p_left * i_c * j_c * r_next * p_right
     cost_right_first = r_prev * i_c * j_c * r_next * p_right + p_left * r_prev * i_c * j_c * p_right
     if cost_left_first <= cost_right_first:
-        lc = torch.matmul(left, c).reshape(-1, p_left * i_c * j_c, r_next)
-        full = torch.matmul(lc, right)  # (E, P_left * i_c j_c, P_right)
+        central = c.reshape(r_prev, -1) if shared_c else c.reshape(-1, r_prev, i_c * j_c * r_next)
+        lc = torch.matmul(left, central)  # (E, I_l J_l, i_c j_c r_next): a shared centre folds E into the rows
+        full = torch.matmul(lc.reshape(lc.shape[0], -1, r_next), right)  # (E, I_l J_l i_c j_c, I_r J_r)
     else:
-        cr = torch.matmul(c.reshape(-1, r_prev * i_c * j_c, r_next), right)
-        full = torch.matmul(left, cr.reshape(-1, r_prev, i_c * j_c * p_right))
+        cr = torch.matmul(c.reshape(-1, r_prev * i_c * j_c, r_next), right)  # (E, r_prev i_c j_c, I_r J_r)
+        full = torch.matmul(left, cr.reshape(cr.shape[0], r_prev, -1))
     batch = full.shape[0]
-    # interleaved (i_1, j_1, ..., i_m, j_m) -> (i_1..i_m, j_1..j_m)
-    interleaved = [d for i, j in zip(row_shape, col_shape) for d in (i, j)]
-    order = [0] + [1 + 2 * k for k in range(m)] + [2 + 2 * k for k in range(m)]
-    matrix = full.reshape(batch, *interleaved).permute(*order).reshape(batch, math.prod(row_shape), -1)
+    full = full.reshape(batch, rows_l, cols_l, i_c, j_c, rows_r, cols_r).permute(0, 1, 3, 5, 2, 4, 6)
+    matrix = full.reshape(batch, math.prod(row_shape), math.prod(col_shape))
     return matrix if batched else matrix[0]
+
+
+def _group_rows_cols(
+    chain: torch.Tensor, row_shape: Sequence[int], col_shape: Sequence[int], bond_last: bool = False
+) -> torch.Tensor:
+    """A chain's sites from interleaved (i_1, j_1, i_2, j_2, ...) to grouped (i_1, i_2, ..., j_1, j_2, ...) order.
+    chain: (E, P, r) with bond_last, else (E, r, P)."""
+    n = len(row_shape)
+    if n <= 1:
+        return chain
+    e = chain.shape[0]
+    interleaved = [d for i, j in zip(row_shape, col_shape) for d in (i, j)]
+    sites = list(range(1, 2 * n + 1, 2)) + list(range(2, 2 * n + 1, 2))  # i's then j's, after the batch dim
+    if bond_last:
+        r = chain.shape[-1]
+        return chain.reshape(e, *interleaved, r).permute(0, *sites, 2 * n + 1).reshape(e, -1, r)
+    r = chain.shape[1]
+    return chain.reshape(e, r, *interleaved).permute(0, 1, *(s + 1 for s in sites)).reshape(e, r, -1)
 
 
 def contraction_macs(row_shape: Sequence[int], col_shape: Sequence[int], max_bond: int | None = None) -> int:

@@ -441,3 +441,116 @@ def test_expert_counts_cover_unused_experts():
     assert counts[2:] == [0, 0] and sum(counts) == 10
     assert layer.expert_counts.tolist() == counts
     torch.testing.assert_close(out, reference_layer(layer, x, ref), rtol=1e-9, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fast paths: grouped matmuls in float32, cached experts in evaluation, recomputation in backward
+
+
+@pytest.mark.parametrize("experts", ["dense", "mpo"])
+@pytest.mark.parametrize("spec_name", list(SPECS))
+@pytest.mark.parametrize("method", ["switch_dropping", "top2"])
+def test_float32_grouped_path_matches_the_float64_reference_path(experts, spec_name, method):
+    """float32 on CPU runs torch's grouped_mm; float64 the per-expert loop checked against the per-token reference
+    above. Outputs and every gradient agree."""
+    import copy
+
+    spec = SPECS[spec_name]
+    config = switch_method(experts, capacity_factor=0.5) if method == "switch_dropping" else moe_method(experts)
+    layer64 = make_layer(spec, config, seed=13)
+    layer32 = copy.deepcopy(layer64).float()
+    hidden = torch.randn(3, 6, D_MODEL, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for layer, dtype in ((layer64, torch.float64), (layer32, torch.float32)):
+        x = hidden.to(dtype).requires_grad_(True)
+        out = layer(x)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        probe = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
+        grads = torch.autograd.grad((out * probe).sum(), [x, *params], allow_unused=True)  # eval: no noise weights
+        results.append((out, grads))
+    (out64, grads64), (out32, grads32) = results
+    torch.testing.assert_close(out32, out64.float(), rtol=1e-4, atol=1e-5)
+    assert sum(g is not None for g in grads32) >= 4
+    for got, want in zip(grads32, grads64):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_mm_with_empty_and_uneven_groups_equals_a_loop():
+    from mpoe_exp.moe.layer import grouped_mm
+
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 7, 1, 0, 5]
+    rows = torch.randn(sum(counts), 16, generator=g, requires_grad=True)
+    weight = torch.randn(len(counts), 8, 16, generator=g, requires_grad=True)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = grouped_mm(rows, weight, offsets, counts)
+    want = torch.cat([chunk @ w.t() for chunk, w in zip(rows.split(counts), weight.unbind(0))])
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.sum(), [rows, weight])  # .sum() gives a stride-0 gradient
+    want_grads = torch.autograd.grad(want.sum(), [rows, weight])
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected)
+
+
+def test_evaluation_caches_mpo_experts_until_the_weights_change(monkeypatch):
+    from mpoe_exp import mpo
+
+    layer = make_layer(SPECS["gpt2"], switch_method("mpo")).float()
+    x = torch.randn(2, 5, D_MODEL)
+    with torch.no_grad():
+        expected = layer(x)
+    calls = {"n": 0}
+    original = mpo.contract
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mpo, "contract", counting)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(layer(x), expected)
+    assert calls["n"] == 0  # both forwards used the cache filled by the first call above
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer.train()
+    layer(x).sum().backward()  # with autograd: contracted, and the cache is dropped
+    assert calls["n"] == 2 and layer.experts._cache is None
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        changed = layer(x)
+    assert calls["n"] == 4  # new weights: contracted again
+    assert not torch.allclose(changed, expected)
+    layer.experts.central["wi"].data.zero_()  # .data bypasses the version counter: documented as unsupported
+    layer.experts.load_state_dict(layer.experts.state_dict())  # load_state_dict copies in place: cache invalid
+    with torch.no_grad():
+        layer(x)
+    assert calls["n"] == 6
+
+
+def test_recompute_gives_the_same_outputs_and_gradients_and_saves_less():
+    import copy
+
+    method = {**switch_method("mpo"), "recompute": True}
+    layer = make_layer(SPECS["t5"], method).float().train()
+    plain = copy.deepcopy(layer)
+    plain.recompute = False
+    x = torch.randn(4, 6, D_MODEL)
+    saved = {}
+    for name, net in (("recompute", layer), ("plain", plain)):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(0)
+            out = net(x)
+        saved[name] = (out, torch.autograd.grad(out.square().sum(), list(net.parameters())), sum(sizes))
+    torch.testing.assert_close(saved["recompute"][0], saved["plain"][0])
+    for got, want in zip(saved["recompute"][1], saved["plain"][1]):
+        torch.testing.assert_close(got, want)
+    assert saved["recompute"][2] < saved["plain"][2]

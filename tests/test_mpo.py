@@ -642,3 +642,43 @@ def test_automatic_factorization_decomposes_exactly(m):
     assert decomposition.bond_dims == _untruncated_bonds(row_shape, col_shape)
     assert (decomposition.to_matrix() - matrix).abs().max().item() <= 1e-12
     _assert_gauge(decomposition, torch.linalg.norm(matrix).item(), 1e-12)
+
+
+@pytest.mark.parametrize("shape", sorted(mpo.KNOWN_FACTORIZATIONS))
+@pytest.mark.parametrize("m", [3, 5, 7, 9])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_contraction_macs_counts_what_contract_does(shape, m, transpose):
+    """The analytic cost (layer benchmark, GPU-hour estimate) equals the matmul FLOPs torch counts in `contract`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows, cols = mpo.KNOWN_FACTORIZATIONS[shape][m]
+    if transpose:
+        rows, cols = cols, rows
+    shapes = mpo.tensor_shapes(rows, cols)
+    centre = len(shapes) // 2
+    tensors = [torch.empty(s if k == centre else (8, *s), device="meta") for k, s in enumerate(shapes)]
+    with FlopCounterMode(display=False) as counter:
+        mpo.contract(tensors, rows, cols)
+    assert counter.get_total_flops() == 2 * 8 * mpo.contraction_macs(rows, cols)
+
+
+def test_contract_gradients_equal_an_einsum_chain():
+    """The regrouped, batched contraction and its backward against one einsum, shared and per-expert centrals."""
+    g = torch.Generator().manual_seed(0)
+    rows, cols = (2, 3, 2, 2, 3), (3, 2, 2, 1, 2)
+    shapes = mpo.tensor_shapes(rows, cols)
+    for shared in (True, False):
+        tensors = [
+            torch.randn(s if (k == 2 and shared) else (3, *s), generator=g, dtype=torch.float64, requires_grad=True)
+            for k, s in enumerate(shapes)
+        ]
+        got = mpo.contract(tensors, rows, cols)
+        expanded = [t if t.dim() == 5 else t.expand(3, *t.shape) for t in tensors]
+        full = torch.einsum("eaibB,eBjcC,eCkdD,eDlfF,eFmgG->eijklmbcdfg", *[t for t in expanded])
+        want = full.reshape(3, 2 * 3 * 2 * 2 * 3, 3 * 2 * 2 * 1 * 2)
+        torch.testing.assert_close(got, want)
+        probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        for a, b in zip(
+            torch.autograd.grad((got * probe).sum(), tensors), torch.autograd.grad((want * probe).sum(), tensors)
+        ):
+            torch.testing.assert_close(a, b)

@@ -82,7 +82,7 @@ class DenseExperts(nn.Module):
         return experts
 
     def materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Matrices {name: (E, out, in)} and biases {name: (E, out)}."""
+        """Matrices {name: (E, out, in)} and biases {name: (E, out)}, one per expert."""
         return dict(self.matrices), dict(self.biases)
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -100,11 +100,14 @@ class MPOExperts(nn.Module):
         *,
         max_bond: int | None = None,
         share_central: bool = True,
+        cache_in_eval: bool = True,
         device=None,
         dtype=None,
     ):
         super().__init__()
         self.spec, self.num_experts, self.share_central = spec, num_experts, share_central
+        self.cache_in_eval = cache_in_eval
+        self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None  # (parameter versions, matrices)
         self.factorizations = {n: (tuple(r), tuple(c)) for n, (r, c) in factorizations.items()}
         self.max_bond = max_bond
         kw = {"device": device, "dtype": dtype}
@@ -133,6 +136,7 @@ class MPOExperts(nn.Module):
         *,
         max_bond: int | None = None,
         share_central: bool = True,
+        cache_in_eval: bool = True,
     ) -> MPOExperts:
         """Decompose each dense matrix once; every expert gets the same auxiliary tensors (upcycling)."""
         any_weight = next(iter(weights.values()))
@@ -142,6 +146,7 @@ class MPOExperts(nn.Module):
             factorizations,
             max_bond=max_bond,
             share_central=share_central,
+            cache_in_eval=cache_in_eval,
             device=any_weight.device,
             dtype=any_weight.dtype,
         )
@@ -164,12 +169,29 @@ class MPOExperts(nn.Module):
         return aux[:centre] + [self.central[name]] + aux[centre:]
 
     def materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Contract every expert's matrices: {name: (E, out, in)}; biases {name: (E, out)} (shared, expanded)."""
-        matrices = {
-            name: mpo.contract(self.local_tensors(name), *self.factorizations[name]) for name in self.spec.matrix_names
-        }
-        biases = {name: b.expand(self.num_experts, -1) for name, b in self.biases.items()}
-        return matrices, biases
+        """Contract every expert's matrices: {name: (E, out, in)}; biases {name: (out,)}, shared by all experts.
+
+        Without autograd (evaluation, generation) the matrices are cached, keyed by the version counters of the
+        local tensors, which every in-place change (optimizer step, load_state_dict) bumps: they are contracted
+        once per set of weights and then cost nothing, as a Switch layer's stored matrices. With autograd the cache
+        is dropped, so it holds no memory while training.
+        """
+        if torch.is_grad_enabled() or not self.cache_in_eval:
+            self._cache = None
+            return self._contract(), dict(self.biases)
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._contract())
+        return dict(self._cache[1]), dict(self.biases)
+
+    def _contract(self) -> dict[str, torch.Tensor]:
+        return {n: mpo.contract(self.local_tensors(n), *self.factorizations[n]) for n in self.spec.matrix_names}
+
+    def _cache_key(self) -> tuple:
+        tensors = [t for n in self.spec.matrix_names for t in self.local_tensors(n)]
+        device = tensors[0].device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return (autocast, *((t.data_ptr(), t._version, t.dtype) for t in tensors))
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every expert uses (central tensors when shared, and biases)."""

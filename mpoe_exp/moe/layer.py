@@ -3,51 +3,119 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.activations import ACT2FN
 
 from mpoe_exp import mpo
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec, MPOExperts
-from mpoe_exp.moe.routers import DROPPED, NoisyTopKRouter, SwitchRouter
+from mpoe_exp.moe.routers import DROPPED, NoisyTopKRouter, Routing, SwitchRouter
 
 # Registries: a new method is a config file naming one of these (or a new entry here plus its small module).
 ROUTERS = {"switch": SwitchRouter, "noisy_top_k": NoisyTopKRouter}
 EXPERTS = {"dense": DenseExperts, "mpo": MPOExperts}
 
 
-def feed_forward(
-    x: torch.Tensor, spec: FeedForwardSpec, matrices: Mapping, biases: Mapping, act, dropout
-) -> torch.Tensor:
-    """One expert's FFN on its tokens. x: (n, d); matrices (out, in); biases (out,)."""
-    if spec.gated:
-        h = act(x @ matrices["wi_0"].t()) * (x @ matrices["wi_1"].t())  # (n, d_ff)
+def _has_grouped_mm(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch.nn.functional.grouped_mm takes these operands (its kernels want 16-byte aligned rows)."""
+    if any(n * rows.element_size() % 16 for n in weight.shape[1:]):
+        return False
+    if rows.device.type == "cpu":
+        return rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    cuda = rows.device.type == "cuda" and rows.dtype == torch.bfloat16
+    return cuda and torch.cuda.get_device_capability(rows.device)[0] >= 8
+
+
+def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """rows (M, in) grouped by expert, weight (E, out, in) -> (M, out): each expert's rows times its weight^T.
+
+    One `torch.nn.functional.grouped_mm` where PyTorch has it for these inputs (CPU in fp32/bf16/fp16; CUDA in
+    bf16 on sm80+), else one matmul per expert over `weight.unbind(0)` (backward stacks the weight gradient once).
+    """
+    device = rows.device.type
+    if torch.is_autocast_enabled(device):  # grouped_mm is not on autocast's lists: cast as matmul would be
+        dtype = torch.get_autocast_dtype(device)
     else:
-        h = x @ matrices["wi"].t()
-        if "bi" in biases:
-            h = h + biases["bi"]
-        h = act(h)
-    h = dropout(h)
-    out = h @ matrices["wo"].t()  # (n, d)
-    if "bo" in biases:
-        out = out + biases["bo"]
-    return out
+        dtype = torch.promote_types(rows.dtype, weight.dtype)
+    rows, weight = rows.to(dtype), weight.to(dtype)
+    if _has_grouped_mm(rows, weight):
+        out = torch.nn.functional.grouped_mm(rows, weight.transpose(1, 2), offs=offsets)
+        if out.requires_grad:  # its CPU backward refuses stride-0 gradients (e.g. from .sum())
+            out.register_hook(lambda grad: grad.contiguous())
+        return out
+    parts = [chunk @ w.t() for chunk, w in zip(rows.split(counts), weight.unbind(0))]
+    return torch.cat(parts)
+
+
+def grouped_feed_forward(
+    rows: torch.Tensor, dispatch: Dispatch, spec: FeedForwardSpec, matrices: Mapping, biases: Mapping, act, dropout
+) -> torch.Tensor:
+    """Every expert's FFN on its rows (grouped by expert). matrices {name: (E, out, in)}; biases {name: (E, out)},
+    or (out,) when all experts share it."""
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        return grouped_mm(x, matrices[name], dispatch.offsets, dispatch.counts)
+
+    def add_bias(h: torch.Tensor, name: str) -> torch.Tensor:
+        bias = biases.get(name)
+        if bias is None:
+            return h
+        if bias.dim() == 1:  # shared by every expert
+            return h + bias
+        return h + bias.repeat_interleave(dispatch.counts_tensor, dim=0, output_size=h.shape[0])
+
+    if spec.gated:
+        h = act(linear(rows, "wi_0")) * linear(rows, "wi_1")  # (M, d_ff)
+    else:
+        h = act(add_bias(linear(rows, "wi"), "bi"))
+    return add_bias(linear(dropout(h), "wo"), "bo")  # (M, d)
+
+
+@dataclass
+class Dispatch:
+    """Token choices grouped by expert (dropped ones left out): which token each row is, its gate, group sizes."""
+
+    token: torch.Tensor  # (M,) index into the layer's tokens
+    gate: torch.Tensor  # (M,)
+    counts: list[int]  # rows per expert
+    counts_tensor: torch.Tensor  # the same, (E,) long on the device
+    offsets: torch.Tensor  # (E,) int32: end of each expert's rows (grouped_mm's `offs`)
+
+    @classmethod
+    def from_routing(cls, routing: Routing, num_experts: int) -> Dispatch:
+        num_choices = routing.expert_index.shape[1]
+        flat_expert = routing.expert_index.reshape(-1)  # (N k,)
+        order = torch.argsort(flat_expert, stable=True)  # grouped by expert; dropped (-1) first
+        counts_tensor = torch.bincount(flat_expert[flat_expert != DROPPED], minlength=num_experts)
+        kept = order[flat_expert.numel() - int(counts_tensor.sum()) :]
+        return cls(
+            token=torch.div(kept, num_choices, rounding_mode="floor"),
+            gate=routing.gate.reshape(-1)[kept],
+            counts=counts_tensor.tolist(),
+            counts_tensor=counts_tensor,
+            offsets=counts_tensor.cumsum(0).to(torch.int32),
+        )
 
 
 class MoEFeedForward(nn.Module):
     """Drop-in replacement for a dense FFN: (..., d) -> (..., d). Dropped tokens get 0 (the residual carries them).
 
+    Dispatch: the kept token choices are sorted by expert, gathered once into one (M, d) block, run through every
+    expert's FFN as grouped matmuls, scaled by their gates and added back to their tokens once.
     After each forward, `aux_loss` holds the router's weighted auxiliary loss and `expert_counts` the number of
     token choices each expert received (dropped ones excluded), for logging.
     """
 
-    def __init__(self, spec: FeedForwardSpec, router: nn.Module, experts: nn.Module):
+    def __init__(self, spec: FeedForwardSpec, router: nn.Module, experts: nn.Module, recompute: bool = False):
         super().__init__()
         self.spec = spec
         self.router = router
         self.experts = experts
+        self.recompute = recompute  # True: backward recomputes the experts' matrices and FFN instead of storing them
         self.act = ACT2FN[spec.activation]
         self.inner_dropout = nn.Dropout(spec.inner_dropout)
         self.output_dropout = nn.Dropout(spec.output_dropout)
@@ -63,37 +131,20 @@ class MoEFeedForward(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # (N, d)
         routing = self.router(x)
         self.aux_loss = routing.aux_loss
-        matrices, biases = self.experts.materialize()
-        # unbind (not indexing in a loop): backward stacks the per-expert gradients once
-        per_expert_matrices = {n: m.unbind(0) for n, m in matrices.items()}
-        per_expert_biases = {n: b.unbind(0) for n, b in biases.items()}
+        dispatch = Dispatch.from_routing(routing, self.num_experts)
+        self.expert_counts = dispatch.counts_tensor.detach()
+        rows = x.index_select(0, dispatch.token)  # (M, d), grouped by expert
 
-        num_choices = routing.expert_index.shape[1]
-        flat_expert = routing.expert_index.reshape(-1)  # (N k,)
-        flat_gate = routing.gate.reshape(-1)
-        flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(num_choices)
-        order = torch.argsort(flat_expert, stable=True)  # group choices by expert; dropped (-1) first
-        counts = torch.bincount(flat_expert[flat_expert != DROPPED], minlength=self.num_experts)
-        self.expert_counts = counts.detach()
-        num_dropped = int((flat_expert == DROPPED).sum())
+        def experts_ffn(rows: torch.Tensor) -> torch.Tensor:
+            matrices, biases = self.experts.materialize()
+            return grouped_feed_forward(rows, dispatch, self.spec, matrices, biases, self.act, self.inner_dropout)
 
-        out = torch.zeros_like(x)
-        start = num_dropped
-        for e, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            chosen = order[start : start + count]
-            start += count
-            tokens = flat_token[chosen]
-            y = feed_forward(
-                x[tokens],
-                self.spec,
-                {n: m[e] for n, m in per_expert_matrices.items()},
-                {n: b[e] for n, b in per_expert_biases.items()},
-                self.act,
-                self.inner_dropout,
-            )
-            out = out.index_add(0, tokens, y * flat_gate[chosen, None].to(y.dtype))
+        if self.recompute and torch.is_grad_enabled():
+            y = torch.utils.checkpoint.checkpoint(experts_ffn, rows, use_reentrant=False)
+        else:
+            y = experts_ffn(rows)
+        y = y * dispatch.gate[:, None].to(y.dtype)
+        out = x.new_zeros(x.shape).index_add(0, dispatch.token, y)
         return self.output_dropout(out).reshape(shape)
 
 
@@ -125,13 +176,14 @@ def build_moe_layer(
             },
             "max_bond": mpo_cfg.get("max_bond"),
             "share_central": mpo_cfg.get("share_central", True),
+            "cache_in_eval": mpo_cfg.get("cache_in_eval", True),
         }
     experts_cls = EXPERTS[expert_kind]
     if weights is None:
         experts = experts_cls(spec, method["num_experts"], device=device, dtype=dtype, **kwargs)
     else:
         experts = experts_cls.from_dense(spec, method["num_experts"], dict(weights), dict(biases or {}), **kwargs)
-    return MoEFeedForward(spec, router, experts)
+    return MoEFeedForward(spec, router, experts, recompute=method.get("recompute", False))
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:

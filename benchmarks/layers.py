@@ -1,0 +1,278 @@
+"""Expert layers side by side: time, FLOP floor and memory of one FFN layer, d = 768, d_ff = 3072 (T5-base).
+
+    python benchmarks/layers.py [--tokens 1024 4096 16384] [--device cpu|cuda] [--repeats 5] [--out BENCHMARKS.md]
+
+Layers, all upcycled from the same random dense FFN (ReLU, no bias, as T5 v1.0) and built from the method configs
+of conf/method/: the dense FFN; transformers' `SwitchTransformersSparseMLP` (reference; 8 experts, capacity
+1.25 over the call's tokens as ours, jitter 0.01, fp32 router); ours: switch, moe (top-2), mpoe (n = 8, m = 5, the
+paper's factorization), mpoe++ (n = 16).
+
+Per layer and token count, in training mode: forward, forward+backward; in evaluation mode (no_grad): forward,
+where MPO experts come from their cache. Each time is the median of --repeats runs after a warm-up, the layers
+interleaved run by run so that drift on a shared machine hits all of them alike. Ratios are to the dense FFN of the
+same run. The analytic floor of a layer is its arithmetic, FLOPs = 2 x multiply-adds: the tokens' FFN matmuls
+(2 per choice for top-2) and the router, plus for MPO experts the reconstruction of every expert matrix
+(mpo.contraction_macs), x 3 for forward+backward; "floor" is that at the dense FFN's measured FLOP rate, and
+"/floor" the layer's time over it. Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes
+autograd saves for backward (what a checkpoint would not store).
+
+`--state` also reports the training state (parameters, gradients, AdamW moments) of whole t5-base models per method,
+from the tensors AdamW creates, on the meta device (same shapes and dtypes as on a GPU, no memory needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from mpoe_exp import compose_config, mpo
+from mpoe_exp.moe import FeedForwardSpec, MPOExperts, build_moe_layer
+
+D_MODEL, D_FF = 768, 3072
+OURS = ("switch", "moe", "mpoe", "mpoe++")
+REFERENCE = "SwitchTransformersSparseMLP"
+
+
+def method_config(name: str) -> dict:
+    return OmegaConf.to_container(compose_config(["model=t5-base", f"method={name}"]).method, resolve=True)
+
+
+def build_layers(device: torch.device) -> dict[str, nn.Module]:
+    """The dense FFN, the transformers reference and our layers, from one random dense FFN."""
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(D_MODEL, D_FF, bias=False), nn.ReLU(), nn.Linear(D_FF, D_MODEL, bias=False))
+    weights = {"wi": dense[0].weight.detach(), "wo": dense[2].weight.detach()}
+    spec = FeedForwardSpec(d_model=D_MODEL, d_ff=D_FF, activation="relu")
+    layers: dict[str, nn.Module] = {"dense": dense}
+    switch = method_config("switch")
+    reference = SwitchTransformersSparseMLP(
+        SwitchTransformersConfig(
+            d_model=D_MODEL, d_ff=D_FF, num_experts=switch["num_experts"], expert_capacity=1, dropout_rate=0.0,
+            router_jitter_noise=switch["router"]["jitter"], router_dtype="float32", router_bias=True,
+        )
+    )  # fmt: skip
+    with torch.no_grad():
+        for expert in reference.experts.values():
+            expert.wi.weight.copy_(weights["wi"])
+            expert.wo.weight.copy_(weights["wo"])
+    layers[REFERENCE] = reference
+    for name in OURS:
+        layers[name] = build_moe_layer(spec, method_config(name), weights, {})
+    return {name: layer.to(device) for name, layer in layers.items()}
+
+
+def set_reference_capacity(layer: nn.Module, tokens: int) -> None:
+    """The reference counts capacity per sequence; we feed it one sequence of all tokens, so both cap alike."""
+    factor = method_config("switch")["router"]["capacity_factor_train"]
+    layer.router.expert_capacity = math.ceil(factor * tokens / layer.router.num_experts)
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------------------
+
+
+def reconstruction_flops(layer: nn.Module) -> float:
+    """Forward FLOPs of contracting every expert matrix of an MPO layer (0 for other layers)."""
+    experts = getattr(layer, "experts", None)
+    if not isinstance(experts, MPOExperts):
+        return 0.0
+    macs = sum(mpo.contraction_macs(*experts.factorizations[n], experts.max_bond) for n in experts.spec.matrix_names)
+    return 2.0 * experts.num_experts * macs
+
+
+def forward_flops(name: str, layer: nn.Module, tokens: int, *, cached: bool = False) -> float:
+    """Forward FLOPs of the layer on `tokens` tokens (every token kept; top-2 counts twice)."""
+    ffn = 2.0 * tokens * 2 * D_MODEL * D_FF
+    if name == "dense":
+        return ffn
+    num_experts = layer.router.num_experts if name == REFERENCE else layer.num_experts
+    choices = 2 if name == "moe" else 1
+    router = 2.0 * tokens * D_MODEL * num_experts
+    return choices * ffn + router + (0.0 if cached else reconstruction_flops(layer))
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def saved_for_backward_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward (parameters not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x.clone())
+    return sum(seen.values())
+
+
+def measure(layers: dict[str, nn.Module], tokens: int, device: torch.device, repeats: int) -> dict[str, dict]:
+    torch.manual_seed(1)
+    x = torch.randn(1, tokens, D_MODEL, device=device, requires_grad=True)
+    if REFERENCE in layers:
+        set_reference_capacity(layers[REFERENCE], tokens)
+
+    def forward(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer.train()
+            layer(x.clone())
+
+        return run
+
+    def forward_backward(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer.train()
+            layer(x.clone()).sum().backward()  # clone: the reference jitters its input in place
+            for p in layer.parameters():
+                p.grad = None
+            x.grad = None
+
+        return run
+
+    def evaluation(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer.eval()
+            with torch.no_grad():
+                layer(x)
+
+        return run
+
+    results: dict[str, dict] = {name: {} for name in layers}
+    for kind, make in (("forward", forward), ("forward_backward", forward_backward), ("eval", evaluation)):
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        for run in range(repeats + 1):
+            for name, layer in layers.items():
+                if device.type == "cuda" and kind == "forward_backward" and run == repeats:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                    times[name].append(timed(make(layer), device))
+                    results[name]["peak_memory"] = torch.cuda.max_memory_allocated(device) - base
+                else:
+                    times[name].append(timed(make(layer), device))
+        for name in layers:
+            results[name][kind] = statistics.median(times[name][1:])  # the first run warms up
+    for name, layer in layers.items():
+        layer.train()
+        if device.type != "cuda":
+            results[name]["saved_bytes"] = saved_for_backward_bytes(layer, x)
+        results[name]["flops_fb"] = 3 * forward_flops(name, layer, tokens)
+        results[name]["flops_eval"] = forward_flops(name, layer, tokens, cached=True)
+    return results
+
+
+def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
+    memory = "peak MB (fwd+bwd)" if device.type == "cuda" else "saved for bwd MB"
+    lines = [
+        f"| tokens | layer | fwd ms | fwd+bwd ms | x dense | GFLOP fwd+bwd | floor ms | /floor | eval ms | "
+        f"eval x switch | {memory} |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for tokens, results in all_results.items():
+        dense = results["dense"]
+        rate = dense["flops_fb"] / dense["forward_backward"]  # FLOP/s of the dense FFN, this run
+        switch_eval = results["switch"]["eval"] if "switch" in results else math.nan
+        for name, r in results.items():
+            floor = r["flops_fb"] / rate
+            mem = r.get("peak_memory", r.get("saved_bytes", 0)) / 2**20
+            lines.append(
+                f"| {tokens} | {name} | {r['forward'] * 1e3:.1f} | {r['forward_backward'] * 1e3:.1f} | "
+                f"{r['forward_backward'] / dense['forward_backward']:.2f} | {r['flops_fb'] / 1e9:.1f} | "
+                f"{floor * 1e3:.1f} | {r['forward_backward'] / floor:.2f} | {r['eval'] * 1e3:.1f} | "
+                f"{r['eval'] / switch_eval:.2f} | {mem:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+# --- training state of whole models ------------------------------------------------------------------------------
+
+
+def training_state_bytes(method: str, model: str = "t5-base") -> dict[str, int]:
+    """Bytes of parameters, gradients and AdamW moments of a whole model, from the tensors AdamW creates."""
+    from mpoe_exp.models import build_model
+
+    cfg = compose_config([f"model={model}", f"method={method}"])
+    net, _ = build_model(cfg, meta=True)
+    params = list({id(p): p for p in net.parameters() if p.requires_grad}.values())
+    for p in params:
+        p.grad = torch.empty_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer.step()
+    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    size = sum(p.numel() * p.element_size() for p in params)
+    return {"parameters": size, "gradients": size, "adam_moments": moments, "total": 2 * size + moments}
+
+
+def state_table(methods: tuple[str, ...] = ("dense", "switch", "mpoe", "mpoe++")) -> str:
+    states = {m: training_state_bytes(m) for m in methods}
+    lines = [
+        "| t5-base method | parameters GB | gradients GB | AdamW moments GB | total GB | x switch |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m, s in states.items():
+        lines.append(
+            f"| {m} | {s['parameters'] / 1e9:.2f} | {s['gradients'] / 1e9:.2f} | {s['adam_moments'] / 1e9:.2f} | "
+            f"{s['total'] / 1e9:.2f} | {s['total'] / states['switch']['total']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())  # fmt: skip
+        what = f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{what}; torch {torch.__version__}, fp32"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--state", action="store_true", help="also the training state of whole t5-base models")
+    parser.add_argument("--out", help="append the tables to this Markdown file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    layers = build_layers(device)
+    results = {tokens: measure(layers, tokens, device, args.repeats) for tokens in args.tokens}
+    text = f"Layer benchmark on {machine(device)}, median of {args.repeats}:\n\n{table(results, device)}\n"
+    if args.state:
+        text += f"\nTraining state (parameters + gradients + AdamW moments, fp32):\n\n{state_table()}\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
