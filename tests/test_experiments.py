@@ -105,7 +105,8 @@ def test_smoke_experiment_then_make_tables(tmp_path):
     """Acceptance: a smoke sweep offline, then `make tables`: the table has its paper rows, ours (mean ± std, n)
     beside the paper's, selection by validation among two learning rates, and the figures."""
     sweep = subprocess.run(
-        [sys.executable, "-m", "mpoe_exp", "-m", "experiment=table3_smoke", f"runs_dir={tmp_path}"],
+        [sys.executable, "-m", "mpoe_exp", "-m", "experiment=table3_smoke", f"runs_dir={tmp_path}",
+         "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2"],  # as `make smoke` runs them
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )  # fmt: skip
     assert sweep.returncode == 0, sweep.stderr[-3000:]

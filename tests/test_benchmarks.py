@@ -1,0 +1,81 @@
+"""The benchmarks run and print their tables; the training-state accounting counts what AdamW really allocates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import layers  # noqa: E402
+
+
+def test_layer_benchmark_prints_every_layer(tmp_path):
+    out = tmp_path / "bench.md"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/layers.py", "--tokens", "256", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("dense", layers.REFERENCE, "switch", "moe", "mpoe", "mpoe++"):
+        assert f"| 256 | {name} |" in result.stdout
+    assert out.read_text().strip() in result.stdout
+
+
+def test_flop_floor_of_each_layer():
+    built = layers.build_layers(torch.device("cpu"))
+    ffn = 2 * 1000 * 2 * 768 * 3072
+    assert layers.forward_flops("dense", built["dense"], 1000) == ffn
+    assert layers.forward_flops("moe", built["moe"], 1000) == 2 * ffn + 2 * 1000 * 768 * 8
+    mpoe = built["mpoe"]
+    recon = layers.reconstruction_flops(mpoe)
+    assert recon == pytest.approx(2 * 8 * 2 * 3072 * 768 * 577.1875)  # ~|W| (r2 + r3) per matrix and expert
+    assert layers.forward_flops("mpoe", mpoe, 1000) == ffn + 2 * 1000 * 768 * 8 + recon
+    assert layers.forward_flops("mpoe", mpoe, 1000, cached=True) == ffn + 2 * 1000 * 768 * 8
+
+
+def test_training_state_on_meta_equals_a_real_adamw_step():
+    """The meta-device accounting of benchmarks/layers.py gives the bytes a real step allocates (tiny-t5, mpoe)."""
+    from mpoe_exp import compose_config
+    from mpoe_exp.models import build_model
+
+    meta = layers.training_state_bytes("mpoe", model="tiny-t5")
+    model, _ = build_model(compose_config(["model=tiny-t5", "method=mpoe"]))
+    ids = torch.randint(3, 100, (2, 8))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # experts no token reached this step get a gradient in later steps
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    optimizer = torch.optim.AdamW(params)
+    optimizer.step()
+    real_params = sum(p.numel() * p.element_size() for p in params)
+    real_grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
+    real_moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    assert meta == {
+        "parameters": real_params,
+        "gradients": real_grads,
+        "adam_moments": real_moments,
+        "total": real_params + real_grads + real_moments,
+    }
+
+
+def test_t5_base_mpoe_training_state_is_under_a_third_of_switch():
+    mpoe = layers.training_state_bytes("mpoe")["total"]
+    switch = layers.training_state_bytes("switch")["total"]
+    assert mpoe / switch <= 0.3  # 293,983,680 / 1,015,774,656 parameters, times 4 states
+    assert mpoe == 4 * 4 * 293_983_680 and switch == 4 * 4 * 1_015_774_656
+
+
+def test_training_throughput_benchmark_runs():
+    text = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--steps", "1", "--batch", "1",
+         "--methods", "dense", "switch"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    assert "| dense |" in text.stdout and "| switch |" in text.stdout and "tokens/s" in text.stdout
