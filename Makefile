@@ -3,7 +3,8 @@ VENV ?= .venv
 PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 TORCH ?= torch==2.13.0
 RUNS ?= runs
-SMOKE = table1_t5_base_smoke table1_t5_large_smoke table1_gpt2_smoke table2_smoke table3_smoke table4_smoke
+SMOKE = table1_t5_base_smoke table1_t5_large_smoke table1_gpt2_smoke table2_smoke table3_smoke table4_smoke \
+        extra_methods_t5_base_smoke extra_methods_gpt2_smoke
 
 .PHONY: install test test-all lint dry-run tables smoke gpu-hours
 
@@ -25,7 +26,8 @@ lint:
 
 dry-run:  ## parameter counts of every paper model/method, no download
 	@for spec in "t5-base dense" "t5-base switch" "t5-base moe" "t5-base mpoe" "t5-base mpoe++" \
-	             "t5-large dense" "t5-large mpoe" "gpt2 dense" "gpt2 switch" "gpt2 mpoe" "gpt2 mpoe++"; do \
+	             "t5-large dense" "t5-large mpoe" "gpt2 dense" "gpt2 switch" "gpt2 mpoe" "gpt2 mpoe++" \
+	             "t5-base cartesian" "t5-base meo" "gpt2 cartesian" "gpt2 meo"; do \
 	  set -- $$spec; $(PYTHON) -m mpoe_exp model=$$1 method=$$2 dry_run=true | head -2; done
 	@for a in no_sharing no_mask m3 m5 m7 m9; do \
 	  $(PYTHON) -m mpoe_exp model=gpt2 method=mpoe ablation=$$a dry_run=true | head -2; done

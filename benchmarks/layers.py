@@ -4,16 +4,20 @@
 
 Layers, all upcycled from the same random dense FFN (ReLU, no bias, as T5 v1.0) and built from the method configs
 of conf/method/: the dense FFN; transformers' `SwitchTransformersSparseMLP` (reference; 8 experts, capacity
-1.25 over the call's tokens as ours, jitter 0.01, fp32 router); ours: switch, moe (top-2), mpoe (n = 8, m = 5, the
-paper's factorization), mpoe++ (n = 16).
+1.25, jitter 0.01, fp32 router); ours: switch, moe (top-2), mpoe (n = 8, m = 5, the paper's factorization),
+mpoe++ (n = 16), cartesian (CartesianMoE, 2 x 8 half-width sub-experts, 2 choices each) and meo (MEO, 8 experts,
+top-2 merged per sequence, as in an encoder). Inputs are sequences of --seq-len tokens (MEO merges per sequence;
+the reference counts capacity per sequence, ours over the call).
 
 Per layer and token count, in training mode: forward, forward+backward; in evaluation mode (no_grad): forward,
 where MPO experts come from their cache. Each time is the median of --repeats runs after a warm-up, the layers
 interleaved run by run so that drift on a shared machine hits all of them alike. Ratios are to the dense FFN of the
 same run. The analytic floor of a layer is its arithmetic, FLOPs = 2 x multiply-adds: the tokens' FFN matmuls
 (2 per choice for top-2) and the router, plus for MPO experts the reconstruction of every expert matrix
-(mpo.contraction_macs), x 3 for forward+backward; "floor" is that at the dense FFN's measured FLOP rate, and
-"/floor" the layer's time over it. Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes
+(mpo.contraction_macs) and for MEO the merge (k |W| multiply-adds per matrix and sequence), x 3 for
+forward+backward; "floor" is that at the dense FFN's measured FLOP rate, and "/floor" the layer's time over it.
+"counted fwd" is what torch's FLOP counter sees in one forward (matmuls, grouped matmuls included), a check on
+the analytic figure. Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes
 autograd saves for backward (what a checkpoint would not store).
 
 `--state` also reports the training state (parameters, gradients, AdamW moments) of whole t5-base models per method,
@@ -33,12 +37,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from mpoe_exp import compose_config, mpo
-from mpoe_exp.moe import FeedForwardSpec, MPOExperts, build_moe_layer
+from mpoe_exp.moe import FeedForwardSpec, MergedExpertsFeedForward, MPOExperts, build_layer
 
 D_MODEL, D_FF = 768, 3072
-OURS = ("switch", "moe", "mpoe", "mpoe++")
+OURS = ("switch", "moe", "mpoe", "mpoe++", "cartesian", "meo")
 REFERENCE = "SwitchTransformersSparseMLP"
 
 
@@ -69,14 +74,14 @@ def build_layers(device: torch.device) -> dict[str, nn.Module]:
             expert.wo.weight.copy_(weights["wo"])
     layers[REFERENCE] = reference
     for name in OURS:
-        layers[name] = build_moe_layer(spec, method_config(name), weights, {})
+        layers[name] = build_layer(spec, method_config(name), weights, {})
     return {name: layer.to(device) for name, layer in layers.items()}
 
 
-def set_reference_capacity(layer: nn.Module, tokens: int) -> None:
-    """The reference counts capacity per sequence; we feed it one sequence of all tokens, so both cap alike."""
+def set_reference_capacity(layer: nn.Module, seq_len: int) -> None:
+    """The reference counts capacity per sequence (ours per call: the same arithmetic, another drop rule)."""
     factor = method_config("switch")["router"]["capacity_factor_train"]
-    layer.router.expert_capacity = math.ceil(factor * tokens / layer.router.num_experts)
+    layer.router.expert_capacity = math.ceil(factor * seq_len / layer.router.num_experts)
 
 
 # --- FLOPs -------------------------------------------------------------------------------------------------------
@@ -91,15 +96,44 @@ def reconstruction_flops(layer: nn.Module) -> float:
     return 2.0 * experts.num_experts * macs
 
 
-def forward_flops(name: str, layer: nn.Module, tokens: int, *, cached: bool = False) -> float:
-    """Forward FLOPs of the layer on `tokens` tokens (every token kept; top-2 counts twice)."""
+def merge_flops(layer: nn.Module, sequences: int) -> float:
+    """Forward FLOPs of MEO's merge: k matrices weighted and summed, per matrix and sequence (0 for other layers)."""
+    if not isinstance(layer, MergedExpertsFeedForward) or not layer.per_sequence:
+        return 0.0
+    return 2.0 * sequences * layer.router.top_k * sum(m[0].numel() for m in layer.experts.matrices.values())
+
+
+def forward_flops(name: str, layer: nn.Module, tokens: int, sequences: int = 1, *, cached: bool = False) -> float:
+    """Forward FLOPs of the layer on `tokens` tokens in `sequences` sequences (every token kept)."""
     ffn = 2.0 * tokens * 2 * D_MODEL * D_FF
     if name == "dense":
         return ffn
+    if name == "cartesian":  # two sub-layers, each 2 half-width sub-experts per token and a router
+        return 2 * ffn + 2 * 2.0 * tokens * D_MODEL * layer.a.num_experts
+    if name == "meo":  # one merged FFN per token, the router on sequence means, the merge
+        return ffn + 2.0 * sequences * D_MODEL * layer.num_experts + merge_flops(layer, sequences)
     num_experts = layer.router.num_experts if name == REFERENCE else layer.num_experts
     choices = 2 if name == "moe" else 1
     router = 2.0 * tokens * D_MODEL * num_experts
     return choices * ffn + router + (0.0 if cached else reconstruction_flops(layer))
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's FLOP counter has no formula for grouped matmuls: every row of `a` meets one group's matrix."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # (M, K) x (G, K, N)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # (K, M) x (M, N) -> (G, K, N): weight gradients
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(a_shape) * b_shape[-1]  # 3D x 3D (or 3D x 2D): batched
+
+
+def counted_forward_flops(layer: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs torch's counter sees in one training-mode forward."""
+    with FlopCounterMode(display=False) as counter:
+        layer.train()
+        layer(x.clone())
+    return counter.get_total_flops()
 
 
 # --- measuring ---------------------------------------------------------------------------------------------------
@@ -134,11 +168,15 @@ def saved_for_backward_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def measure(layers: dict[str, nn.Module], tokens: int, device: torch.device, repeats: int) -> dict[str, dict]:
+def measure(
+    layers: dict[str, nn.Module], tokens: int, device: torch.device, repeats: int, seq_len: int = 512
+) -> dict[str, dict]:
     torch.manual_seed(1)
-    x = torch.randn(1, tokens, D_MODEL, device=device, requires_grad=True)
+    seq_len = min(seq_len, tokens)
+    sequences = tokens // seq_len
+    x = torch.randn(sequences, seq_len, D_MODEL, device=device, requires_grad=True)
     if REFERENCE in layers:
-        set_reference_capacity(layers[REFERENCE], tokens)
+        set_reference_capacity(layers[REFERENCE], seq_len)
 
     def forward(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -183,17 +221,18 @@ def measure(layers: dict[str, nn.Module], tokens: int, device: torch.device, rep
         layer.train()
         if device.type != "cuda":
             results[name]["saved_bytes"] = saved_for_backward_bytes(layer, x)
-        results[name]["flops_fb"] = 3 * forward_flops(name, layer, tokens)
-        results[name]["flops_eval"] = forward_flops(name, layer, tokens, cached=True)
+        results[name]["flops_fb"] = 3 * forward_flops(name, layer, tokens, sequences)
+        results[name]["flops_fwd"] = forward_flops(name, layer, tokens, sequences)
+        results[name]["counted_fwd"] = counted_forward_flops(layer, x)
     return results
 
 
 def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
     memory = "peak MB (fwd+bwd)" if device.type == "cuda" else "saved for bwd MB"
     lines = [
-        f"| tokens | layer | fwd ms | fwd+bwd ms | x dense | GFLOP fwd+bwd | floor ms | /floor | eval ms | "
-        f"eval x switch | {memory} |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| tokens | layer | fwd ms | fwd+bwd ms | x dense | GFLOP fwd | counted fwd | GFLOP fwd+bwd | floor ms | "
+        f"/floor | eval ms | eval x switch | {memory} |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tokens, results in all_results.items():
         dense = results["dense"]
@@ -204,7 +243,8 @@ def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
             mem = r.get("peak_memory", r.get("saved_bytes", 0)) / 2**20
             lines.append(
                 f"| {tokens} | {name} | {r['forward'] * 1e3:.1f} | {r['forward_backward'] * 1e3:.1f} | "
-                f"{r['forward_backward'] / dense['forward_backward']:.2f} | {r['flops_fb'] / 1e9:.1f} | "
+                f"{r['forward_backward'] / dense['forward_backward']:.2f} | {r['flops_fwd'] / 1e9:.1f} | "
+                f"{r['counted_fwd'] / 1e9:.1f} | {r['flops_fb'] / 1e9:.1f} | "
                 f"{floor * 1e3:.1f} | {r['forward_backward'] / floor:.2f} | {r['eval'] * 1e3:.1f} | "
                 f"{r['eval'] / switch_eval:.2f} | {mem:.0f} |"
             )
@@ -257,6 +297,7 @@ def machine(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (MEO merges per sequence)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--state", action="store_true", help="also the training state of whole t5-base models")
@@ -264,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     layers = build_layers(device)
-    results = {tokens: measure(layers, tokens, device, args.repeats) for tokens in args.tokens}
+    results = {tokens: measure(layers, tokens, device, args.repeats, args.seq_len) for tokens in args.tokens}
     text = f"Layer benchmark on {machine(device)}, median of {args.repeats}:\n\n{table(results, device)}\n"
     if args.state:
         text += f"\nTraining state (parameters + gradients + AdamW moments, fp32):\n\n{state_table()}\n"

@@ -80,6 +80,13 @@ def validate_config(cfg: DictConfig) -> None:
         return
     if method.get("num_experts", 0) < 1:
         raise UserError(f"method.num_experts must be >= 1, got {method.get('num_experts')}")
+    if method.get("layer") == "cartesian" and method.num_experts % 2:
+        raise UserError(
+            f"method=cartesian needs an even num_experts (two groups, one per half of the FFN), "
+            f"got {method.num_experts}"
+        )
+    if method.get("layer") == "meo" and not 1 <= method.router.top_k <= method.num_experts:
+        raise UserError(f"method.router.top_k must be in 1..{method.num_experts}, got {method.router.top_k}")
     if method.experts == "mpo":
         prob = method.get("gradient_mask_prob", 0.0)
         if not 0.0 <= prob <= 1.0:

@@ -14,7 +14,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpoe_exp.errors import UserError
-from mpoe_exp.moe import FeedForwardSpec, MoEFeedForward, MPOExperts, build_moe_layer
+from mpoe_exp.moe import (
+    EXPERT_LAYERS,
+    FeedForwardSpec,
+    MergedExpertsFeedForward,
+    MoEFeedForward,
+    MPOExperts,
+    build_layer,
+)
 
 MODEL_CONFIG_FILE = "mpoe_exp_config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -136,6 +143,7 @@ class FFNSite:
     spec: FeedForwardSpec
     weights: dict[str, torch.Tensor]
     biases: dict[str, torch.Tensor]
+    causal: bool  # in a causal stack (GPT-2, T5's decoder): a layer must not mix positions forward
 
 
 def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
@@ -144,8 +152,8 @@ def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
     from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerFF
 
     config = model.config
-    for module in list(model.modules()):
-        if isinstance(module, T5LayerFF) and not isinstance(module.DenseReluDense, MoEFeedForward):
+    for name, module in list(model.named_modules()):
+        if isinstance(module, T5LayerFF) and not isinstance(module.DenseReluDense, EXPERT_LAYERS):
             dense = module.DenseReluDense
             gated = isinstance(dense, T5DenseGatedActDense)
             if not gated and not isinstance(dense, T5DenseActDense):
@@ -159,7 +167,7 @@ def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
             )
             names = spec.matrix_names
             weights = {n: getattr(dense, n).weight for n in names}
-            yield FFNSite(module, "DenseReluDense", spec, weights, {})
+            yield FFNSite(module, "DenseReluDense", spec, weights, {}, causal=name.startswith("decoder."))
         elif isinstance(module, GPT2MLP):
             spec = FeedForwardSpec(
                 d_model=config.n_embd,
@@ -172,7 +180,7 @@ def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
             weights = {"wi": module.c_fc.weight.t(), "wo": module.c_proj.weight.t()}
             biases = {"bi": module.c_fc.bias, "bo": module.c_proj.bias}
             parent = next(m for m in model.modules() if getattr(m, "mlp", None) is module)
-            yield FFNSite(parent, "mlp", spec, weights, biases)
+            yield FFNSite(parent, "mlp", spec, weights, biases, causal=True)
 
 
 # --- upcycling -------------------------------------------------------------------------------------------------
@@ -195,16 +203,34 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
         ref = next(iter(site.weights.values()))
         use_weights = from_weights and ref.device.type != "meta"
         with torch.no_grad():
-            layer = build_moe_layer(
+            layer = build_layer(
                 site.spec,
                 method,
                 {n: w.detach() for n, w in site.weights.items()} if use_weights else None,
                 {n: b.detach() for n, b in site.biases.items()} if use_weights else None,
+                causal=site.causal,
                 device=ref.device,
                 dtype=ref.dtype,
             )
         setattr(site.parent, site.attribute, layer)
+    _hand_encoder_mask_to_meo_layers(model)
     return model
+
+
+def _hand_encoder_mask_to_meo_layers(model: nn.Module) -> None:
+    """MEO's sequence mean must leave padding out, but an FFN sees no attention mask: a pre-hook on T5's encoder
+    passes the mask of each call to the encoder's MEO layers (no-op for models without them)."""
+    encoder = getattr(model, "encoder", None)
+    layers = [m for m in (encoder.modules() if encoder is not None else []) if isinstance(m, MergedExpertsFeedForward)]
+    if not layers:
+        return
+
+    def hand_over(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        for layer in layers:
+            layer.token_mask = mask
+
+    encoder.register_forward_pre_hook(hand_over, with_kwargs=True)
 
 
 def build_model(cfg: DictConfig, *, meta: bool = False) -> tuple[nn.Module, Any]:

@@ -366,7 +366,8 @@ def _footnote(table: Table) -> list[str]:
         f"Experiment `{table.experiment}`. Ours: mean ± sample std (ddof=1) of the TEST metric over the seeds of the "
         "hyperparameter setting with the best mean validation main metric; n = seeds; no std with one seed.",
         f"{DAGGER} fewer than {MIN_SEEDS} seeds. missing: not run (or no finished run). "
-        "ours − paper: signed difference of means (for PPL lower is better).",
+        "ours − paper: signed difference of means (for PPL lower is better). Rows the paper does not have "
+        "(CartesianMoE, MEO) leave the paper's lines blank.",
     ]
     chosen = []
     for row in table.rows:

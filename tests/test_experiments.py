@@ -18,7 +18,8 @@ from mpoe_exp.results import RESULTS_FILE, table_model
 from mpoe_exp.runner import check_task_fits_model
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER = ["table1_t5_base", "table1_t5_large", "table1_gpt2", "table2", "table3", "table4"]
+PAPER = ["table1_t5_base", "table1_t5_large", "table1_gpt2", "table2", "table3", "table4", "extra_methods_t5_base",
+         "extra_methods_gpt2"]  # fmt: skip
 SMOKE = [f"{name}_smoke" for name in PAPER]
 SWEPT = ("method", "task", "ablation")  # what a table's rows and columns are made of
 
@@ -175,3 +176,32 @@ def test_readme_shows_the_estimates_the_command_prints():
     printed = cost.render(cost.estimate(list(cost.PAPER_EXPERIMENTS)), 60.0)
     readme = (ROOT / "README.md").read_text()
     assert printed in readme, printed
+
+
+def test_cartesian_and_meo_smoke_runs_appear_in_the_tables(tmp_path):
+    """Issue 6: a smoke sweep of both methods runs offline, and make tables shows them as extra rows."""
+    for experiment, extra in (("extra_methods_t5_base_smoke", ["task=rte"]),
+                              ("extra_methods_gpt2_smoke", ["task=wikitext2", "train.lr=1e-3"])):  # fmt: skip
+        sweep = subprocess.run(
+            [sys.executable, "-m", "mpoe_exp", "-m", f"experiment={experiment}", "seed=1", *extra,
+             f"runs_dir={tmp_path}"],
+            capture_output=True, text=True, cwd=ROOT, timeout=900,
+        )  # fmt: skip
+        assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert len(list(tmp_path.rglob(RESULTS_FILE))) == 4
+    tables.make_tables(tmp_path)
+    out = tmp_path / "smoke" / "tables"
+    nlu = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlu.csv").open())}
+    nlg = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlg.csv").open())}
+    for method in ("cartesian", "meo"):
+        assert nlu[(method, "RTE")]["status"] == "ok" and nlu[(method, "RTE")]["n"] == "1"
+        assert nlu[(method, "RTE")]["paper"] == ""  # not in the paper
+        assert (
+            nlg[(method, "WikiText-2 PPL")]["status"] == "ok"
+            and float(nlg[(method, "WikiText-2 PPL")]["ours_mean"]) > 1
+        )
+    md = (out / "table1_nlu.md").read_text()
+    assert (
+        "| +CartesianMoE | t5-base/cartesian (ran tiny-t5) | ours |" in md
+        and "| +MEO | t5-base/meo (ran tiny-t5) |" in md
+    )

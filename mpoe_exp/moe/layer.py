@@ -86,6 +86,18 @@ class Dispatch:
     offsets: torch.Tensor  # (E,) int32: end of each expert's rows (grouped_mm's `offs`)
 
     @classmethod
+    def every_token(cls, num_tokens: int, num_experts: int, device) -> Dispatch:
+        """Every token to every expert, gate 1 (shared experts)."""
+        counts_tensor = torch.full((num_experts,), num_tokens, device=device)
+        return cls(
+            token=torch.arange(num_tokens, device=device).repeat(num_experts),
+            gate=torch.ones(num_tokens * num_experts, device=device),
+            counts=[num_tokens] * num_experts,
+            counts_tensor=counts_tensor,
+            offsets=counts_tensor.cumsum(0).to(torch.int32),
+        )
+
+    @classmethod
     def from_routing(cls, routing: Routing, num_experts: int) -> Dispatch:
         num_choices = routing.expert_index.shape[1]
         flat_expert = routing.expert_index.reshape(-1)  # (N k,)
@@ -154,10 +166,12 @@ def build_moe_layer(
     weights: Mapping[str, torch.Tensor] | None = None,
     biases: Mapping[str, torch.Tensor] | None = None,
     *,
+    causal: bool = False,
     device=None,
     dtype=None,
 ) -> MoEFeedForward:
-    """The method's MoE layer, upcycled from dense `weights` {name: (out, in)} or, without them, empty-shaped."""
+    """The method's MoE layer, upcycled from dense `weights` {name: (out, in)} or, without them, empty-shaped.
+    (Token-level routing never looks across tokens, so `causal` changes nothing here.)"""
     if weights is not None:
         device = next(iter(weights.values())).device
     router_cfg = dict(method["router"])

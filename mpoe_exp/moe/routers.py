@@ -144,11 +144,12 @@ class NoisyTopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, d) -> Routing with k = top_k; gates are the softmax over the k kept logits."""
-        x32 = x.float()
-        clean = x32 @ self.w_gate.float()  # (N, E)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32
+        x32 = x.to(dtype)
+        clean = x32 @ self.w_gate.to(dtype)  # (N, E)
         use_noise = self.noisy and self.training
         if use_noise:
-            noise_std = nn.functional.softplus(x32 @ self.w_noise.float()) + self.noise_eps
+            noise_std = nn.functional.softplus(x32 @ self.w_noise.to(dtype)) + self.noise_eps
             logits = clean + torch.randn_like(clean) * noise_std
         else:
             logits = clean

@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 
 from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
+from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import text_data
 
 PREVIEW_SAMPLES = 5  # decoded samples stored in the test metrics ("samples") for a look at what the model writes
@@ -190,6 +191,7 @@ def generate_samples(
                 min_new_tokens=0,
                 pad_token_id=pad,
                 eos_token_id=end,
+                use_cache=not needs_full_sequence(model),  # causal MEO routes on the whole prefix
             )
             for row in generated[:, 1:].tolist():
                 if end is not None and end in row:

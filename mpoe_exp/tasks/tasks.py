@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
+from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import glue_data, text_data
 from mpoe_exp.tasks.generation import (
     GenerationTask,
@@ -100,6 +101,7 @@ class GlueTask:
                 max_new_tokens=self.cfg.max_target_length,
                 do_sample=False,
                 num_beams=1,
+                use_cache=not needs_full_sequence(model),  # causal MEO routes on the whole prefix
             )
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             predictions += [glue_data.parse_prediction(self.glue_task, t) for t in texts]
