@@ -79,3 +79,24 @@ def test_training_throughput_benchmark_runs():
     )  # fmt: skip
     assert text.returncode == 0, text.stderr[-3000:]
     assert "| dense |" in text.stdout and "| switch |" in text.stdout and "tokens/s" in text.stdout
+
+
+def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
+    """Issue 6: at k = 2, MEO's counted forward FLOPs are within 10% of one dense FFN plus merging the matrices."""
+    from mpoe_exp.moe import FeedForwardSpec, build_layer
+
+    torch.manual_seed(0)
+    weights = {"wi": torch.randn(layers.D_FF, layers.D_MODEL), "wo": torch.randn(layers.D_MODEL, layers.D_FF)}
+    spec = FeedForwardSpec(d_model=layers.D_MODEL, d_ff=layers.D_FF, activation="relu")
+    config = layers.method_config("meo")
+    assert config["router"]["top_k"] == 2
+    meo = build_layer(spec, config, weights, {})
+    sequences, seq_len = 2, 256
+    x = torch.randn(sequences, seq_len, layers.D_MODEL)
+    dense = layers.forward_flops("dense", None, sequences * seq_len)
+    merge = layers.merge_flops(meo, sequences)
+    assert merge == 2 * sequences * 2 * 2 * layers.D_MODEL * layers.D_FF  # k matrices, two FFN matrices
+    counted = layers.counted_forward_flops(meo, x)
+    assert abs(counted - (dense + merge)) <= 0.1 * (dense + merge)
+    vanilla_top2 = 2 * dense  # a top-2 MoE runs two FFNs per token
+    assert counted < 0.6 * vanilla_top2
