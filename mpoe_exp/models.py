@@ -199,7 +199,10 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
     sites = list(ffn_sites(model))
     is_meta = bool(sites) and next(iter(sites[0].weights.values())).device.type == "meta"
     show = from_weights and not is_meta and method.get("experts") == "mpo" and len(sites) >= 8
-    for site in tqdm(sites, desc=f"upcycling to {method.get('name', '')}", disable=not show, leave=False):
+    progress = tqdm(total=len(sites), desc=f"upcycling to {method.get('name', '')}", disable=not show, leave=False)
+    sites.reverse()
+    while sites:  # popped, so that no list keeps a replaced FFN's weights alive
+        site = sites.pop()
         ref = next(iter(site.weights.values()))
         use_weights = from_weights and ref.device.type != "meta"
         with torch.no_grad():
@@ -213,6 +216,9 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
                 dtype=ref.dtype,
             )
         setattr(site.parent, site.attribute, layer)
+        del site, ref, layer
+        progress.update()
+    progress.close()
     _hand_encoder_mask_to_meo_layers(model)
     return model
 

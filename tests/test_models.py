@@ -225,6 +225,31 @@ def test_upcycling_t5_base_to_mpoexx_stays_under_3_gb():
     assert peak_gb < 3.0, row
 
 
+def test_upcycling_frees_each_dense_ffn_as_soon_as_it_is_replaced(monkeypatch):
+    """While layer i is built, the weights of the FFNs replaced before it are already gone (no list keeps them)."""
+    import gc
+    import weakref
+
+    import mpoe_exp.models as models
+
+    model, _ = build_model(compose_config(["model=tiny-t5"]))
+    refs = [weakref.ref(w) for site in ffn_sites(model) for w in site.weights.values()]
+    per_site = len(refs) // len(list(ffn_sites(model)))
+    built = []
+    real_build_layer = models.build_layer
+
+    def build_layer(*args, **kwargs):
+        gc.collect()
+        replaced = refs[: len(built) * per_site]
+        built.append(sum(r() is not None for r in replaced))
+        return real_build_layer(*args, **kwargs)
+
+    monkeypatch.setattr(models, "build_layer", build_layer)
+    upcycle(model, compose_config(["model=tiny-t5", "method=mpoe"]).method)
+    assert len(built) == len(refs) // per_site > 1
+    assert built == [0] * len(built)
+
+
 def test_pretrained_model_offline_gives_a_clear_error():
     from mpoe_exp import UserError
 
