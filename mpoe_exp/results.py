@@ -8,13 +8,17 @@ Layout (derived from the config, never from the clock):
         checkpoints/best.pt   model weights at the best validation score
         train.log
 
-The <hparams> level (e.g. `lr=0.0001,bs=32,ep=3`) is our addition to the layout in the issue: without it, runs
-of a learning-rate sweep would share one directory and all but the first would be skipped as "finished".
+The <hparams> level (e.g. `lr=0.0001,bs=32,ep=3,cfg=1a2b3c4d`) is the readable part of the run's identity plus
+the first 8 hex digits of `config_hash(cfg)`: a hash of everything in the resolved config that can change the
+result (all of it but the seed, which has its own level, and the keys in `NOT_IN_IDENTITY`: where outputs go,
+`force`, logging, launching). Two runs that differ in any setting, however deep (`method.gradient_mask_prob`,
+`model.path`, `train.warmup_steps`, ...), so never share a directory, a checkpoint or a "finished" verdict.
 
 results.json (schema_version 1):
     status            "finished" | "failed"
     experiment, model, method, ablation, task, seed, hparams
     table_model       the paper's model the run stands in for in `make tables` (the model itself unless set)
+    config_hash       sha256 of the run's identity (`config_hash`); checkpoints carry it too
     main_metric       name of the task's selection metric; greater_is_better
     validation        metrics of the best checkpoint on the validation split (selection uses only these)
     test              metrics of that checkpoint on the test split
@@ -27,6 +31,7 @@ results.json (schema_version 1):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -34,12 +39,55 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from mpoe_exp.config import method_label
+from mpoe_exp.config import DEMO_DATA_DIR, method_label
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
+
+
+# Config keys that never change a run's numbers: left out of its identity (dotted paths; a prefix covers its subtree).
+NOT_IN_IDENTITY = (
+    "seed",  # its own directory level
+    "runs_dir",
+    "experiment_name",
+    "table_model",  # where the results go and which table row they fill
+    "force",
+    "dry_run",
+    "device",
+    "cpu_threads",
+    "logger",
+    "hydra",  # launcher, sweep directories
+    "train.log_every",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+)
+HASH_DIGITS = 8
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config less `NOT_IN_IDENTITY`; the bundled demo data's folder is written `<demo_data>`, so a run
+    keeps its identity wherever the package is installed."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+
+    def prune(node: Any, path: str) -> Any:
+        if isinstance(node, dict):
+            keys = {k: f"{path}.{k}" if path else str(k) for k in node}
+            return {k: prune(v, keys[k]) for k, v in node.items() if keys[k] not in NOT_IN_IDENTITY}
+        if isinstance(node, list):
+            return [prune(v, path) for v in node]
+        if isinstance(node, str):
+            return node.replace(str(DEMO_DATA_DIR), "<demo_data>")
+        return node
+
+    return prune(tree, "")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 (hex) of `identity(cfg)`: equal for two configs exactly when they train the same run."""
+    text = json.dumps(identity(cfg), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -54,7 +102,9 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def hparams_tag(cfg: DictConfig) -> str:
-    return ",".join(f"{k}={v}" for k, v in hparams(cfg).items() if v is not None)
+    """`lr=...,bs=...,ep=...,cfg=<hash>`: the readable hyperparameters, then the short hash of the whole setting."""
+    readable = [f"{k}={v}" for k, v in hparams(cfg).items() if v is not None]
+    return ",".join([*readable, f"cfg={config_hash(cfg)[:HASH_DIGITS]}"])
 
 
 def table_model(cfg: DictConfig) -> str:
@@ -110,9 +160,12 @@ def read_results(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_finished(directory: Path) -> bool:
+def is_finished(directory: Path, config_digest: str | None = None) -> bool:
+    """Whether the run in `directory` finished; with `config_digest`, only if it was that config's run."""
     results = read_results(directory)
-    return results is not None and results.get("status") == "finished"
+    if results is None or results.get("status") != "finished":
+        return False
+    return config_digest is None or results.get("config_hash") == config_digest
 
 
 def code_version() -> str:

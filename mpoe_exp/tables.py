@@ -7,9 +7,12 @@ Reads only results.json files (mpoe_exp/results.py describes the layout and sche
 
 Aggregation, per (experiment, model, method[-ablation], task):
   * runs with status "failed" are counted (`n_failed`) and never enter a mean;
-  * the finished runs are split by hyperparameter setting (the `hparams` dict); the setting with the best MEAN
-    validation main metric over its seeds wins (greater_is_better respected; ties: the first setting in sorted
-    order). Selection never looks at test metrics;
+  * the finished runs are split by setting: everything in the run's config but the seed (its `config_hash`; the
+    `hparams` dict for results files without one). The setting with the best MEAN validation main metric over its
+    seeds wins (greater_is_better respected; ties: the first setting in sorted order), whatever differs between
+    settings (the learning rate, `method.gradient_mask_prob`, `train.warmup_steps`, ...): "Selected settings" shows
+    the readable hyperparameters plus every config key that differs between the group's settings. Selection never
+    looks at test metrics;
   * each test metric is reported as mean and sample standard deviation (ddof=1) over that setting's seeds, with the
     number of seeds n. With one seed there is no standard deviation: it is left blank. Fewer than 3 seeds is marked
     with a dagger and "(n=...)", never hidden.
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mpoe_exp.results import RESULTS_FILE, atomic_write_text
+from mpoe_exp.results import RESULTS_FILE, atomic_write_text, identity
 
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "conf" / "paper" / "tables.yaml"
 TABLE_NAMES = ("table1_nlu", "table1_nlg", "table2", "table3", "table4")
@@ -164,11 +167,38 @@ def _hparams_key(hparams: dict[str, Any]) -> str:
     return json.dumps(hparams, sort_keys=True, default=str)
 
 
-def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
-    """Per group, the hyperparameter setting with the best mean validation main metric over its seeds.
-
-    A setting is the model that ran plus its hyperparameters: runs of a tiny stand-in never pool seeds with runs of
+def _setting_key(record: dict[str, Any]) -> str:
+    """The model that ran plus the run's config less its seed: runs of a tiny stand-in never pool seeds with runs of
     the model it stands in for."""
+    return f"{record['model']} {record.get('config_hash') or _hparams_key(record['hparams'])}"
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: json.dumps(tree, sort_keys=True, default=str)}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+# config keys the readable `hparams` already show (lr, bs = batch x accumulation, ep, steps)
+_HPARAM_KEYS = {"train.lr", "train.batch_size", "train.grad_accum_steps", "train.epochs", "train.max_steps"}
+
+
+def _shown_setting(chosen: dict[str, Any], settings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chosen run's `hparams` plus each config key (dotted) whose value differs between the group's settings."""
+    flats = []
+    for run in [chosen, *settings]:
+        config = run.get("config")
+        flats.append(_flat(identity(OmegaConf.create(config))) if isinstance(config, dict) else {})
+    keys = sorted({k for f in flats for k in f} - _HPARAM_KEYS)
+    differing = [k for k in keys if len({f.get(k) for f in flats[1:]}) > 1]
+    return {**chosen["hparams"], **{k: json.loads(flats[0][k]) if k in flats[0] else None for k in differing}}
+
+
+def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
+    """Per group, the setting (the config less the seed) with the best mean validation main metric over its seeds."""
     settings: dict[GroupKey, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     failed: Counter[GroupKey] = Counter()
     for r in records:
@@ -176,7 +206,7 @@ def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
         if r["status"] != "finished":
             failed[key] += 1
             continue
-        settings[key][f"{r['model']} {_hparams_key(r['hparams'])}"].append(r)
+        settings[key][_setting_key(r)].append(r)
 
     selections: dict[GroupKey, Selection] = {}
     for key, by_setting in settings.items():
@@ -190,7 +220,8 @@ def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
                 best = (score, hkey, mean)
         assert best is not None
         runs = by_setting[best[1]]
-        selections[key] = Selection(key, runs[0]["hparams"], runs, best[2], len(by_setting), failed[key])
+        shown = _shown_setting(runs[0], [group[0] for group in by_setting.values()])
+        selections[key] = Selection(key, shown, runs, best[2], len(by_setting), failed[key])
     for key, count in failed.items():
         if key not in selections:  # only failed runs: nothing to report, but keep the count visible
             selections[key] = Selection(key, {}, [], math.nan, 0, count)
@@ -481,22 +512,51 @@ def write_tables(tables: list[Table], out_dir: Path) -> list[Path]:
     return written
 
 
+def unplaced_runs(records: list[dict[str, Any]], tables: list[Table], experiment: str) -> list[str]:
+    """Why each group of `experiment`'s runs fills no cell of `tables`: one line per (model, method, task)."""
+    used = {c.selection.key for t in tables for r in t.rows for c in r.cells if c.selection is not None}
+    rows = [r for t in tables for r in t.rows if not r.reference]
+    tasks_of = {(r.model, r.method): {c.task for c in r.cells if c.task} for r in rows}
+    counts: Counter[GroupKey] = Counter(
+        (str(r["experiment"]), table_model(r), str(r["method_label"]), str(r["task"]))
+        for r in records
+        if str(r["experiment"]) == experiment
+    )
+    lines = []
+    for key, n in sorted(counts.items()):
+        if key in used:
+            continue
+        _, model, method, task = key
+        if not any(r.model == model for r in rows):
+            models = ", ".join(sorted({str(r.model) for r in rows}))
+            why = f"no table has a row for model {model} (rows are for {models}; a stand-in needs table_model=...)"
+        elif (model, method) not in tasks_of:
+            why = f"no table has a row for {model} with method {method}"
+        elif task not in tasks_of[(model, method)]:
+            why = f"the rows of {model}/{method} have no column for task {task}"
+        else:
+            why = "its row took another label's runs (aliases in conf/paper/tables.yaml)"
+        lines.append(f"{model}/{method}/{task}: {n} run(s) fit no table row: {why}")
+    return lines
+
+
 def make_tables(
     runs_dir: str | Path, experiment: str | None = None, paper_path: str | Path = PAPER_TABLES
-) -> tuple[dict[str, list[Path]], list[str], int]:
+) -> tuple[dict[str, list[Path]], list[str], int, list[str]]:
     """Write the tables of `experiment` (default: every experiment with results). Returns the files per experiment,
-    the problems found and the number of failed runs excluded."""
+    the problems found, the number of failed runs excluded and the runs that fit no table row (with why)."""
     records, problems = load_results(runs_dir)
     selections = select(records)
     n_failed = sum(r["status"] == "failed" for r in records)
     experiments = [experiment] if experiment else sorted({str(r["experiment"]) for r in records})
     paper = load_paper(paper_path)
-    written = {}
+    written, unplaced = {}, []
     for exp in experiments:
         tables = build_tables(selections, exp, paper)
         out_dir = Path(runs_dir) / exp / "tables"
         written[exp] = write_tables(tables, out_dir) + write_figures(tables, selections, exp, out_dir)
-    return written, problems, n_failed
+        unplaced += [f"{exp}: {line}" for line in unplaced_runs(records, tables, exp)]
+    return written, problems, n_failed, unplaced
 
 
 def write_figures(tables: list[Table], selections: dict[GroupKey, Selection], experiment: str, out_dir: Path):
@@ -516,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.runs_dir).is_dir():
         print(f"error: {args.runs_dir}: no such directory", file=sys.stderr)
         return 2
-    written, problems, n_failed = make_tables(args.runs_dir, args.experiment, args.paper)
+    written, problems, n_failed, unplaced = make_tables(args.runs_dir, args.experiment, args.paper)
     if not written:
         print(f"no results.json under {args.runs_dir}: nothing to tabulate")
     for exp, paths in written.items():
@@ -525,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {path}")
     if n_failed:
         print(f"{n_failed} failed run(s) excluded from the means")
+    if unplaced:
+        print(f"{len(unplaced)} group(s) of runs are in no table:")
+        for line in unplaced:
+            print(f"  {line}")
     if problems:
         print(f"{len(problems)} problem(s) found (files skipped):", file=sys.stderr)
         for problem in problems:
