@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -22,7 +23,10 @@ def main(cfg: DictConfig) -> None:
     try:
         validate_config(cfg)
         if cfg.dry_run:
-            dry_run(cfg)
+            try:
+                dry_run(cfg)
+            except BrokenPipeError:  # `... dry_run=true | head -2`: the reader had enough
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return
         from mpoe_exp.runner import check_task_fits_model, run
 

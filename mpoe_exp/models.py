@@ -107,8 +107,9 @@ def load_backbone(model_cfg: DictConfig, *, meta: bool = False) -> nn.Module:
     except OSError as err:
         raise UserError(
             f"could not load pre-trained weights for model {model_cfg.name} from {source!r}: {err}\n"
-            f"Offline? Download once with `huggingface-cli download {model_cfg.hub_id}` on a machine with network, "
-            f"or point model.path=/dir/of/checkpoint (a save_pretrained folder)."
+            f"Offline? On a machine with network, download it once with "
+            f"`hf download {model_cfg.hub_id} --local-dir DIR`, then run with model.path=DIR "
+            f"(any save_pretrained folder works)."
         ) from None
 
 

@@ -21,9 +21,9 @@ def run(cfg: DictConfig) -> Path:
     from mpoe_exp.training import Trainer, TrainingDiverged, resolve_device, seed_everything, setup_distributed
 
     directory = results.run_dir(cfg)
+    digest = results.config_hash(cfg)
     dist = setup_distributed()
-    if results.is_finished(directory) and not cfg.force:
-        print(f"already finished: {directory / results.RESULTS_FILE} (force=true runs it again)")
+    if not cfg.force and check_finished(directory, digest):
         return directory
     if cfg.force and dist.is_main:
         for name in ("checkpoints/last.pt", "checkpoints/best.pt", results.RESULTS_FILE):
@@ -36,10 +36,13 @@ def run(cfg: DictConfig) -> Path:
     seed_everything(cfg.seed)
     model, tokenizer = build_model(cfg)
     model.to(device)
+    set_cpu_threads(cfg.get("cpu_threads", "auto"), device, model)
     task = build_task(cfg, tokenizer)
     parameters = parameter_report(model)
     logger = make_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
     trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device, logger, dist)
+    if dist.is_main:
+        print_plan(cfg, directory, digest, device, parameters, trainer)
     summary = {
         "experiment": cfg.experiment_name,
         "model": cfg.model.name,
@@ -50,6 +53,7 @@ def run(cfg: DictConfig) -> Path:
         "task": cfg.task.name,
         "seed": cfg.seed,
         "hparams": results.hparams(cfg),
+        "config_hash": digest,
         "main_metric": task.main_metric,
         "greater_is_better": task.greater_is_better,
         "split_sizes": task.split_sizes,
@@ -89,9 +93,69 @@ def run(cfg: DictConfig) -> Path:
     )
     logger.finish({"test": test_metrics, "best_validation": best["validation"], "best_step": state.best_step})
     print(f"results: {path}")
-    print(f"  validation {task.main_metric} = {best['validation'][task.main_metric]:.4f} (step {state.best_step})")
-    print(f"  test       {task.main_metric} = {test_metrics[task.main_metric]:.4f}")
+    print(f"  validation {describe_metric(task, best['validation'], 'validation')} (best of step {state.best_step})")
+    print(f"  test       {describe_metric(task, test_metrics, 'test')}")
     return directory
+
+
+# Below this many parameters a model's matmuls are too small to share between threads: with one more thread than
+# free cores every op waits for the slowest thread (quickstart on a busy 2-core machine: 8 s with 1, 77-131 s with 2).
+SMALL_MODEL_PARAMETERS = 20_000_000
+
+
+def set_cpu_threads(setting, device: torch.device, model: torch.nn.Module) -> None:
+    """`cpu_threads`: an int, or "auto": one thread for small models on CPU, torch's default otherwise."""
+    if device.type != "cpu":
+        return
+    if setting == "auto":
+        if sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMETERS:
+            return
+        setting = 1
+    torch.set_num_threads(int(setting))
+
+
+def print_plan(cfg: DictConfig, directory: Path, digest: str, device, parameters: dict, trainer) -> None:
+    """What a run is about to do, before its progress bar: where, on what, how big, how long."""
+    counts = ", ".join(f"{k} {v:,}" for k, v in parameters.items())
+    threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
+    evaluate_every = getattr(trainer, "eval_interval", cfg.train.get("eval_every"))
+    print(f"run: {directory} (config {digest[:12]})")
+    print(f"  model {cfg.model.name}, method {method_label(cfg)}, task {cfg.task.name}, seed {cfg.seed}")
+    print(f"  device {device}, precision {cfg.train.precision}{threads}")
+    print(f"  parameters: {counts}")
+    print(
+        f"  plan: {trainer.total_steps:,} optimizer steps ({trainer.steps_per_epoch:,} per epoch, batch "
+        f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps} accumulation), validation every {evaluate_every} steps"
+    )
+
+
+def check_finished(directory: Path, digest: str) -> bool:
+    """True (and say where) if this config's run already finished in `directory`; a UserError if the folder holds
+    another config's results (only an 8-digit hash prefix collision or a results file from an older version)."""
+    if results.is_finished(directory, digest):
+        print(f"already finished: {directory / results.RESULTS_FILE} (force=true runs it again)")
+        return True
+    previous = results.read_results(directory)
+    if previous is not None and previous.get("status") == "finished":
+        raise UserError(
+            f"{directory / results.RESULTS_FILE} holds the results of another config "
+            f"(config_hash {previous.get('config_hash')}, this run's is {digest}); "
+            f"move that folder away, or run with force=true to replace it"
+        )
+    return False
+
+
+def describe_metric(task, metrics: dict, split: str) -> str:
+    """`mcc = 41.27 (x100, 0 of 60 predictions unparsable)`: the main metric with its scale and what went wrong."""
+    name = task.main_metric
+    notes = ["x100, higher is better" if task.greater_is_better else "lower is better"]
+    unparsable = metrics.get("unparsable")
+    if unparsable is not None:
+        total = (getattr(task, "split_sizes", None) or {}).get(split)
+        notes.append(f"{int(unparsable)} of {total if total is not None else '?'} predictions unparsable")
+        if total and unparsable == total:
+            notes[-1] += ": the model has not learned the label strings yet (train longer, or a higher train.lr)"
+    return f"{name} = {metrics[name]:.4f} ({', '.join(notes)})"
 
 
 def check_task_fits_model(cfg: DictConfig) -> None:
