@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,15 @@ def demo_data_for(task_name: str) -> str:
 # ${mpoe_demo_data:glue} -> the bundled demo data folder, wherever the package is installed
 OmegaConf.register_new_resolver("mpoe_demo_data", lambda sub="": str(DEMO_DATA_DIR / sub), replace=True)
 OmegaConf.register_new_resolver("mpoe_demo_data_for", demo_data_for, replace=True)
+
+
+def sweep_tag() -> str:
+    """What makes a sweep's folder unique beside its start time: this process's id and a random tag."""
+    return f"{os.getpid()}-{secrets.token_hex(3)}"
+
+
+# ${mpoe_sweep_tag:} in hydra.sweep.dir; cached, so every use within one composed config gives the same folder
+OmegaConf.register_new_resolver("mpoe_sweep_tag", sweep_tag, use_cache=True, replace=True)
 
 
 def available(group: str) -> list[str]:

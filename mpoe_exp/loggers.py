@@ -1,13 +1,14 @@
 """Experiment loggers: none (default) or Weights & Biases (`logger=wandb`).
 
-W&B runs are grouped by experiment/model/method/task with one run per seed; the run id is derived from the run
-directory, so a resumed run continues the same W&B run. `logger.wandb.mode=offline` writes under the run directory
-and needs no network (`wandb sync` uploads it later).
+W&B runs are grouped by experiment/model/method/task with one run per seed; the run id is made fresh when a run
+starts and kept in its directory (`wandb_run_id`), so a resumed run continues the same W&B run and a run started
+again with force=true (which deletes the file) gets a new one. `logger.wandb.mode=offline` writes under the run
+directory and needs no network (`wandb sync` uploads it later).
 """
 
 from __future__ import annotations
 
-import hashlib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp.config import method_label
 from mpoe_exp.errors import UserError
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(directory: Path) -> str:
+    """The W&B run id of a run directory: the stored one, else a new one (stored for the run's resumes)."""
+    path = directory / WANDB_RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 class NullLogger:
@@ -50,7 +64,7 @@ class WandbLogger:
             mode=settings.mode,
             group=f"{cfg.experiment_name}/{cfg.model.name}/{method_label(cfg)}/{cfg.task.name}",
             name=f"seed={cfg.seed}",
-            id=hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16],
+            id=wandb_run_id(directory),
             resume="allow",
             dir=str(directory),
             config=OmegaConf.to_container(cfg, resolve=True),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from mpoe_exp.models import build_model, parameter_report
 
 def run(cfg: DictConfig) -> Path:
     """Run (or resume, or skip if finished) the experiment of `cfg`; returns its run directory."""
-    from mpoe_exp.loggers import NullLogger, make_logger
+    from mpoe_exp.loggers import WANDB_RUN_ID_FILE, NullLogger, make_logger
     from mpoe_exp.tasks.tasks import build_task
     from mpoe_exp.training import Trainer, TrainingDiverged, resolve_device, seed_everything, setup_distributed
 
@@ -26,7 +25,13 @@ def run(cfg: DictConfig) -> Path:
     if not cfg.force and check_finished(directory, digest):
         return directory
     if cfg.force and dist.is_main:
-        for name in ("checkpoints/last.pt", "checkpoints/best.pt", results.RESULTS_FILE):
+        for name in (
+            "checkpoints/last.pt",
+            "checkpoints/best.pt",
+            results.RESULTS_FILE,
+            "train.log",
+            WANDB_RUN_ID_FILE,
+        ):
             (directory / name).unlink(missing_ok=True)
     dist.barrier()
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,7 +68,6 @@ def run(cfg: DictConfig) -> Path:
         "library_versions": results.library_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    start = time.perf_counter()
     try:
         state = trainer.fit()
     except TrainingDiverged as err:
@@ -87,7 +91,7 @@ def run(cfg: DictConfig) -> Path:
             "steps": state.step,
             "central_updates": trainer.mask.central_updates,
             "history": state.history,
-            "wall_time_s": time.perf_counter() - start,
+            "wall_time_s": trainer.wall_seconds(),  # adds up across resumes
             "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
         },
     )

@@ -1,13 +1,31 @@
 """The training loop: AdamW + warmup/linear decay, clipping, label smoothing, accumulation, aux losses, the
-gradient mask, mixed precision on CUDA, evaluation on validation every N steps, best/last checkpoints, resume.
+gradient mask, mixed precision on CUDA, evaluation on validation, best/last checkpoints, resume.
+
+One optimizer step is `TrainingStep`: draw the gradient mask (paper section 3.2, eq. 4), run the step's
+micro-batches forward and backward (without central gradients on a masked step), unscale, clip the gradients that
+will be applied, step the optimizer and the scheduler. `Trainer` feeds it micro-batches and decides when to
+evaluate and when to checkpoint (`StepPlan`):
+
+- validation every `eval_interval` steps and at the last step: `train.eval_every`, or when it is null
+  steps_per_epoch / `train.evals_per_epoch`, but at most total_steps / `train.min_evals`, so that every run is
+  evaluated at least `min_evals` times and the best checkpoint (best.pt) has something to choose from;
+- a resume checkpoint (last.pt) every `train.checkpoint_every` steps and at the last step, independent of evaluation.
 
 Multi-GPU: launched with torchrun (WORLD_SIZE > 1), `setup_distributed` joins the process group and the model is
 wrapped in DistributedDataParallel; `train.batch_size` stays the global batch, each rank taking every
 world_size-th example of it. Every rank evaluates (the same numbers); rank 0 alone writes logs and checkpoints.
 
 Resuming is exact: the data order of each epoch comes from (seed, epoch), and a checkpoint holds the model,
-optimizer, scheduler, gradient-mask generator and every RNG state at an optimizer-step boundary, so a run killed at
-any point and restarted with the same command continues as if it had never stopped.
+optimizer, scheduler, gradient-mask generator, every RNG state and the running training loss at an optimizer-step
+boundary, so a run killed at any point and restarted with the same command continues as if it had never stopped.
+Checkpoints hold tensors and plain Python values only and are read with `torch.load(weights_only=True)`: loading
+one cannot run code.
+
+Throughput: `TrainState.tokens` counts the tokens the model processes in training, summed over all ranks:
+the non-padding input tokens (attention_mask), plus for an encoder-decoder model (T5) the target tokens the
+decoder reads (labels != -100); a causal LM's labels are its inputs and are not counted twice. `train_seconds`
+is the time spent in training steps (evaluation and checkpoints excluded), `elapsed_seconds` the wall time of
+training, evaluation and checkpoints; both add up across resumes.
 """
 
 from __future__ import annotations
@@ -19,6 +37,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +52,19 @@ from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.moe import central_parameters, collect_aux_loss
 
 LAST, BEST = "last.pt", "best.pt"
+EVALS_PER_EPOCH, MIN_EVALS, CHECKPOINT_EVERY = 4, 5, 200  # defaults of train.evals_per_epoch, min_evals, ...
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A micro-batch's loss is NaN or infinite (raised before its backward pass)."""
+
+    def __init__(self, micro_batch: int, value: float):
+        super().__init__(f"the loss of micro-batch {micro_batch} is {value}")
+        self.micro_batch, self.value = micro_batch, value
 
 
 @dataclass
@@ -47,14 +75,49 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
-    tokens: int = 0
-    train_seconds: float = 0.0
+    tokens: int = 0  # tokens processed in training, all ranks (see the module docstring)
+    train_seconds: float = 0.0  # time in training steps
+    elapsed_seconds: float = 0.0  # wall time of fit() up to the last checkpoint, across resumes
+    running_loss: float = 0.0  # sum of micro-batch losses since the last evaluation
+    running_batches: int = 0
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state (torch, CUDA, Python, NumPy) as tensors and plain values (loadable with weights_only)."""
+    version, python_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(cached_gauss),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy = state["numpy"]
+    keys = numpy["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @dataclass
@@ -117,6 +180,14 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     )
 
 
+def processed_tokens(batch: dict[str, torch.Tensor], encoder_decoder: bool) -> int:
+    """Non-padding tokens the model reads: inputs by attention_mask, plus the decoder's targets (encoder-decoder)."""
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    if encoder_decoder and "labels" in batch:
+        tokens += int((batch["labels"] != -100).sum())
+    return tokens
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -127,6 +198,150 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporary_checkpoints(directory: Path) -> list[Path]:
+    """Delete the temporary files of `atomic_torch_save` writes that were killed mid-write; returns them."""
+    stale = [p for name in (LAST, BEST) for p in Path(directory).glob(f".{name}.*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+# --- the plan: steps, evaluations, checkpoints ------------------------------------------------------------------
+
+
+def evaluation_interval(
+    total_steps: int,
+    steps_per_epoch: int,
+    eval_every: int | None = None,
+    evals_per_epoch: int = EVALS_PER_EPOCH,
+    min_evals: int = MIN_EVALS,
+) -> int:
+    """Optimizer steps between validation evaluations: `eval_every` when given, else steps_per_epoch /
+    evals_per_epoch, but at most total_steps / min_evals (so a run has >= min_evals evaluations when it can)."""
+    if eval_every:
+        return eval_every
+    per_epoch = max(1, steps_per_epoch // evals_per_epoch)
+    return min(per_epoch, max(1, total_steps // min_evals))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long a run trains and when it evaluates and checkpoints (optimizer steps)."""
+
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_interval: int
+    checkpoint_interval: int
+
+    def evaluates_at(self, step: int) -> bool:
+        return step % self.eval_interval == 0 or step == self.total_steps
+
+    def checkpoints_at(self, step: int) -> bool:
+        return step % self.checkpoint_interval == 0 or step == self.total_steps
+
+    def evaluation_steps(self) -> list[int]:
+        return [s for s in range(1, self.total_steps + 1) if self.evaluates_at(s)]
+
+
+def plan_steps(num_examples: int, train_cfg: DictConfig) -> StepPlan:
+    """The plan of a run over `num_examples` training examples with the `train.*` settings."""
+    for key in ("eval_every", "evals_per_epoch", "min_evals", "checkpoint_every"):
+        value = train_cfg.get(key)
+        if value is not None and value < 1:
+            raise UserError(f"train.{key} must be a positive number of steps, got {value}")
+    micro_batches = math.ceil(num_examples / train_cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_batches / train_cfg.grad_accum_steps)
+    total = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+    interval = evaluation_interval(
+        total,
+        steps_per_epoch,
+        train_cfg.get("eval_every"),
+        train_cfg.get("evals_per_epoch", EVALS_PER_EPOCH),
+        train_cfg.get("min_evals", MIN_EVALS),
+    )
+    return StepPlan(
+        micro_batches, steps_per_epoch, total, interval, train_cfg.get("checkpoint_every", CHECKPOINT_EVERY)
+    )
+
+
+# --- one optimizer step ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutcome:
+    losses: list[float]  # per micro-batch, aux losses included
+    tokens: int  # tokens processed on this rank
+    masked: bool  # the central tensors were left out (gradient mask)
+    applied: bool  # False: the fp16 GradScaler skipped the update (inf/nan gradients)
+
+
+LossFunction = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class TrainingStep:
+    """One optimizer step over a list of micro-batches: mask draw, forward/backward, unscale, clip, optimizer and
+    scheduler step. On a masked step the centrals compute no gradient, so clipping sees only the applied ones."""
+
+    model: torch.nn.Module  # the unwrapped model: its aux losses and parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    mask: CentralGradientMask
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    encoder_decoder: bool = False
+
+    def __call__(
+        self, forward_model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFunction
+    ) -> StepOutcome:
+        masked = self.mask.draw()  # before any forward pass of the step (eq. 4)
+        with self.mask.frozen(masked):
+            losses, tokens = self.accumulate(forward_model, micro_batches, loss_fn)
+            self.scaler.unscale_(self.optimizer)
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            applied = self.optimizer_step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.mask.record(masked, applied)
+        return StepOutcome(losses, tokens, masked, applied)
+
+    def accumulate(
+        self, forward_model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFunction
+    ) -> tuple[list[float], int]:
+        """Backward of the mean loss over the micro-batches; (their losses, the tokens they hold)."""
+        losses, tokens = [], 0
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast(self.device, self.precision):
+                loss = loss_fn(forward_model, batch)
+                aux = collect_aux_loss(self.model)
+                if aux is not None:
+                    loss = loss + aux
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(i, loss.item())
+            self.scaler.scale(loss / len(micro_batches)).backward()
+            losses.append(loss.item())
+            tokens += processed_tokens(batch, self.encoder_decoder)
+        return losses, tokens
+
+    def optimizer_step(self) -> bool:
+        """The optimizer step through the GradScaler; False when the scaler skipped it (the scale went down)."""
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale
+
+
+# --- the trainer ------------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -149,7 +364,7 @@ class Trainer:
         self.dist = dist or Distributed()
         self.train_model = model
         if self.dist.world_size > 1:
-            # experts that receive no token in a step have no gradient: find_unused_parameters
+            # experts that receive no token in a step, and the centrals on a masked step, have no gradient
             device_ids = [device.index] if device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=device_ids, find_unused_parameters=True
@@ -159,37 +374,46 @@ class Trainer:
         self.features = task.train_features()
         if not self.features:
             raise UserError(f"task {task.name}: the training split is empty")
-        bs, accum = train_cfg.batch_size, train_cfg.grad_accum_steps
-        self.micro_batches_per_epoch = math.ceil(len(self.features) / bs)
-        self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / accum)
-        self.total_steps = train_cfg.max_steps or train_cfg.epochs * self.steps_per_epoch
+        self.plan = plan_steps(len(self.features), train_cfg)
+        self.total_steps = self.plan.total_steps
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=train_cfg.lr,
             eps=train_cfg.adam_eps,
             weight_decay=train_cfg.weight_decay,
         )
-        warmup = train_cfg.warmup_steps
-        if warmup is None:
-            warmup = int(train_cfg.warmup_ratio * self.total_steps)
-
-        def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
-            if step < warmup:
-                return (step + 1) / max(1, warmup)
-            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         prob = method_cfg.get("gradient_mask_prob", 0.0) if method_cfg.get("experts") == "mpo" else 0.0
         self.mask = CentralGradientMask(central_parameters(model), prob, seed=seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
+        self.training_step = TrainingStep(
+            model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.mask,
+            grad_clip=train_cfg.grad_clip,
+            precision=train_cfg.precision,
+            device=device,
+            encoder_decoder=bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)),
+        )
         self.state = TrainState()
+        self._clock = (0.0, time.perf_counter())  # (elapsed seconds before this process, when fit started)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup over `warmup_steps` (or warmup_ratio x total steps), then linear decay to 0."""
+        total = self.plan.total_steps
+        warmup = self.cfg.warmup_steps
+        if warmup is None:
+            warmup = int(self.cfg.warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
 
     # --- checkpoints ---
 
     def save_checkpoint(self) -> None:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        self.state.elapsed_seconds = self.wall_seconds()
         atomic_torch_save(
             {
                 "model": self.model.state_dict(),
@@ -197,18 +421,20 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "mask": self.mask.state_dict(),
-                "rng": rng,
+                "rng": rng_state(),
                 "state": asdict(self.state),
             },
             self.checkpoints / LAST,
         )
 
     def try_resume(self) -> bool:
+        if self.dist.is_main:
+            remove_temporary_checkpoints(self.checkpoints)
         path = self.checkpoints / LAST
         if not path.is_file():
             return False
         try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a corrupt checkpoint: say so rather than silently restarting
             raise UserError(f"cannot resume: {path} is unreadable ({err}); delete it or run with force=true") from None
         self.model.load_state_dict(ckpt["model"])
@@ -216,11 +442,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.mask.load_state_dict(ckpt["mask"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        set_rng_state(ckpt["rng"])
         self.state = TrainState(**ckpt["state"])
         return True
 
@@ -229,28 +451,46 @@ class Trainer:
         if path.is_file():
             self.model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
+    def wall_seconds(self) -> float:
+        """Wall time of training so far: this process's fit() plus what earlier processes checkpointed."""
+        before, start = self._clock
+        return before + time.perf_counter() - start
+
     # --- the loop ---
 
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(len(self.features), generator=generator).tolist()
 
-    def micro_batches(self):
+    def micro_batches(self) -> Iterator[tuple[int, int, dict]]:
         """(epoch, index, batch) from the resume position on, forever (the loop stops at total_steps)."""
         bs = self.cfg.batch_size
         epoch, start = self.state.epoch, self.state.micro_batch
         while True:
             order = self.epoch_order(epoch)
-            for i in range(start, self.micro_batches_per_epoch):
+            for i in range(start, self.plan.micro_batches_per_epoch):
                 ids = order[i * bs : (i + 1) * bs]
                 if self.dist.world_size > 1:  # this rank's share of the global micro-batch
                     ids = ids[self.dist.rank :: self.dist.world_size] or ids[:1]
                 yield epoch, i, self.task.collate([self.features[j] for j in ids])
             epoch, start = epoch + 1, 0
 
+    def next_micro_batches(self, batches: Iterator[tuple[int, int, dict]]) -> list[tuple[int, int, dict]]:
+        """The micro-batches of the next optimizer step (grad_accum_steps, fewer at an epoch's end)."""
+        state, taken = self.state, []
+        for epoch, index, batch in batches:
+            taken.append((epoch, index, batch))
+            state.epoch, state.micro_batch = epoch, index + 1
+            if state.micro_batch == self.plan.micro_batches_per_epoch:
+                state.epoch, state.micro_batch = epoch + 1, 0
+            if len(taken) == self.cfg.grad_accum_steps or state.micro_batch == 0:
+                break
+        return taken
+
     def log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -263,11 +503,11 @@ class Trainer:
 
     def fit(self) -> TrainState:
         resumed = self.try_resume()
+        self._clock = (self.state.elapsed_seconds, time.perf_counter())
         self.model.train()
-        state, cfg = self.state, self.cfg
-        accum = cfg.grad_accum_steps
+        state, plan = self.state, self.plan
         progress = tqdm(
-            total=self.total_steps,
+            total=plan.total_steps,
             initial=state.step,
             desc=f"train {self.task.name}",
             dynamic_ncols=True,
@@ -276,57 +516,59 @@ class Trainer:
         if resumed:
             progress.write(f"resumed from {self.checkpoints / LAST} at step {state.step}")
         batches = self.micro_batches()
-        start_time, running_loss, losses = time.perf_counter(), 0.0, 0
-        while state.step < self.total_steps:
-            in_step = 0
-            for epoch, index, batch in batches:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                with autocast(self.device, cfg.precision):
-                    loss = self.task.loss(self.train_model, batch, cfg.label_smoothing)
-                    aux = collect_aux_loss(self.model)
-                    if aux is not None:
-                        loss = loss + aux
-                if not torch.isfinite(loss):
-                    progress.close()
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at step {state.step + 1} (epoch {epoch}, batch {index}); "
-                        f"the last good checkpoint is kept at {self.checkpoints / LAST}. "
-                        f"Try a lower train.lr, precision=fp32 or a smaller train.grad_clip."
-                    )
-                self.scaler.scale(loss / accum).backward()
-                running_loss += loss.item()
-                losses += 1
-                state.tokens += int(batch["attention_mask"].sum())
-                in_step += 1
-                state.epoch, state.micro_batch = epoch, index + 1
-                if state.micro_batch == self.micro_batches_per_epoch:
-                    state.epoch, state.micro_batch = epoch + 1, 0
-                if in_step == accum or state.micro_batch == 0:
-                    break
-            self.scaler.unscale_(self.optimizer)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.mask.step(_ScaledOptimizer(self.optimizer, self.scaler))
-            self.scaler.update()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            progress.update(1)
-            if state.step % cfg.log_every == 0 or state.step == self.total_steps:
-                progress.set_postfix(loss=f"{running_loss / max(1, losses):.4f}")
-            if state.step % cfg.eval_every == 0 or state.step == self.total_steps:
-                state.train_seconds += time.perf_counter() - start_time
-                self.evaluate_and_checkpoint(running_loss / max(1, losses))
-                start_time, running_loss, losses = time.perf_counter(), 0.0, 0
-        progress.close()
+        with contextlib.closing(progress):
+            while state.step < plan.total_steps:
+                self.train_one_step(batches)
+                progress.update(1)
+                if state.step % self.cfg.log_every == 0 or state.step == plan.total_steps:
+                    progress.set_postfix(loss=f"{state.running_loss / max(1, state.running_batches):.4f}")
+                if plan.evaluates_at(state.step):
+                    self.evaluate_validation()
+                if plan.checkpoints_at(state.step):
+                    if self.dist.is_main:
+                        self.save_checkpoint()
+                    self.dist.barrier()
         return state
 
-    def evaluate_and_checkpoint(self, train_loss: float) -> None:
+    def train_one_step(self, batches: Iterator[tuple[int, int, dict]]) -> StepOutcome:
+        """Take the next optimizer step and account for it in the state (loss, tokens, time)."""
+        state, started = self.state, time.perf_counter()
+        taken = self.next_micro_batches(batches)
+        try:
+            outcome = self.training_step(self.train_model, [batch for _, _, batch in taken], self.loss)
+        except NonFiniteLoss as err:
+            epoch, index, _ = taken[err.micro_batch]
+            raise TrainingDiverged(
+                f"the loss became {err.value} at step {state.step + 1} (epoch {epoch}, batch {index}); "
+                f"the last good checkpoint is kept at {self.checkpoints / LAST}. "
+                f"Try a lower train.lr, precision=fp32 or a smaller train.grad_clip."
+            ) from None
+        state.step += 1
+        state.running_loss += sum(outcome.losses)
+        state.running_batches += len(outcome.losses)
+        state.tokens += self.all_ranks_sum(outcome.tokens)
+        state.train_seconds += time.perf_counter() - started
+        return outcome
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.task.loss(model, batch, self.cfg.label_smoothing)
+
+    def all_ranks_sum(self, value: int) -> int:
+        if self.dist.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
+
+    def evaluate_validation(self) -> None:
+        """Validation metrics into the history (and train.log, the logger); best.pt when they improve."""
         state = self.state
+        train_loss = state.running_loss / max(1, state.running_batches)
         if self.dist.world_size > 1:  # the loss of the global batch, not of this rank's share
             loss = torch.tensor([train_loss], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(loss)
             train_loss = loss.item() / self.dist.world_size
+        state.running_loss, state.running_batches = 0.0, 0
         metrics = self.evaluate("validation")
         value = metrics[self.task.main_metric]
         better = state.best_metric is None or (
@@ -337,6 +579,7 @@ class Trainer:
             "loss": train_loss,
             "validation": metrics,
             "central_updates": self.mask.central_updates,
+            "tokens": state.tokens,
         }
         state.history.append(record)
         self.log(record)
@@ -346,16 +589,3 @@ class Trainer:
             state.best_metric, state.best_step = value, state.step
             if self.dist.is_main:
                 atomic_torch_save(self.model.state_dict(), self.checkpoints / BEST)
-        if self.dist.is_main:
-            self.save_checkpoint()
-        self.dist.barrier()
-
-
-class _ScaledOptimizer:
-    """Lets the gradient mask call `step()` through the fp16 GradScaler (a no-op wrapper without fp16)."""
-
-    def __init__(self, optimizer, scaler):
-        self.optimizer, self.scaler = optimizer, scaler
-
-    def step(self, closure=None):
-        return self.scaler.step(self.optimizer)

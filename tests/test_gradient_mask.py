@@ -321,3 +321,258 @@ def test_mask_on_upcycled_tiny_t5():
         assert any(not torch.equal(p, b) for p, b in zip(others, others_before))
     assert mask.steps == num_steps
     assert mask.central_updates == expected.count(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inside the trainer (eq. 4 of the paper, section 3.2): the mask is drawn before the step's forward passes, a masked
+# step computes no central gradient, clipping sees only the gradients that are applied
+
+
+class RandomSeq2SeqTask:
+    """A task for the trainer without data: random byte sequences for tiny-t5, evaluation returns the step count."""
+
+    name, main_metric, greater_is_better = "random", "score", True
+    split_sizes = {"train": 8, "validation": 0, "test": 0}
+
+    def __init__(self, num_examples: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.features = [
+            {
+                "input_ids": torch.randint(3, 259, (6,), generator=g).tolist(),
+                "labels": torch.randint(3, 259, (3,), generator=g).tolist(),
+            }
+            for _ in range(num_examples)
+        ]
+        self.evaluations = 0
+
+    def train_features(self) -> list[dict]:
+        return self.features
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([f["input_ids"] for f in features])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": torch.tensor([f["labels"] for f in features]),
+        }
+
+    def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
+        from mpoe_exp.training import token_loss
+
+        return token_loss(model(**batch).logits, batch["labels"], label_smoothing)
+
+    def evaluate(self, model, split: str, batch_size: int, device) -> dict[str, float]:
+        self.evaluations += 1
+        return {"score": float(self.evaluations)}
+
+
+def tiny_trainer(tmp_path, *overrides: str, freeze_centrals: bool = False, model_seed: int = 0):
+    """A Trainer on tiny-t5 MPOE and the random task; `freeze_centrals`: the centrals are not trainable at all."""
+    from mpoe_exp import build_model, compose_config
+    from mpoe_exp.moe import central_parameters
+    from mpoe_exp.training import Trainer
+
+    cfg = compose_config(
+        ["model=tiny-t5", "method=mpoe", "train.batch_size=4", "train.lr=1e-2", "train.max_steps=1", *overrides]
+    )
+    torch.manual_seed(model_seed)
+    model, _ = build_model(cfg)
+    if freeze_centrals:
+        for p in central_parameters(model):
+            p.requires_grad_(False)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, RandomSeq2SeqTask(), cfg.train, cfg.method, tmp_path, cfg.seed, torch.device("cpu"))
+    return trainer, model
+
+
+def test_masked_step_equals_training_with_the_centrals_frozen(tmp_path):
+    """One masked step (p_b = 1) moves every parameter exactly as training with the centrals frozen does: clipping
+    (active here, and with an eps large enough that its scale shows through AdamW) sees only the applied gradients."""
+    clip = ["train.grad_clip=1e-3", "train.adam_eps=1e-3", "train.max_steps=2"]
+    masked, masked_model = tiny_trainer(tmp_path / "masked", *clip, "method.gradient_mask_prob=1.0")
+    frozen, frozen_model = tiny_trainer(
+        tmp_path / "frozen", *clip, "method.gradient_mask_prob=0.0", freeze_centrals=True
+    )
+    initial = {n: p.detach().clone() for n, p in masked_model.named_parameters()}
+    torch.manual_seed(1)
+    masked.fit()
+    torch.manual_seed(1)
+    frozen.fit()
+    frozen_params = dict(frozen_model.named_parameters())
+    moved = 0
+    for name, p in masked_model.named_parameters():
+        assert torch.equal(p, frozen_params[name]), name
+        moved += not torch.equal(p, initial[name])
+    assert moved > 0
+    from mpoe_exp.moe import central_parameters
+
+    for p, name in (
+        (p, n) for n, p in masked_model.named_parameters() if any(p is c for c in central_parameters(masked_model))
+    ):
+        assert torch.equal(p, initial[name]) and len(masked.optimizer.state.get(p, {})) == 0
+        assert p.requires_grad  # trainable again after the masked step
+    assert masked.mask.central_updates == 0
+
+
+def test_masked_step_computes_no_central_gradient(tmp_path):
+    from mpoe_exp.moe import central_parameters
+
+    trainer, model = tiny_trainer(tmp_path, "method.gradient_mask_prob=1.0", "train.max_steps=3")
+    computed = []
+    for p in central_parameters(model):
+        p.register_hook(lambda grad: computed.append(grad))
+    trainer.fit()
+    assert computed == []
+
+
+def central_snapshots_per_step(trainer, model) -> list[list[torch.Tensor]]:
+    """Registers an optimizer hook: the central tensors after every optimizer step (the initial ones first)."""
+    from mpoe_exp.moe import central_parameters
+
+    centrals = central_parameters(model)
+    snapshots = [[p.detach().clone() for p in centrals]]
+    trainer.optimizer.register_step_post_hook(lambda *_: snapshots.append([p.detach().clone() for p in centrals]))
+    return snapshots
+
+
+def test_no_mask_ablation_updates_every_central_tensor_at_every_step(tmp_path):
+    trainer, model = tiny_trainer(tmp_path, "ablation=no_mask", "train.max_steps=6")
+    assert trainer.mask.prob == 0.0
+    snapshots = central_snapshots_per_step(trainer, model)
+    trainer.fit()
+    assert len(snapshots) == 7
+    for before, after in zip(snapshots, snapshots[1:]):
+        assert all(not torch.equal(a, b) for a, b in zip(before, after))
+    assert trainer.mask.central_updates == 6
+
+
+class OneMPOLayer(nn.Module):
+    """One upcycled MPOE layer (8 experts, m = 5) on random inputs: the mask's statistics at little cost."""
+
+    def __init__(self, method_cfg, d_model: int = 32, d_ff: int = 64):
+        from mpoe_exp.moe import FeedForwardSpec, build_moe_layer
+
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        weights = {"wi": torch.randn(d_ff, d_model, generator=g), "wo": torch.randn(d_model, d_ff, generator=g)}
+        self.ffn = build_moe_layer(FeedForwardSpec(d_model, d_ff, "relu"), method_cfg, weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x)
+
+
+class RegressionTask(RandomSeq2SeqTask):
+    """Regress random targets from random inputs through the model (attention_mask: one token per row)."""
+
+    def __init__(self, num_examples: int = 16, d_model: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.features = [
+            {"x": torch.randn(d_model, generator=g), "y": torch.randn(d_model, generator=g)}
+            for _ in range(num_examples)
+        ]
+        self.evaluations = 0
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        x = torch.stack([f["x"] for f in features])
+        return {"x": x, "y": torch.stack([f["y"] for f in features]), "attention_mask": torch.ones(len(x), 1)}
+
+    def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
+        return (model(batch["x"]) - batch["y"]).pow(2).mean()
+
+
+def test_default_mask_updates_the_centrals_on_about_half_of_200_steps(tmp_path):
+    from mpoe_exp import compose_config
+    from mpoe_exp.training import Trainer
+
+    cfg = compose_config(["method=mpoe", "train.max_steps=200", "train.batch_size=4", "train.lr=1e-3"])
+    model = OneMPOLayer(cfg.method)
+    trainer = Trainer(model, RegressionTask(), cfg.train, cfg.method, tmp_path, cfg.seed, torch.device("cpu"))
+    assert trainer.mask.prob == 0.5
+    snapshots = central_snapshots_per_step(trainer, model)
+    trainer.fit()
+    changed = [
+        [not torch.equal(a, b) for a, b in zip(before, after)] for before, after in zip(snapshots, snapshots[1:])
+    ]
+    assert len(changed) == 200 and len(changed[0]) == 2
+    assert all(all(step) or not any(step) for step in changed)  # all centrals move together, or none
+    updates = sum(all(step) for step in changed)
+    # Binomial(200, 0.5): mean 100, sd 7.1; [70, 130] is +-4.2 sd (two-sided probability 3e-5 for a fair mask)
+    assert 70 <= updates <= 130
+    assert trainer.mask.central_updates == updates and trainer.mask.steps == 200
+
+
+@pytest.fixture(scope="module")
+def mpoe_method():
+    from mpoe_exp import compose_config
+
+    return compose_config(["method=mpoe"]).method
+
+
+def one_layer_step(method_cfg, prob: float, seed: int, scaler=None):
+    """A TrainingStep over OneMPOLayer with AdamW (weight decay), clipping, and the given GradScaler."""
+    from mpoe_exp.moe import central_parameters
+    from mpoe_exp.training import TrainingStep
+
+    model = OneMPOLayer(method_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    mask = CentralGradientMask(central_parameters(model), prob, seed=seed)
+    return TrainingStep(model, optimizer, scheduler, scaler, mask, grad_clip=1.0), model
+
+
+def test_the_mask_is_drawn_before_the_forward_passes(mpoe_method):
+    """During every forward pass of a step the centrals take gradients exactly when the step is not masked."""
+    step, model = one_layer_step(mpoe_method, 0.5, seed=4)
+    task = RegressionTask()
+    batches = [task.collate(task.features[:4]), task.collate(task.features[4:8])]
+    trainable_in_forward: list[list[bool]] = []
+
+    def loss(m, batch):
+        trainable_in_forward.append([p.requires_grad for p in step.mask.params])
+        return task.loss(m, batch, 0.0)
+
+    masked = [step(model, batches, loss).masked for _ in range(NUM_STEPS)]
+    assert masked == mask_sequence(0.5, seed=4)
+    assert len(trainable_in_forward) == 2 * NUM_STEPS
+    for i, flags in enumerate(trainable_in_forward):
+        assert flags == [not masked[i // 2]] * 2
+    assert all(p.requires_grad for p in step.mask.params)
+
+
+def overflowing_loss(loss: torch.Tensor, overflow: bool) -> torch.Tensor:
+    """`loss`, or (overflow) a finite loss of 1e38 whose gradients overflow once the GradScaler scales them."""
+    return loss * (1e38 / loss.detach()) if overflow else loss
+
+
+def test_steps_the_fp16_scaler_skips_are_not_central_updates_and_keep_their_draw(mpoe_method):
+    """Overflowing steps (inf gradients) apply nothing and are not counted; the applied updates follow the mask's
+    Bernoulli sequence exactly, as if the skipped steps had not happened."""
+    step, model = one_layer_step(mpoe_method, 0.5, seed=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    task = RegressionTask()
+    batch = task.collate(task.features[:4])
+    overflow_at = {1, 2, 5, 9}
+    applied_masks = []
+    for i in range(NUM_STEPS + len(overflow_at)):
+        overflow = i in overflow_at
+        before = [p.detach().clone() for p in model.parameters()]
+        outcome = step(model, [batch], lambda m, b, overflow=overflow: overflowing_loss(task.loss(m, b, 0.0), overflow))
+        assert outcome.applied == (i not in overflow_at)
+        if outcome.applied:
+            applied_masks.append(outcome.masked)
+        else:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert applied_masks == mask_sequence(0.5, seed=4)
+    assert step.mask.steps == NUM_STEPS
+    assert step.mask.central_updates == applied_masks.count(False)
+
+
+def test_a_skipped_step_keeps_its_draw_across_a_checkpoint():
+    central = nn.Parameter(torch.zeros(2))
+    mask = CentralGradientMask([central], prob=0.5, seed=4)
+    first = mask.draw()
+    mask.record(first, applied=False)
+    resumed = CentralGradientMask([central], prob=0.5, seed=0)
+    resumed.load_state_dict(mask.state_dict())
+    assert resumed.draw() == first == mask.draw()
+    assert resumed.steps == 0 and resumed.central_updates == 0

@@ -106,6 +106,44 @@ def test_wandb_logger_groups_runs_and_logs_metrics(tmp_path, monkeypatch):
     assert fake.finished
 
 
+def test_force_starts_a_new_wandb_run_and_a_fresh_train_log(tmp_path, monkeypatch):
+    import wandb
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeWandbRun(**kw)) or runs[-1])
+    args = ["experiment=quickstart", "logger=wandb", f"runs_dir={tmp_path}", "train.max_steps=4", "train.eval_every=2"]
+    directory = run(compose_config(args))
+    (directory / RESULTS_FILE).unlink()  # a run that did not finish: resuming continues its W&B run
+    run(compose_config(args))
+    run(compose_config([*args, "force=true"]))
+    first, resumed, forced = (fake.init_kwargs["id"] for fake in runs)
+    assert resumed == first and forced != first
+    log = [json.loads(line) for line in (directory / "train.log").read_text().splitlines()]
+    assert [record["step"] for record in log] == [2, 4]  # only the forced run's evaluations
+
+
+def test_two_concurrent_sweeps_get_their_own_sweep_folders(tmp_path):
+    """Each sweep lists only its own failed run, though both start at once with the same runs_dir."""
+    command = [sys.executable, "-m", "mpoe_exp", "-m", "model=tiny-t5", "method=dense", "ablation=no_mask"]
+    sweeps = [
+        subprocess.Popen(
+            [*command, f"seed={seed}", "dry_run=true", f"runs_dir={tmp_path}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for seed in (1, 2)
+    ]
+    outputs = [sweep.communicate(timeout=300) for sweep in sweeps]
+    for seed, sweep, (_, stderr) in zip((1, 2), sweeps, outputs):
+        assert sweep.returncode == 1, stderr[-3000:]
+        assert "1 run(s) of the sweep failed" in stderr and f"seed={seed}" in stderr
+    errors = list((tmp_path / ".multirun").rglob("error.txt"))
+    assert len(errors) == 2
+    assert len({path.relative_to(tmp_path / ".multirun").parts[0] for path in errors}) == 2  # two sweep folders
+
+
 def test_wandb_offline_mode_needs_no_network(tmp_path):
     result = subprocess.run(
         [
@@ -167,3 +205,4 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
             abs(a["validation"]["perplexity"] - b["validation"]["perplexity"]) <= 1e-3 * a["validation"]["perplexity"]
         )
     assert one["central_updates"] == two["central_updates"]
+    assert [h["tokens"] for h in one["history"]] == [h["tokens"] for h in two["history"]]  # all ranks counted

@@ -113,7 +113,7 @@ def test_finished_run_is_skipped_and_force_reruns(tmp_path, capsys):
 
 
 def test_run_killed_at_a_random_point_resumes_to_the_same_result(tmp_path):
-    args = [*LM_RUN, "train.max_steps=40", "train.eval_every=2"]
+    args = [*LM_RUN, "train.max_steps=40", "train.eval_every=2", "train.checkpoint_every=2"]
     reference = cli(*args, f"runs_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = json.loads(next((tmp_path / "reference").rglob(RESULTS_FILE)).read_text())
@@ -138,6 +138,12 @@ def test_run_killed_at_a_random_point_resumes_to_the_same_result(tmp_path):
             break
         (directory / RESULTS_FILE).unlink()  # finished before the kill: try again, earlier
     assert not (directory / RESULTS_FILE).exists(), "could not kill the run before it finished"
+    import torch
+
+    killed_at = torch.load(directory / "checkpoints" / "last.pt", weights_only=True)["state"]  # no code in it
+    assert 0 < killed_at["step"] < 40
+    leftover = directory / "checkpoints" / ".last.pt.k1ll3d.tmp"  # as a kill during torch.save leaves it
+    leftover.write_bytes(b"half a checkpoint")
     resumed = cli(*args, f"runs_dir={runs}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -146,6 +152,8 @@ def test_run_killed_at_a_random_point_resumes_to_the_same_result(tmp_path):
     assert got["validation"] == expected["validation"]
     assert [h["loss"] for h in got["history"]] == [h["loss"] for h in expected["history"]]
     assert got["central_updates"] == expected["central_updates"]
+    assert [h["tokens"] for h in got["history"]] == [h["tokens"] for h in expected["history"]]
+    assert not leftover.exists()
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -163,11 +171,11 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
         return loss * torch.nan if calls["n"] == 7 else loss
 
     monkeypatch.setattr(LanguageModelingTask, "loss", loss_that_explodes)
-    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.eval_every=2"])
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.eval_every=2", "train.checkpoint_every=2"])
     with pytest.raises(TrainingDiverged, match="the loss became nan at step 7"):
         run(cfg)
     directory = run_dir(cfg)
-    checkpoint = torch.load(directory / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint = torch.load(directory / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["state"]["step"] == 6
     results = json.loads((directory / RESULTS_FILE).read_text())
     assert results["status"] == "failed" and "nan" in results["error"]

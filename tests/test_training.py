@@ -1,0 +1,234 @@
+"""The trainer's plan (evaluation and checkpoint cadence), its checkpoints (safe to load, temporary files cleaned up,
+elapsed time kept) and what it counts (tokens)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_gradient_mask import RandomSeq2SeqTask, tiny_trainer
+
+from mpoe_exp.config import CONFIG_DIR, available, compose_config, expand_sweep
+from mpoe_exp.training import (
+    BEST,
+    LAST,
+    evaluation_interval,
+    plan_steps,
+    processed_tokens,
+    rng_state,
+    set_rng_state,
+)
+
+
+def train_cfg(**values):
+    base = {"batch_size": 32, "grad_accum_steps": 1, "epochs": 3, "max_steps": None, "eval_every": None}
+    return OmegaConf.create({**base, "evals_per_epoch": 4, "min_evals": 5, "checkpoint_every": 200, **values})
+
+
+@pytest.mark.parametrize(
+    "examples,values,interval,evaluations",
+    [
+        (2490, {}, 19, 13),  # RTE, T5-base: 78 steps per epoch, 234 steps: 4 per epoch (12), and the last step
+        (3668, {}, 28, 13),  # MRPC: 115 per epoch, 345 steps
+        (392702, {}, 3068, 12),  # MNLI: 12272 per epoch, 36816 steps
+        (3200, {"epochs": 1}, 20, 5),  # one epoch of 100 steps: 4 per epoch would be too few, min_evals wins
+        (64, {"max_steps": 3}, 1, 3),  # shorter than min_evals: every step
+        (2490, {"eval_every": 100}, 100, 3),  # explicit: 100, 200 and the last step, 234
+        (2490, {"batch_size": 8, "grad_accum_steps": 4}, 19, 13),  # accumulation: steps are optimizer steps
+    ],
+)
+def test_evaluation_cadence_follows_the_run_length(examples, values, interval, evaluations):
+    plan = plan_steps(examples, train_cfg(**values))
+    assert plan.eval_interval == interval
+    steps = plan.evaluation_steps()
+    assert len(steps) == evaluations
+    assert steps[-1] == plan.total_steps  # always at the end
+    assert all(b - a <= interval for a, b in zip([0, *steps], steps))
+
+
+def test_evaluation_interval_is_a_pure_function_of_the_run():
+    assert evaluation_interval(234, 78) == 19
+    assert evaluation_interval(234, 78, eval_every=500) == 500
+    assert evaluation_interval(234, 78, evals_per_epoch=1, min_evals=2) == 78
+    assert evaluation_interval(234, 78, evals_per_epoch=1, min_evals=5) == 46
+
+
+@pytest.mark.parametrize("key", ["eval_every", "evals_per_epoch", "min_evals", "checkpoint_every"])
+def test_nonpositive_cadence_is_refused(key):
+    from mpoe_exp.errors import UserError
+
+    with pytest.raises(UserError, match=f"train.{key} must be a positive"):
+        plan_steps(100, train_cfg(**{key: 0}))
+
+
+# --- every run of every experiment is evaluated on validation at least 5 times -------------------------------------
+
+
+@functools.cache
+def paper_workload() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "paper" / "cost.yaml"), resolve=True)["tasks"]
+
+
+def training_examples(cfg) -> int:
+    """Training examples of a run: the hub data's sizes from conf/paper/cost.yaml (the paper's splits, nothing
+    downloaded), or the task built from its local data (the bundled demo data) as the runner builds it."""
+    from mpoe_exp.models import load_tokenizer
+    from mpoe_exp.tasks.tasks import build_task
+
+    task = cfg.task
+    if cfg.data_dir is not None:
+        return len(build_task(cfg, load_tokenizer(cfg.model)).train_features())
+    if task.type == "glue_multitask":
+        return task.mixture_size
+    if task.type == "lm":
+        block = min(task.block_size, cfg.model.architecture.n_positions)
+        return math.ceil(paper_workload()[task.name]["train_tokens"] / block)
+    return paper_workload()[task.name]["train"]
+
+
+def test_methods_and_ablations_leave_the_training_schedule_alone():
+    """What lets the next test compose one run per experiment and task: no method or ablation sets train.*, and
+    seeds and learning rates change no step count."""
+    for group in ("method", "ablation"):
+        for name in available(group):
+            assert "train" not in OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml"), (group, name)
+
+
+def test_every_run_of_every_experiment_is_evaluated_at_least_five_times():
+    from hydra import compose, initialize_config_dir
+
+    sweeps = {experiment: expand_sweep([f"experiment={experiment}"]) for experiment in available("experiment")}
+    checked = 0
+    evaluations: dict[tuple[str, ...], list[int]] = {}  # one composition per experiment and task (see above)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for experiment, runs in sweeps.items():
+            for overrides in runs:
+                key = tuple(o for o in overrides if not o.startswith(("seed=", "train.lr=", "method=", "ablation=")))
+                if key not in evaluations:
+                    cfg = compose(config_name="config", overrides=list(key))
+                    evaluations[key] = plan_steps(training_examples(cfg), cfg.train).evaluation_steps()
+                assert len(evaluations[key]) >= 5, (experiment, overrides, evaluations[key])
+                checked += 1
+    assert checked > 1000  # every table, extra and smoke experiment, and the quickstart
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+class UpAndDownTask(RandomSeq2SeqTask):
+    """Validation scores 1, 3, 2, 4, ... : best.pt must be written at the 1st, 2nd and 4th evaluation only."""
+
+    def evaluate(self, model, split, batch_size, device):
+        self.evaluations += 1
+        return {"score": [1.0, 3.0, 2.0, 4.0, 0.0, 0.0][self.evaluations - 1]}
+
+
+def test_checkpoints_have_their_own_cadence_and_best_follows_validation(tmp_path, monkeypatch):
+    from mpoe_exp import training
+
+    trainer, _ = tiny_trainer(tmp_path, "train.max_steps=9", "train.eval_every=2", "train.checkpoint_every=4")
+    trainer.task = UpAndDownTask()
+    saved: list[tuple[str, int]] = []
+    original = training.atomic_torch_save
+
+    def recording_save(obj, path):
+        saved.append((path.name, trainer.state.step))
+        original(obj, path)
+
+    monkeypatch.setattr(training, "atomic_torch_save", recording_save)
+    state = trainer.fit()
+    assert [h["step"] for h in state.history] == [2, 4, 6, 8, 9]
+    assert [step for name, step in saved if name == BEST] == [2, 4, 8]
+    assert [step for name, step in saved if name == LAST] == [4, 8, 9]
+    assert state.best_step == 8
+
+
+def test_last_checkpoint_loads_with_weights_only_and_holds_no_pickled_objects(tmp_path):
+    trainer, _ = tiny_trainer(tmp_path, "train.max_steps=2", "train.checkpoint_every=1")
+    random.random(), np.random.rand()  # RNG states that are not the seeded ones
+    trainer.fit()
+    checkpoint = torch.load(tmp_path / "checkpoints" / LAST, weights_only=True)
+    assert checkpoint["state"]["step"] == 2
+    assert set(checkpoint) == {"model", "optimizer", "scheduler", "scaler", "mask", "rng", "state"}
+
+
+def test_rng_states_round_trip_through_plain_values():
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    state = rng_state()
+    expected = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(2))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    set_rng_state(state)
+    got = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(2))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_leftover_temporary_checkpoints_are_removed_on_resume(tmp_path):
+    trainer, _ = tiny_trainer(tmp_path, "train.max_steps=2", "train.checkpoint_every=1")
+    trainer.fit()
+    folder = tmp_path / "checkpoints"
+    leftovers = [folder / ".last.pt.k1ll3d.tmp", folder / ".best.pt.abc_12.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a checkpoint")
+    (folder / "notes.txt").write_text("not ours")
+    again, _ = tiny_trainer(tmp_path, "train.max_steps=2", "train.checkpoint_every=1")
+    assert again.try_resume()
+    assert not any(path.exists() for path in leftovers)
+    assert (folder / "notes.txt").exists()
+
+
+def test_elapsed_time_adds_up_across_resumes(tmp_path):
+    trainer, _ = tiny_trainer(tmp_path, "train.max_steps=4", "train.checkpoint_every=2")
+    trainer.fit()
+    path = tmp_path / "checkpoints" / LAST
+    checkpoint = torch.load(path, weights_only=True)
+    first = checkpoint["state"]["elapsed_seconds"]
+    assert 0 < first <= trainer.wall_seconds()
+    checkpoint["state"]["elapsed_seconds"] = 1000.0  # as if the killed process had trained 1000 s
+    torch.save(checkpoint, path)
+    resumed, _ = tiny_trainer(tmp_path, "train.max_steps=4", "train.checkpoint_every=2")
+    resumed.fit()
+    assert 1000.0 <= resumed.wall_seconds() < 1000.0 + 60
+
+
+def test_results_wall_time_includes_the_time_before_a_resume(tmp_path):
+    from test_runner import LM_RUN
+
+    from mpoe_exp.results import RESULTS_FILE
+    from mpoe_exp.runner import run
+
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.max_steps=2"])
+    directory = run(cfg)
+    path = directory / "checkpoints" / LAST
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state"]["elapsed_seconds"] = 1000.0
+    torch.save(checkpoint, path)
+    (directory / RESULTS_FILE).unlink()  # killed during the final test evaluation
+    results = json.loads((run(cfg) / RESULTS_FILE).read_text())
+    assert 1000.0 <= results["wall_time_s"] < 1000.0 + 120
+
+
+# --- tokens -----------------------------------------------------------------------------------------------------
+
+
+def test_processed_tokens_count_encoder_and_decoder_tokens():
+    batch = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([[7, 1, -100], [7, 8, 1]]),
+    }
+    assert processed_tokens(batch, encoder_decoder=True) == 8 + 5
+    assert processed_tokens(batch, encoder_decoder=False) == 8  # a causal LM's labels are its inputs
+
+
+def test_trainer_counts_source_and_target_tokens_of_t5(tmp_path):
+    trainer, _ = tiny_trainer(tmp_path, "train.max_steps=2", "train.batch_size=4")
+    state = trainer.fit()
+    assert state.tokens == 2 * 4 * (6 + 3)  # RandomSeq2SeqTask: 6 source and 3 target tokens per example
+    assert state.history[-1]["tokens"] == state.tokens
