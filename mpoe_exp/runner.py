@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> Path:
     task = build_task(cfg, tokenizer)
     parameters = parameter_report(model)
     logger = make_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
-    trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device, logger, dist)
+    trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device, logger, dist, digest)
     if dist.is_main:
         print_plan(cfg, directory, digest, device, parameters, trainer)
     summary = {
@@ -122,14 +122,16 @@ def print_plan(cfg: DictConfig, directory: Path, digest: str, device, parameters
     """What a run is about to do, before its progress bar: where, on what, how big, how long."""
     counts = ", ".join(f"{k} {v:,}" for k, v in parameters.items())
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
-    evaluate_every = getattr(trainer, "eval_interval", cfg.train.get("eval_every"))
+    evaluations = len(trainer.plan.evaluation_steps())
     print(f"run: {directory} (config {digest[:12]})")
     print(f"  model {cfg.model.name}, method {method_label(cfg)}, task {cfg.task.name}, seed {cfg.seed}")
     print(f"  device {device}, precision {cfg.train.precision}{threads}")
     print(f"  parameters: {counts}")
     print(
-        f"  plan: {trainer.total_steps:,} optimizer steps ({trainer.steps_per_epoch:,} per epoch, batch "
-        f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps} accumulation), validation every {evaluate_every} steps"
+        f"  plan: {trainer.total_steps:,} optimizer steps ({trainer.plan.steps_per_epoch:,} per epoch, batch "
+        f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps} accumulation), validation every "
+        f"{trainer.plan.eval_interval:,} steps ({evaluations} evaluations), resume checkpoint every "
+        f"{trainer.plan.checkpoint_interval:,}"
     )
 
 

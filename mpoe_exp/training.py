@@ -358,8 +358,11 @@ class Trainer:
         device,
         logger=None,
         dist: Distributed | None = None,
+        config_hash: str | None = None,
     ):
         self.model, self.task, self.cfg, self.seed, self.device = model, task, train_cfg, seed, device
+        self.config_hash = config_hash  # stored in every checkpoint; a resume refuses another config's checkpoint
+        self.progress = None  # the progress bar while fit() runs (evaluations print above it)
         self.logger = logger
         self.dist = dist or Distributed()
         self.train_model = model
@@ -423,6 +426,7 @@ class Trainer:
                 "mask": self.mask.state_dict(),
                 "rng": rng_state(),
                 "state": asdict(self.state),
+                "config_hash": self.config_hash,
             },
             self.checkpoints / LAST,
         )
@@ -437,6 +441,11 @@ class Trainer:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a corrupt checkpoint: say so rather than silently restarting
             raise UserError(f"cannot resume: {path} is unreadable ({err}); delete it or run with force=true") from None
+        if ckpt.get("config_hash") != self.config_hash:
+            raise UserError(
+                f"cannot resume: {path} was saved by another config (config_hash {ckpt.get('config_hash')}, this "
+                f"run's is {self.config_hash}); run with force=true to start this run afresh"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -515,6 +524,7 @@ class Trainer:
         )
         if resumed:
             progress.write(f"resumed from {self.checkpoints / LAST} at step {state.step}")
+        self.progress = progress
         batches = self.micro_batches()
         with contextlib.closing(progress):
             while state.step < plan.total_steps:
@@ -583,6 +593,9 @@ class Trainer:
         }
         state.history.append(record)
         self.log(record)
+        if self.progress is not None and self.dist.is_main:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            self.progress.write(f"step {state.step}: train loss {train_loss:.4f}, validation {shown}")
         if self.logger is not None and self.dist.is_main:
             self.logger.log(record)
         if better:

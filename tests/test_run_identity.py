@@ -123,3 +123,20 @@ def test_make_tables_lists_runs_that_fit_no_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tiny-t5/mpoe/cola: 1 run(s) fit no table row: no table has a row for model tiny-t5" in out
     assert "table_model=" in out
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    import torch
+
+    cfg = compose_config([*QUICK, f"runs_dir={tmp_path}", "train.checkpoint_every=1"])
+    directory = run(cfg)
+    last = directory / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["config_hash"] == results.config_hash(cfg)
+    (directory / results.RESULTS_FILE).unlink()  # as if killed before the end: the next start resumes
+    checkpoint["config_hash"] = "f" * 64
+    torch.save(checkpoint, last)
+    with pytest.raises(UserError, match="saved by another config.*force=true"):
+        run(cfg)
+    run(compose_config([*QUICK, f"runs_dir={tmp_path}", "train.checkpoint_every=1", "force=true"]))
+    assert json.loads((directory / results.RESULTS_FILE).read_text())["status"] == "finished"

@@ -28,7 +28,8 @@ def test_a_run_prints_its_plan_before_training_and_a_summary_with_the_scale(tmp_
     assert f"run: {tmp_path}" in plan
     assert "device cpu, precision fp32" in plan
     assert "parameters: total" in plan and "trainable" in plan
-    assert "plan: 2 optimizer steps" in plan
+    assert "plan: 2 optimizer steps" in plan and "validation every 1 steps (2 evaluations)" in plan
+    assert "step 1: train loss" in out and "validation mcc" in out  # every evaluation reaches the console
     summary = out[out.index("results:") :]
     assert "mcc = " in summary and "x100, higher is better" in summary
     assert "predictions unparsable" in summary
