@@ -57,8 +57,20 @@ class WandbLogger:
             import wandb
         except ImportError:
             raise UserError("logger=wandb needs the wandb package: pip install wandb") from None
+        try:
+            self.run = self._init(wandb, cfg, directory)
+        except wandb.errors.Error as err:  # no API key, no network, a bad entity or project
+            raise UserError(
+                f"logger=wandb could not start a W&B run: {str(err).strip()} Log in once with `wandb login` (or set "
+                f"WANDB_API_KEY), or log locally with logger.mode=offline (upload later with `wandb sync`), or use "
+                f"logger=none"
+            ) from None
+        self.run.summary.update({f"parameters/{k}": v for k, v in parameters.items()})
+
+    @staticmethod
+    def _init(wandb, cfg: DictConfig, directory: Path):
         settings = cfg.logger
-        self.run = wandb.init(
+        return wandb.init(
             project=settings.project,
             entity=settings.entity,
             mode=settings.mode,
@@ -70,7 +82,6 @@ class WandbLogger:
             config=OmegaConf.to_container(cfg, resolve=True),
             tags=list(settings.tags or []),
         )
-        self.run.summary.update({f"parameters/{k}": v for k, v in parameters.items()})
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(flatten(record), step=record["step"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,16 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         )
     assert one["central_updates"] == two["central_updates"]
     assert [h["tokens"] for h in one["history"]] == [h["tokens"] for h in two["history"]]  # all ranks counted
+
+
+def test_wandb_without_an_api_key_is_a_message_not_a_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc, no stored key
+    result = subprocess.run(
+        [sys.executable, "-m", "mpoe_exp", "experiment=quickstart", "logger=wandb", f"runs_dir={tmp_path}",
+         "train.max_steps=2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "error: logger=wandb could not start a W&B run" in result.stderr and "wandb login" in result.stderr
