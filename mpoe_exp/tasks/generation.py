@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -40,6 +41,7 @@ from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import text_data
+from mpoe_exp.tasks.data_location import task_data_dir
 
 PREVIEW_SAMPLES = 5  # decoded samples stored in the test metrics ("samples") for a look at what the model writes
 DEFAULT_SAMPLE_BATCH_SIZE = 500
@@ -99,6 +101,18 @@ def wikitext_references(lines: Sequence[str]) -> list[str]:
     """BLEU references of WikiText: the non-blank lines that are not headings (" = Title = ", " = = Sub = = "),
     stripped, in order (one paragraph per reference)."""
     return [line.strip() for line in lines if line.strip() and not line.startswith(" = ")]
+
+
+def reference_sentences(test: Sequence[str], max_references: int | None, how: str, seed: int) -> list[str]:
+    """The BLEU references among the test sentences: all when there are at most `max_references`; else the first
+    `max_references` (how="first", Texygen) or a sample of that many drawn with `seed` (how="sample": indices
+    `numpy.random.default_rng(seed).choice(len(test), max_references, replace=False)`), kept in test-file order."""
+    if max_references is None or len(test) <= max_references:
+        return list(test)
+    if how == "first":
+        return list(test[:max_references])
+    chosen = np.sort(np.random.default_rng(seed).choice(len(test), size=max_references, replace=False))
+    return [test[i] for i in chosen]
 
 
 # --- sampling and scoring --------------------------------------------------------------------------------------
@@ -271,7 +285,11 @@ class GenerationTask:
         if self.end_id is None:
             raise UserError("generation needs a tokenizer with an eos token to end sentences with")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
-        self.texts = text_data.load_text_splits(task_cfg.text_task, data_dir=cfg.data_dir, seed=task_cfg.data_seed)
+        data_dir = task_data_dir(cfg)
+        self.texts = text_data.load_text_splits(task_cfg.text_task, data_dir=data_dir, seed=task_cfg.data_seed)
+        self.references = reference_sentences(
+            self.texts["test"], task_cfg.get("max_references"), task_cfg.get("references", "first"), task_cfg.data_seed
+        )
         self.sequences = {split: self.encode(lines) for split, lines in self.texts.items()}
         # Sentences cut at max_length (they lost their end token), per split.
         self.truncated = {
@@ -302,7 +320,7 @@ class GenerationTask:
             result["truncated"] = self.truncated[split]
             result.update(
                 sample_and_score(
-                    model, self.tokenizer, self.texts["test"], self.cfg, self.seed, device, self.max_length - 1
+                    model, self.tokenizer, self.references, self.cfg, self.seed, device, self.max_length - 1
                 )
             )
         return result
