@@ -14,8 +14,11 @@ On the test split the task also samples `task.num_samples` sentences (`sample_an
 token alone, top-k sampling (`task.top_k`, 50 in the reference practice), temperature 1, until the end token or
 `task.max_length - 1` new tokens (a sample is then as long as the longest training sequence). Samples are scored
 with Texygen BLEU-n against the test sentences and Self-BLEU-n against each other (`mpoe_exp.metrics`; text split
-into words by `metrics.tokenize` on both sides). Counts used are recorded next to the scores; the defaults follow
-Texygen's "fast" variants: 500 samples, the first 500 test sentences as references, Self-BLEU over the 500 samples.
+into words by `metrics.tokenize` on both sides), and with sacreBLEU's corpus BLEU against the same references
+(`sacrebleu`, with its signature in `sacrebleu_signature`). Counts used are recorded next to the scores, and every
+sample is kept in the test metrics (`samples`). The defaults follow Texygen's "fast" variants: 500 samples, 500
+test sentences as references (`task.references`: the first ones, or for IMDB, whose sentences come in review
+order, a sample drawn with the data seed; `reference_sentences`), Self-BLEU over the 500 samples.
 
 Sampling is reproducible and invisible to training: the global torch RNG (CPU and every CUDA device) is saved,
 seeded with the run seed (`cfg.seed`), used by `model.generate`, and restored afterwards. Samples are drawn
@@ -43,7 +46,6 @@ from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import text_data
 from mpoe_exp.tasks.data_location import task_data_dir
 
-PREVIEW_SAMPLES = 5  # decoded samples stored in the test metrics ("samples") for a look at what the model writes
 DEFAULT_SAMPLE_BATCH_SIZE = 500
 
 
@@ -216,7 +218,8 @@ def generate_samples(
 
 
 def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: DictConfig) -> dict:
-    """BLEU-n (task.bleu_n) against `references` and Self-BLEU-n (task.self_bleu_n), x100, with the counts used."""
+    """BLEU-n (task.bleu_n) against `references` and Self-BLEU-n (task.self_bleu_n), x100, with the counts used;
+    with BLEU also sacreBLEU's corpus BLEU on the same references, and its signature (`metrics.sacrebleu_corpus`)."""
     hypotheses = [metrics.tokenize(s) for s in samples]
     result: dict = {}
     if task_cfg.get("bleu_n"):
@@ -227,6 +230,8 @@ def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: D
             score = metrics.bleu(hypotheses, reference_tokens, n, max_references=max_references)
             result[f"bleu{n}"] = score.score
             result["bleu_hypotheses"], result["bleu_references"] = score.num_hypotheses, score.num_references
+        sacre = metrics.sacrebleu_corpus(samples, references[:max_references])
+        result["sacrebleu"], result["sacrebleu_signature"] = sacre.score, sacre.signature
     for n in task_cfg.get("self_bleu_n") or []:
         score = metrics.self_bleu(hypotheses, n, max_samples=task_cfg.num_samples)
         result[f"self_bleu{n}"] = score.score
@@ -240,7 +245,7 @@ def sample_and_score(
     model, tokenizer, references: Sequence[str], task_cfg: DictConfig, seed: int, device, max_new_tokens: int
 ) -> dict:
     """Sample task.num_samples sentences (seeded by `seed`) and score them: `score_samples` plus the sampling
-    settings and the first PREVIEW_SAMPLES samples under "samples"."""
+    settings and every sample under "samples" (so the scores can be recomputed from results.json)."""
     samples = generate_samples(
         model,
         tokenizer,
@@ -257,7 +262,7 @@ def sample_and_score(
         "sample_seed": seed,
         "sample_top_k": task_cfg.get("top_k", 50),
         "sample_max_new_tokens": max_sample_tokens(model, max_new_tokens),
-        "samples": samples[:PREVIEW_SAMPLES],
+        "samples": samples,
     }
 
 
