@@ -74,12 +74,12 @@ def validate_config(cfg: DictConfig) -> None:
     (mpoe_exp/schema.py), then the relations between keys."""
     from mpoe_exp.schema import check_config
 
-    check_config(cfg)
     method = cfg.method
-    if cfg.ablation.get("mpo_only") and method.experts != "mpo":
+    if cfg.ablation.get("mpo_only") and method.get("experts") != "mpo":  # first: it adds method.mpo keys
         raise UserError(
             f"ablation={cfg.ablation.name} only applies to MPO methods (mpoe, mpoe++), not method={method.name}"
         )
+    check_config(cfg)
     if method.experts == "none":
         return
     if method.get("layer") == "cartesian" and method.num_experts % 2:
@@ -100,7 +100,8 @@ def validate_config(cfg: DictConfig) -> None:
             try:
                 mpo.factorization(rows, cols, method.mpo.num_tensors, overrides)
             except ValueError as err:
-                raise UserError(f"model={cfg.model.name} method={method.name}: {err}") from None
+                where = f"model={cfg.model.name} method={method.name} method.mpo.num_tensors={method.mpo.num_tensors}"
+                raise UserError(f"{where}: {err}") from None
 
 
 def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:

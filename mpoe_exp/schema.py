@@ -42,6 +42,7 @@ class Rule:
     optional: bool = False
 
     def or_null(self) -> Rule:
+        """The same rule, also accepting null."""
         return replace(self, allowed=f"null or {self.allowed}", accepts=lambda v, a=self.accepts: v is None or a(v))
 
 
@@ -62,31 +63,37 @@ def _bounds(ge=None, gt=None, le=None, lt=None) -> tuple[str, Callable[[float], 
 
 
 def integer(*, ge=None, gt=None, le=None, lt=None, null=False, optional=False) -> Rule:
+    """An int (not a bool) within the bounds."""
     phrase, within = _bounds(ge, gt, le, lt)
     rule = Rule(f"an integer {phrase}".strip(), lambda v: _is_int(v) and within(v), optional)
     return rule.or_null() if null else rule
 
 
 def number(*, ge=None, gt=None, le=None, lt=None, null=False, optional=False) -> Rule:
+    """A finite int or float (not a bool) within the bounds."""
     phrase, within = _bounds(ge, gt, le, lt)
     rule = Rule(f"a number {phrase}".strip(), lambda v: _is_number(v) and within(v), optional)
     return rule.or_null() if null else rule
 
 
 def boolean(*, optional=False) -> Rule:
+    """true or false (not 0/1, not a string)."""
     return Rule("true or false", lambda v: isinstance(v, bool), optional)
 
 
 def string(*, null=False, optional=False) -> Rule:
-    rule = Rule("a string", lambda v: isinstance(v, str) and v != "", optional)
+    """A non-empty string."""
+    rule = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "", optional)
     return rule.or_null() if null else rule
 
 
 def choice(*values: Any, optional=False) -> Rule:
+    """One of the given strings."""
     return Rule(f"one of {', '.join(map(str, values))}", lambda v: isinstance(v, str) and v in values, optional)
 
 
 def list_of(item: Rule, *, nonempty=False, optional=False) -> Rule:
+    """A list whose every item follows `item`."""
     what = f"a {'non-empty ' if nonempty else ''}list, each item {item.allowed}"
     return Rule(
         what, lambda v: isinstance(v, list) and (v or not nonempty) and all(item.accepts(x) for x in v), optional
@@ -94,21 +101,23 @@ def list_of(item: Rule, *, nonempty=False, optional=False) -> Rule:
 
 
 def mapping(what: str, *, null=False, optional=False) -> Rule:
+    """Any mapping (its content checked elsewhere), described as `what`."""
     rule = Rule(what, lambda v: isinstance(v, dict), optional)
     return rule.or_null() if null else rule
 
 
 def anything(*, optional=False) -> Rule:
+    """Any value (checked elsewhere)."""
     return Rule("anything", lambda v: True, optional)
 
 
-# A nested section: its key table, or a function of the section's (resolved) content giving its key table and a
-# phrase saying which variant it is ("router type noisy_top_k"), for sections whose keys depend on their content.
 Table = Mapping[str, "Rule | Section"]
 
 
 @dataclass(frozen=True)
 class Section:
+    """A nested section of keys: a fixed table, or a function (section, whole config) -> (table, variant phrase)."""
+
     keys: Table | Callable[[dict, dict], tuple[Table, str]] = field(default_factory=dict)
     null: bool = False  # the whole section may be null (task: a dry run needs none)
     optional: bool = False
@@ -151,7 +160,7 @@ MODEL: Table = {
 ABLATION: Table = {"name": string(), "mpo_only": boolean()}
 
 MPO: Table = {
-    "num_tensors": Rule("an odd integer >= 3", lambda v: _is_int(v) and v >= 3 and v % 2 == 1),
+    "num_tensors": integer(ge=1),  # odd and >= 3: mpo.factorization says why, in config.validate_config
     "max_bond": integer(ge=1, null=True, optional=True),
     "share_central": boolean(optional=True),
     "factorizations": mapping("a mapping {ROWSxCOLS: [[row factors], [col factors]]}", null=True, optional=True),
@@ -228,6 +237,10 @@ SAMPLING: Table = {  # unconditional samples scored with BLEU on the test split 
 }
 GLUE_TEXT: Table = {"hub_path": string(), "max_source_length": integer(ge=1), "max_target_length": integer(ge=1)}
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # tasks/glue_data.py
+GLUE_NAME = Rule(  # as tasks/glue_data.py reads a task name: "SST-2" and "sst-2" are sst2
+    f"a GLUE task ({', '.join(GLUE_TASKS)}; any case, hyphens ignored)",
+    lambda v: isinstance(v, str) and v.lower().replace("-", "") in GLUE_TASKS,
+)
 TASK_COMMON: Table = {
     "name": string(),
     "families": list_of(choice("t5", "gpt2"), nonempty=True),
@@ -238,7 +251,7 @@ TASKS: Mapping[str, Table] = {  # task.type -> its keys besides TASK_COMMON (tas
     "glue": {**GLUE_TEXT, "glue_task": choice(*GLUE_TASKS)},
     "glue_multitask": {
         **GLUE_TEXT,
-        "tasks": list_of(choice(*GLUE_TASKS), nonempty=True),
+        "tasks": list_of(GLUE_NAME, nonempty=True),  # duplicates: refused by tasks/multitask.py
         "temperature": number(gt=0),
         "mixture_size": integer(ge=1, null=True, optional=True),
     },
@@ -423,4 +436,6 @@ def _show(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, str):
         return value if value else "''"
+    if isinstance(value, list):
+        return f"[{','.join(_show(item) for item in value)}]"
     return str(value)

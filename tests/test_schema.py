@@ -47,7 +47,7 @@ BAD = [
     (["force=yes"], "force", "true or false"),
     (["device=gpu"], "device", "auto, cpu, cuda or cuda:N"),
     (["+cpu_threads=0"], "cpu_threads", "auto or an integer >= 1"),
-    (["data_dir=7"], "data_dir", "a string"),
+    (["data_dir=7"], "data_dir", "a non-empty string"),
     (["+datadir=x"], "datadir", "data_dir"),
     # method: keys a router or layer would ignore, or that its constructor would choke on
     (["method=switch", "method.router.type=noisy_top_k"], "method.router.bias", "top_k"),
@@ -68,7 +68,9 @@ BAD = [
     (["method=moe", "method.router.top_k=9"], "method.router.top_k", "1..8"),
     (["method=mpoe", "method.num_experts=0"], "method.num_experts", ">= 1"),
     (["method=mpoe", "method.gradient_mask_prob=1.5"], "method.gradient_mask_prob", "<= 1"),
-    (["method=mpoe", "method.mpo.num_tensors=4"], "method.mpo.num_tensors", "odd integer >= 3"),
+    (["method=mpoe", "method.mpo.num_tensors=4"], "method.mpo.num_tensors", "m must be odd and >= 3"),
+    (["method=mpoe", "method.mpo.num_tensors=5.0"], "method.mpo.num_tensors", "an integer >= 1"),
+    (["method=switch", "ablation=m3"], "ablation=m3", "only applies to MPO methods"),
     (["method=mpoe", "method.mpo.max_bond=0"], "method.mpo.max_bond", ">= 1"),
     (["method=mpoe", "+method.mpo.rank=8"], "method.mpo.rank", "num_tensors"),
     # task and the other sections
