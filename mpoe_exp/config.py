@@ -80,27 +80,29 @@ def expand_sweep(arguments: list[str]) -> list[list[str]]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Refuse bad combinations before any work starts."""
+    """Refuse bad settings and bad combinations before any work starts: every key against its typed schema
+    (mpoe_exp/schema.py), then the relations between keys."""
+    from mpoe_exp.schema import check_config
+
     method = cfg.method
-    if cfg.ablation.get("mpo_only") and method.experts != "mpo":
+    if cfg.ablation.get("mpo_only") and method.get("experts") != "mpo":  # first: it adds method.mpo keys
         raise UserError(
             f"ablation={cfg.ablation.name} only applies to MPO methods (mpoe, mpoe++), not method={method.name}"
         )
+    check_config(cfg)
     if method.experts == "none":
         return
-    if method.get("num_experts", 0) < 1:
-        raise UserError(f"method.num_experts must be >= 1, got {method.get('num_experts')}")
     if method.get("layer") == "cartesian" and method.num_experts % 2:
         raise UserError(
             f"method=cartesian needs an even num_experts (two groups, one per half of the FFN), "
             f"got {method.num_experts}"
         )
-    if method.get("layer") == "meo" and not 1 <= method.router.top_k <= method.num_experts:
-        raise UserError(f"method.router.top_k must be in 1..{method.num_experts}, got {method.router.top_k}")
+    top_k = method.router.get("top_k")
+    if top_k is not None and top_k > method.num_experts:
+        raise UserError(
+            f"method.router.top_k={top_k} is not allowed: it must be in 1..{method.num_experts} (method.num_experts)"
+        )
     if method.experts == "mpo":
-        prob = method.get("gradient_mask_prob", 0.0)
-        if not 0.0 <= prob <= 1.0:
-            raise UserError(f"method.gradient_mask_prob must be in [0, 1], got {prob}")
         d_model, d_ff = ffn_dims(cfg.model)
         factorizations = method.mpo.get("factorizations")
         overrides = OmegaConf.to_container(factorizations, resolve=True) if factorizations else {}
@@ -108,7 +110,8 @@ def validate_config(cfg: DictConfig) -> None:
             try:
                 mpo.factorization(rows, cols, method.mpo.num_tensors, overrides)
             except ValueError as err:
-                raise UserError(f"model={cfg.model.name} method={method.name}: {err}") from None
+                where = f"model={cfg.model.name} method={method.name} method.mpo.num_tensors={method.mpo.num_tensors}"
+                raise UserError(f"{where}: {err}") from None
 
 
 def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:

@@ -10,6 +10,11 @@ sentence scores are averaged. A pure-Python loop over nltk costs O(hypotheses x 
 for a full test set, so `bleu` and `self_bleu` precompute once per reference set the maximum count of every n-gram
 in any single reference (all that BLEU's clipping needs) and the reference lengths, and then score each hypothesis
 in O(its length). The arithmetic mirrors nltk 3.x step by step, so the results equal nltk's to rounding.
+
+Beside it, `sacrebleu_corpus` gives sacreBLEU's corpus BLEU (BLEU-4, its 13a tokenizer on detokenized text,
+exponential smoothing) with its signature, the number other papers can compare against: every hypothesis is scored
+against the same pooled references as Texygen's (each reference sentence a reference of every hypothesis), the
+n-gram statistics summed over the corpus.
 """
 
 from __future__ import annotations
@@ -357,3 +362,32 @@ def self_bleu(samples: Sequence[Sequence[str]], n: int, max_samples: int | None 
     return BleuResult(
         score=100.0 * total / len(samples), n=n, num_hypotheses=len(samples), num_references=len(samples) - 1
     )
+
+
+@dataclass(frozen=True)
+class SacreBleuResult:
+    """sacreBLEU corpus BLEU (x100) and its signature (which says references, case, tokenizer, smoothing, version)."""
+
+    score: float
+    signature: str
+
+
+def sacrebleu_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> SacreBleuResult:
+    """sacreBLEU's default corpus BLEU of `hypotheses` (strings), each scored against all of `references` (strings).
+
+    Equal to `sacrebleu.corpus_bleu(hypotheses, [[r] * len(hypotheses) for r in references])`; the references' n-gram
+    counts are extracted once rather than once per hypothesis (500 x 500 sentences in seconds, not minutes).
+    """
+    from sacrebleu.metrics import BLEU
+
+    if not references:
+        raise ValueError("sacreBLEU needs at least one reference, got none")
+    scorer = BLEU()
+    try:
+        reference_info = scorer._extract_reference_info([scorer._preprocess_segment(r) for r in references])
+        stats = [scorer._compute_segment_statistics(scorer._preprocess_segment(h), reference_info) for h in hypotheses]
+        scorer.num_refs = len(references)
+        result = scorer._aggregate_and_compute(stats)
+    except AttributeError:  # a sacrebleu without these internals: the public API, slower
+        result = scorer.corpus_score(list(hypotheses), [[r] * len(hypotheses) for r in references])
+    return SacreBleuResult(score=float(result.score), signature=str(scorer.get_signature()))

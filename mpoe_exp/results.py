@@ -21,7 +21,9 @@ results.json (schema_version 1):
     config_hash       sha256 of the run's identity (`config_hash`); checkpoints carry it too
     main_metric       name of the task's selection metric; greater_is_better
     validation        metrics of the best checkpoint on the validation split (selection uses only these)
-    test              metrics of that checkpoint on the test split
+    test              metrics of that checkpoint on the test split: numbers, except in generation and WikiText-2
+                      runs "samples" (every sample scored) and "sacrebleu_signature" (the string sacreBLEU gives
+                      for its "sacrebleu" score); tables and loggers read the numbers only
     best_step, steps  optimizer step of the best checkpoint; steps trained
     parameters        total, trainable (and router / expert_shared / expert_specific for expert methods)
     central_updates   optimizer steps that updated the central tensors (gradient mask)

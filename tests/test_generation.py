@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
+import sacrebleu
 import torch
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from omegaconf import OmegaConf
 
 from mpoe_exp import compose_config, metrics
@@ -30,6 +33,33 @@ SMALL = [
     "train.eval_batch_size=16",
 ]
 NEWS_RUN = [*SMALL, "task=emnlp_news", f"data_dir={NEWS}", "task.num_samples=8", "task.max_length=24"]
+
+
+def nltk_bleu(samples: list[str], references: list[str], n: int) -> float:
+    """Texygen BLEU-n x100 straight from nltk: each sample against all references, method1, averaged."""
+    refs = [metrics.tokenize(r) for r in references]
+    smooth = SmoothingFunction().method1
+    weights = (1.0 / n,) * n
+    return 100 * sum(sentence_bleu(refs, metrics.tokenize(s), weights, smooth) for s in samples) / len(samples)
+
+
+def nltk_self_bleu(samples: list[str], n: int) -> float:
+    """Texygen Self-BLEU-n x100 straight from nltk: each sample against all the others."""
+    return sum(nltk_bleu([s], samples[:i] + samples[i + 1 :], n) for i, s in enumerate(samples)) / len(samples)
+
+
+def check_scores_of_saved_samples(test: dict, references: list[str], bleu_n, self_bleu_n) -> None:
+    """The run's scores, recomputed from the samples its results.json keeps, with nltk and sacrebleu directly."""
+    samples = test["samples"]
+    assert len(samples) == test["num_samples"] == test["bleu_hypotheses"]
+    for n in bleu_n:
+        assert test[f"bleu{n}"] == pytest.approx(nltk_bleu(samples, references, n), rel=1e-9, abs=1e-12)
+    for n in self_bleu_n:
+        assert test[f"self_bleu{n}"] == pytest.approx(nltk_self_bleu(samples, n), rel=1e-9, abs=1e-12)
+    scorer = sacrebleu.BLEU()
+    expected = scorer.corpus_score(samples, [[r] * len(samples) for r in references])
+    assert test["sacrebleu"] == pytest.approx(expected.score, rel=1e-9, abs=1e-12)
+    assert test["sacrebleu_signature"] == str(scorer.get_signature())
 
 
 def sampling_cfg(**overrides):
@@ -118,14 +148,15 @@ def test_sample_scores_are_metrics_bleu_of_the_decoded_samples(tiny_model):
     before = torch.get_rng_state()
     result = sample_and_score(model, tokenizer, references, cfg, seed=3, device="cpu", max_new_tokens=20)
     assert torch.equal(torch.get_rng_state(), before)  # sampling leaves training randomness alone
-    assert result["samples"] == samples[:5]
+    assert result["samples"] == samples
 
     hypotheses = [metrics.tokenize(s) for s in samples]
     reference_tokens = [metrics.tokenize(r) for r in references]
     for n in (2, 3):
         assert result[f"bleu{n}"] == metrics.bleu(hypotheses, reference_tokens, n, max_references=500).score
     assert result["self_bleu2"] == metrics.self_bleu(hypotheses, 2, max_samples=6).score
-    assert result["bleu2"] > 0
+    assert result["bleu2"] > 0 and result["sacrebleu"] > 0
+    check_scores_of_saved_samples(result, references, (2, 3), (2,))
     assert (result["bleu_hypotheses"], result["bleu_references"], result["self_bleu_samples"]) == (6, 4, 6)
     assert (result["num_samples"], result["sample_seed"], result["sample_top_k"]) == (6, 3, 50)
     other_seed = generate_samples(model, tokenizer, 6, 20, 50, seed=4, device="cpu", batch_size=4)
@@ -169,26 +200,32 @@ def test_empty_samples_stay_as_empty_hypotheses():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("task.num_samples=1", "needs at least 2"),
-        ("task.num_samples=0", "positive integer"),
-        ("task.bleu_n=[0]", "positive n-gram orders"),
-        ("task.top_k=-1", "task.top_k"),
-        ("task.max_length=1", "max_length must be >= 2"),
+        ("task.num_samples=1", "needs at least 2"),  # Self-BLEU needs two samples: checked with the task
+        ("task.num_samples=0", "task.num_samples must be an integer >= 1"),  # the others by the schema
+        ("task.bleu_n=[0]", "task.bleu_n must be a list, each item an integer >= 1"),
+        ("task.top_k=-1", "task.top_k must be an integer >= 0"),
+        ("task.max_length=1", "task.max_length must be an integer >= 2"),
     ],
 )
-def test_bad_sampling_settings_are_refused_when_the_task_is_built(override, message):
-    cfg = compose_config(["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", override])
-    _, tokenizer = build_model(cfg)
-    with pytest.raises(UserError, match=message):
+def test_bad_sampling_settings_are_refused_before_training(override, message):
+    overrides = ["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", override]
+    with pytest.raises(UserError, match=re.escape(message)):
+        cfg = compose_config(overrides)
+        _, tokenizer = build_model(cfg)
         build_task(cfg, tokenizer)
 
 
 def test_wikitext2_sample_settings_are_checked_only_when_bleu_is_asked_for():
     base = ["model=tiny-gpt2", "task=wikitext2", f"data_dir={DEMO_DATA_DIR / 'wikitext2'}", "task.block_size=64"]
-    _, tokenizer = build_model(compose_config(base))
+    cfg = compose_config(base)
+    _, tokenizer = build_model(cfg)
+    with pytest.raises(UserError, match="task.sample_length"):  # refused by the schema, before any work
+        compose_config([*base, "task.sample_length=0"])
+    cfg.task.sample_length = 0  # past the schema (a config built in Python): the task checks it too
     with pytest.raises(UserError, match="task.sample_length"):
-        build_task(compose_config([*base, "task.sample_length=0"]), tokenizer)
-    task = build_task(compose_config([*base, "task.sample_length=0", "task.bleu_n=[]"]), tokenizer)
+        build_task(cfg, tokenizer)
+    cfg.task.bleu_n = []
+    task = build_task(cfg, tokenizer)
     assert task.sample_references is None
 
 
@@ -214,12 +251,12 @@ def test_news_run_scores_samples_on_test_and_selects_on_validation_perplexity(ne
 
     test = results["test"]
     assert test["perplexity"] > 1.0
-    for key in ("bleu2", "self_bleu2"):
-        assert 0.0 <= test[key] <= 100.0
     assert "bleu4" not in test  # the paper's EMNLP News / IMDB columns: BLEU-2 and Self-BLEU-2
     assert (test["bleu_hypotheses"], test["bleu_references"], test["self_bleu_samples"]) == (8, 50, 8)
     assert test["num_samples"] == 8 and test["sample_max_new_tokens"] == 23 and test["sample_seed"] == 1
-    assert len(test["samples"]) == 5 and all(isinstance(s, str) for s in test["samples"])
+    references = [line.strip() for line in (NEWS / "test.txt").read_text().splitlines() if line.strip()]
+    assert len(references) == 50
+    check_scores_of_saved_samples(test, references, (2,), (2,))
 
 
 def test_samples_are_reproducible_and_do_not_touch_training(news_run):
@@ -249,8 +286,8 @@ def test_imdb_run_on_sentence_files(tmp_path):
     )
     assert results["split_sizes"] == {"train": 57, "validation": 3, "test": 10}
     test = results["test"]
-    assert 0.0 <= test["bleu2"] <= 100.0 and 0.0 <= test["self_bleu2"] <= 100.0
     assert (test["bleu_hypotheses"], test["bleu_references"], test["self_bleu_samples"]) == (6, 10, 6)
+    check_scores_of_saved_samples(test, sentences[::2], (2,), (2,))
 
 
 def test_wikitext2_run_reports_bleu2_and_bleu4_of_samples_on_test(tmp_path):
@@ -266,10 +303,10 @@ def test_wikitext2_run_reports_bleu2_and_bleu4_of_samples_on_test(tmp_path):
     ]
     results = json.loads((run(compose_config(overrides)) / RESULTS_FILE).read_text())
     test = results["test"]
-    for key in ("bleu2", "bleu4"):
-        assert 0.0 <= test[key] <= 100.0
     assert "self_bleu2" not in test  # the paper reports none for WikiText-2
-    lines = (DEMO_DATA_DIR / "wikitext2" / "test.txt").read_text().splitlines(keepends=True)
-    assert test["bleu_references"] == len(generation.wikitext_references(lines)) == 40
+    lines = (DEMO_DATA_DIR / "wikitext2" / "test.txt").read_text().splitlines()
+    paragraphs = [line.strip() for line in lines if line.strip() and not line.strip().startswith("=")]
+    assert test["bleu_references"] == len(paragraphs) == 40
+    check_scores_of_saved_samples(test, paragraphs, (2, 4), ())
     assert test["bleu_hypotheses"] == 6 and test["sample_max_new_tokens"] == 16
     assert all(set(h["validation"]) == {"perplexity", "nll", "tokens"} for h in results["history"])

@@ -25,6 +25,7 @@ from mpoe_exp.metrics import (
     matthews_correlation,
     pearson,
     perplexity,
+    sacrebleu_corpus,
     self_bleu,
     spearman,
     tokenize,
@@ -289,3 +290,21 @@ def test_bleu_is_fast_on_a_full_size_reference_set():
     assert bleu(hypotheses[:3], references, 4).score == pytest.approx(
         nltk_bleu(hypotheses[:3], references, 4), abs=1e-9
     )
+
+
+def test_sacrebleu_corpus_is_sacrebleus_own_corpus_bleu_against_the_pooled_references():
+    import sacrebleu
+
+    rng = random.Random(5)
+    words = "the a cat dog sees runs home , . quickly and it is".split()
+    references = [" ".join(rng.choices(words, k=rng.randint(3, 14))) for _ in range(30)]
+    hypotheses = [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(12)] + [references[0], ""]
+    result = sacrebleu_corpus(hypotheses, references)
+    scorer = sacrebleu.BLEU()
+    expected = scorer.corpus_score(hypotheses, [[r] * len(hypotheses) for r in references])
+    assert result.score == pytest.approx(expected.score, abs=1e-9) and 0 < result.score < 100
+    assert result.signature == str(scorer.get_signature())
+    assert result.signature.startswith("nrefs:30|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert sacrebleu_corpus(references[:3], references[:3]).score == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="at least one reference"):
+        sacrebleu_corpus(hypotheses, [])

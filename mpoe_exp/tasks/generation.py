@@ -14,8 +14,11 @@ On the test split the task also samples `task.num_samples` sentences (`sample_an
 token alone, top-k sampling (`task.top_k`, 50 in the reference practice), temperature 1, until the end token or
 `task.max_length - 1` new tokens (a sample is then as long as the longest training sequence). Samples are scored
 with Texygen BLEU-n against the test sentences and Self-BLEU-n against each other (`mpoe_exp.metrics`; text split
-into words by `metrics.tokenize` on both sides). Counts used are recorded next to the scores; the defaults follow
-Texygen's "fast" variants: 500 samples, the first 500 test sentences as references, Self-BLEU over the 500 samples.
+into words by `metrics.tokenize` on both sides), and with sacreBLEU's corpus BLEU against the same references
+(`sacrebleu`, with its signature in `sacrebleu_signature`). Counts used are recorded next to the scores, and every
+sample is kept in the test metrics (`samples`). The defaults follow Texygen's "fast" variants: 500 samples, 500
+test sentences as references (`task.references`: the first ones, or for IMDB, whose sentences come in review
+order, a sample drawn with the data seed; `reference_sentences`), Self-BLEU over the 500 samples.
 
 Sampling is reproducible and invisible to training: the global torch RNG (CPU and every CUDA device) is saved,
 seeded with the run seed (`cfg.seed`), used by `model.generate`, and restored afterwards. Samples are drawn
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -40,8 +44,8 @@ from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import text_data
+from mpoe_exp.tasks.data_location import task_data_dir
 
-PREVIEW_SAMPLES = 5  # decoded samples stored in the test metrics ("samples") for a look at what the model writes
 DEFAULT_SAMPLE_BATCH_SIZE = 500
 
 
@@ -99,6 +103,18 @@ def wikitext_references(lines: Sequence[str]) -> list[str]:
     """BLEU references of WikiText: the non-blank lines that are not headings (" = Title = ", " = = Sub = = "),
     stripped, in order (one paragraph per reference)."""
     return [line.strip() for line in lines if line.strip() and not line.startswith(" = ")]
+
+
+def reference_sentences(test: Sequence[str], max_references: int | None, how: str, seed: int) -> list[str]:
+    """The BLEU references among the test sentences: all when there are at most `max_references`; else the first
+    `max_references` (how="first", Texygen) or a sample of that many drawn with `seed` (how="sample": indices
+    `numpy.random.default_rng(seed).choice(len(test), max_references, replace=False)`), kept in test-file order."""
+    if max_references is None or len(test) <= max_references:
+        return list(test)
+    if how == "first":
+        return list(test[:max_references])
+    chosen = np.sort(np.random.default_rng(seed).choice(len(test), size=max_references, replace=False))
+    return [test[i] for i in chosen]
 
 
 # --- sampling and scoring --------------------------------------------------------------------------------------
@@ -202,7 +218,8 @@ def generate_samples(
 
 
 def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: DictConfig) -> dict:
-    """BLEU-n (task.bleu_n) against `references` and Self-BLEU-n (task.self_bleu_n), x100, with the counts used."""
+    """BLEU-n (task.bleu_n) against `references` and Self-BLEU-n (task.self_bleu_n), x100, with the counts used;
+    with BLEU also sacreBLEU's corpus BLEU on the same references, and its signature (`metrics.sacrebleu_corpus`)."""
     hypotheses = [metrics.tokenize(s) for s in samples]
     result: dict = {}
     if task_cfg.get("bleu_n"):
@@ -213,6 +230,8 @@ def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: D
             score = metrics.bleu(hypotheses, reference_tokens, n, max_references=max_references)
             result[f"bleu{n}"] = score.score
             result["bleu_hypotheses"], result["bleu_references"] = score.num_hypotheses, score.num_references
+        sacre = metrics.sacrebleu_corpus(samples, references[:max_references])
+        result["sacrebleu"], result["sacrebleu_signature"] = sacre.score, sacre.signature
     for n in task_cfg.get("self_bleu_n") or []:
         score = metrics.self_bleu(hypotheses, n, max_samples=task_cfg.num_samples)
         result[f"self_bleu{n}"] = score.score
@@ -226,7 +245,7 @@ def sample_and_score(
     model, tokenizer, references: Sequence[str], task_cfg: DictConfig, seed: int, device, max_new_tokens: int
 ) -> dict:
     """Sample task.num_samples sentences (seeded by `seed`) and score them: `score_samples` plus the sampling
-    settings and the first PREVIEW_SAMPLES samples under "samples"."""
+    settings and every sample under "samples" (so the scores can be recomputed from results.json)."""
     samples = generate_samples(
         model,
         tokenizer,
@@ -243,7 +262,7 @@ def sample_and_score(
         "sample_seed": seed,
         "sample_top_k": task_cfg.get("top_k", 50),
         "sample_max_new_tokens": max_sample_tokens(model, max_new_tokens),
-        "samples": samples[:PREVIEW_SAMPLES],
+        "samples": samples,
     }
 
 
@@ -271,7 +290,11 @@ class GenerationTask:
         if self.end_id is None:
             raise UserError("generation needs a tokenizer with an eos token to end sentences with")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
-        self.texts = text_data.load_text_splits(task_cfg.text_task, data_dir=cfg.data_dir, seed=task_cfg.data_seed)
+        data_dir = task_data_dir(cfg)
+        self.texts = text_data.load_text_splits(task_cfg.text_task, data_dir=data_dir, seed=task_cfg.data_seed)
+        self.references = reference_sentences(
+            self.texts["test"], task_cfg.get("max_references"), task_cfg.get("references", "first"), task_cfg.data_seed
+        )
         self.sequences = {split: self.encode(lines) for split, lines in self.texts.items()}
         # Sentences cut at max_length (they lost their end token), per split.
         self.truncated = {
@@ -302,7 +325,7 @@ class GenerationTask:
             result["truncated"] = self.truncated[split]
             result.update(
                 sample_and_score(
-                    model, self.tokenizer, self.texts["test"], self.cfg, self.seed, device, self.max_length - 1
+                    model, self.tokenizer, self.references, self.cfg, self.seed, device, self.max_length - 1
                 )
             )
         return result

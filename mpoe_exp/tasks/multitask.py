@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
 from mpoe_exp.tasks import glue_data
+from mpoe_exp.tasks.data_location import task_data_dir
 
 if TYPE_CHECKING:
     from mpoe_exp.tasks.tasks import GlueTask
@@ -113,11 +114,13 @@ class MultiTaskGlue:
         self.temperature = float(task_cfg.temperature)
         self.seed = [int(task_cfg.data_seed), int(cfg.seed)]
         self.tasks: dict[str, GlueTask] = {}
+        data_dir = task_data_dir(cfg)  # the GLUE folder every sub-task reads
         for glue_task in _task_list(task_cfg):
             sub_cfg = OmegaConf.create(
                 {
-                    "data_dir": cfg.data_dir,
+                    "data_dir": None,
                     "task": {
+                        "data_dir": data_dir,
                         "name": glue_task,
                         "type": "glue",
                         "glue_task": glue_task,

@@ -24,6 +24,7 @@ from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import glue_data, text_data
+from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.generation import (
     GenerationTask,
     causal_lm_collate,
@@ -46,7 +47,7 @@ class GlueTask:
     """One GLUE task for an encoder-decoder model."""
 
     def __init__(self, cfg: DictConfig, tokenizer):
-        task_cfg, data_dir = cfg.task, cfg.data_dir
+        task_cfg, data_dir = cfg.task, task_data_dir(cfg)
         self.name = task_cfg.name
         self.glue_task = task_cfg.glue_task
         self.cfg = task_cfg
@@ -113,7 +114,7 @@ class LanguageModelingTask:
     """Causal LM fine-tuning; evaluation is perplexity over the split's blocks."""
 
     def __init__(self, cfg: DictConfig, tokenizer):
-        task_cfg, data_dir = cfg.task, cfg.data_dir
+        task_cfg, data_dir = cfg.task, task_data_dir(cfg)
         max_positions = cfg.model.architecture.get("n_positions", 1024)
         self.name = task_cfg.name
         self.cfg = task_cfg
@@ -165,7 +166,7 @@ TASK_TYPES = {
 
 
 def build_task(cfg: DictConfig, tokenizer):
-    """The task object of `cfg.task` with data from `cfg.data_dir` (or the hub)."""
+    """The task object of `cfg.task` with data from its folder (`data_location.task_data_dir`) or the hub."""
     kind = cfg.task.type
     if kind not in TASK_TYPES:
         raise UserError(f"task type {kind!r} is not available; known: {sorted(TASK_TYPES)}")

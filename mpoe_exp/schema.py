@@ -1,0 +1,442 @@
+"""The typed schema of every setting, checked before any work starts (`check_config`, from config.validate_config).
+
+Each config section is a table `key -> Rule`; a rule says which values a key takes (type, range, choices, null)
+and whether it may be absent. A value outside its rule, a missing key or a key the section does not know (one a
+router, a layer or a task would silently ignore) is refused with one line: the full key, the value, what is allowed.
+
+Why a validation pass and not Hydra structured configs: the keys a section may hold depend on a sibling's value.
+`method.*` depends on the method's layer (moe, cartesian, meo), its experts (dense, mpo) and its router type (a
+noisy_top_k router has no capacity factors), `task.*` on the task type, `logger.*` on the logger; a structured config
+types one fixed set of keys per node and cannot switch on another key. Router keys are derived from each router
+class's constructor (keyword-only parameters, types from their annotations), so a new router in
+`mpoe_exp.moe.layer.ROUTERS` needs no edit here; `VALUE_RANGES` adds the ranges of known parameter names.
+Relations between keys (top_k <= num_experts, the MPO factorization fitting the model) are checked after this,
+in config.validate_config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+from omegaconf.errors import InterpolationResolutionError
+
+from mpoe_exp.errors import UserError
+
+# --- rules -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key may hold: `accepts(value)`, a phrase for messages, whether the key may be absent."""
+
+    allowed: str
+    accepts: Callable[[Any], bool]
+    optional: bool = False
+
+    def or_null(self) -> Rule:
+        """The same rule, also accepting null."""
+        return replace(self, allowed=f"null or {self.allowed}", accepts=lambda v, a=self.accepts: v is None or a(v))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _bounds(ge=None, gt=None, le=None, lt=None) -> tuple[str, Callable[[float], bool]]:
+    """The phrase (">= 0 and < 1") and the test of optional bounds."""
+    parts = [(op, bound) for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if bound is not None]
+    tests = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
+    phrase = " and ".join(f"{op} {bound:g}" for op, bound in parts)
+    return phrase, lambda v: all(tests[op](v, bound) for op, bound in parts)
+
+
+def integer(*, ge=None, gt=None, le=None, lt=None, null=False, optional=False) -> Rule:
+    """An int (not a bool) within the bounds."""
+    phrase, within = _bounds(ge, gt, le, lt)
+    rule = Rule(f"an integer {phrase}".strip(), lambda v: _is_int(v) and within(v), optional)
+    return rule.or_null() if null else rule
+
+
+def number(*, ge=None, gt=None, le=None, lt=None, null=False, optional=False) -> Rule:
+    """A finite int or float (not a bool) within the bounds."""
+    phrase, within = _bounds(ge, gt, le, lt)
+    rule = Rule(f"a number {phrase}".strip(), lambda v: _is_number(v) and within(v), optional)
+    return rule.or_null() if null else rule
+
+
+def boolean(*, optional=False) -> Rule:
+    """true or false (not 0/1, not a string)."""
+    return Rule("true or false", lambda v: isinstance(v, bool), optional)
+
+
+def string(*, null=False, optional=False) -> Rule:
+    """A non-empty string."""
+    rule = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "", optional)
+    return rule.or_null() if null else rule
+
+
+def choice(*values: Any, optional=False) -> Rule:
+    """One of the given strings."""
+    return Rule(f"one of {', '.join(map(str, values))}", lambda v: isinstance(v, str) and v in values, optional)
+
+
+def list_of(item: Rule, *, nonempty=False, optional=False) -> Rule:
+    """A list whose every item follows `item`."""
+    what = f"a {'non-empty ' if nonempty else ''}list, each item {item.allowed}"
+    return Rule(
+        what, lambda v: isinstance(v, list) and (v or not nonempty) and all(item.accepts(x) for x in v), optional
+    )
+
+
+def mapping(what: str, *, null=False, optional=False) -> Rule:
+    """Any mapping (its content checked elsewhere), described as `what`."""
+    rule = Rule(what, lambda v: isinstance(v, dict), optional)
+    return rule.or_null() if null else rule
+
+
+def anything(*, optional=False) -> Rule:
+    """Any value (checked elsewhere)."""
+    return Rule("anything", lambda v: True, optional)
+
+
+Table = Mapping[str, "Rule | Section"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A nested section of keys: a fixed table, or a function (section, whole config) -> (table, variant phrase)."""
+
+    keys: Table | Callable[[dict, dict], tuple[Table, str]] = field(default_factory=dict)
+    null: bool = False  # the whole section may be null (task: a dry run needs none)
+    optional: bool = False
+
+
+# --- the tables ------------------------------------------------------------------------------------------------
+
+TRAIN: Table = {
+    "lr": number(gt=0),
+    "epochs": integer(ge=1),
+    "max_steps": integer(ge=1, null=True),  # null: `epochs`
+    "batch_size": integer(ge=1),
+    "grad_accum_steps": integer(ge=1),
+    "warmup_steps": integer(ge=0, null=True),  # null: warmup_ratio * total steps
+    "warmup_ratio": number(ge=0, lt=1),
+    "weight_decay": number(ge=0),
+    "adam_eps": number(gt=0),
+    "grad_clip": number(ge=0, null=True),  # 0 or null: no clipping
+    "label_smoothing": number(ge=0, lt=1),
+    "precision": choice("fp32", "bf16", "fp16", optional=True),
+    "tf32": boolean(),
+    "eval_every": integer(ge=1, null=True, optional=True),  # null: from evals_per_epoch
+    "evals_per_epoch": integer(ge=1, optional=True),
+    "min_evals": integer(ge=1, optional=True),
+    "checkpoint_every": integer(ge=1, optional=True),  # optimizer steps between resume checkpoints
+    "eval_batch_size": integer(ge=1),
+    "log_every": integer(ge=1),
+}
+
+MODEL: Table = {
+    "name": string(),
+    "family": choice("t5", "gpt2"),
+    "hub_id": string(null=True),
+    "path": string(null=True),
+    "pretrained": boolean(),
+    "tokenizer": choice("pretrained", "byte"),
+    "architecture": mapping("a mapping of transformers T5Config / GPT2Config fields"),
+}
+
+ABLATION: Table = {"name": string(), "mpo_only": boolean()}
+
+MPO: Table = {
+    "num_tensors": integer(ge=1),  # odd and >= 3: mpo.factorization says why, in config.validate_config
+    "max_bond": integer(ge=1, null=True, optional=True),
+    "share_central": boolean(optional=True),
+    "factorizations": mapping("a mapping {ROWSxCOLS: [[row factors], [col factors]]}", null=True, optional=True),
+    "cache_in_eval": boolean(optional=True),
+}
+
+# Ranges of router constructor parameters, by name (any router with such a parameter); other parameters are checked
+# against their type annotation only.
+VALUE_RANGES: Table = {
+    "init_std": number(ge=0),
+    "jitter": number(ge=0, lt=1),
+    "capacity_factor_train": number(gt=0, null=True),
+    "capacity_factor_eval": number(gt=0, null=True),
+    "balance_loss_coef": number(ge=0),
+    "z_loss_coef": number(ge=0),
+    "importance_loss_coef": number(ge=0),
+    "load_loss_coef": number(ge=0),
+    "noise_eps": number(ge=0),
+    "top_k": integer(ge=1),
+    "groups": integer(ge=1),
+}
+
+
+@dataclass(frozen=True)
+class LayerSchema:
+    """What a method with this `layer` may set: its expert kinds, router types, own keys, router keys it fixes."""
+
+    experts: tuple[str, ...]
+    routers: Callable[[], Mapping[str, type]]  # router.type -> class (a function: importing torch is deferred)
+    keys: Callable[[dict], Table]  # the layer's own method.* keys, given the method section
+    fixed_router_keys: tuple[str, ...] = ()  # constructor parameters the layer sets itself
+
+
+def _moe_routers() -> Mapping[str, type]:
+    from mpoe_exp.moe.layer import ROUTERS
+
+    return ROUTERS
+
+
+def _cartesian_routers() -> Mapping[str, type]:
+    from mpoe_exp.moe.cartesian import GroupTop1Router
+
+    return {"group_top1": GroupTop1Router}
+
+
+def _meo_routers() -> Mapping[str, type]:
+    from mpoe_exp.moe.routers import NoisyTopKRouter
+
+    return {"noisy_top_k": NoisyTopKRouter}
+
+
+def _meo_keys(method: dict) -> Table:
+    keys: dict = {"level": choice("sequence", "token", optional=True)}
+    if method.get("level") == "token":  # the routing bottleneck exists only for token-level MEO
+        keys["bottleneck_reduction"] = integer(ge=1, optional=True)
+    return keys
+
+
+LAYERS: Mapping[str, LayerSchema] = {
+    "moe": LayerSchema(("dense", "mpo"), _moe_routers, lambda m: {"recompute": boolean(optional=True)}),
+    "cartesian": LayerSchema(
+        ("dense",), _cartesian_routers, lambda m: {"shared_experts": integer(ge=0, optional=True)}, ("groups",)
+    ),
+    "meo": LayerSchema(("dense",), _meo_routers, _meo_keys),
+}
+
+SAMPLING: Table = {  # unconditional samples scored with BLEU on the test split (tasks/generation.py)
+    "num_samples": integer(ge=1),
+    "top_k": integer(ge=0),
+    "bleu_n": list_of(integer(ge=1)),
+    "self_bleu_n": list_of(integer(ge=1)),
+    "max_references": integer(ge=1, null=True),
+    "sample_batch_size": integer(ge=1, null=True),
+}
+GLUE_TEXT: Table = {"hub_path": string(), "max_source_length": integer(ge=1), "max_target_length": integer(ge=1)}
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # tasks/glue_data.py
+GLUE_NAME = Rule(  # as tasks/glue_data.py reads a task name: "SST-2" and "sst-2" are sst2
+    f"a GLUE task ({', '.join(GLUE_TASKS)}; any case, hyphens ignored)",
+    lambda v: isinstance(v, str) and v.lower().replace("-", "") in GLUE_TASKS,
+)
+TASK_COMMON: Table = {
+    "name": string(),
+    "families": list_of(choice("t5", "gpt2"), nonempty=True),
+    "data_seed": integer(ge=0),
+    "data_dir": string(null=True, optional=True),  # this task's own data folder (tasks/data_location.py)
+    "label_smoothing": number(ge=0, lt=1, optional=True),  # the task's default for train.label_smoothing
+}
+TASKS: Mapping[str, Table] = {  # task.type -> its keys besides TASK_COMMON (tasks/tasks.py TASK_TYPES)
+    "glue": {**GLUE_TEXT, "glue_task": choice(*GLUE_TASKS)},
+    "glue_multitask": {
+        **GLUE_TEXT,
+        "tasks": list_of(GLUE_NAME, nonempty=True),  # duplicates: refused by tasks/multitask.py
+        "temperature": number(gt=0),
+        "mixture_size": integer(ge=1, null=True, optional=True),
+    },
+    "lm": {"text_task": choice("wikitext2"), "block_size": integer(ge=1), "sample_length": integer(ge=1), **SAMPLING},
+    "generation": {
+        "text_task": choice("emnlp_news", "imdb"),
+        "max_length": integer(ge=2),
+        "references": choice("first", "sample", optional=True),
+        **SAMPLING,
+    },
+}
+
+LOGGERS: Mapping[str, Table] = {
+    "none": {},
+    "wandb": {
+        "project": string(),
+        "entity": string(null=True),
+        "mode": choice("online", "offline", "disabled"),
+        "tags": list_of(string()),
+    },
+}
+
+
+# --- sections whose keys depend on their content ----------------------------------------------------------------
+
+
+def _annotation_rule(annotation: Any) -> Rule:
+    """A rule from a constructor parameter's type annotation (bool, int, float, str, or X | None)."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        rule = _annotation_rule(inner[0]) if len(inner) == 1 else anything()
+        return rule.or_null() if type(None) in args else rule
+    simple = {bool: boolean(), int: integer(), float: number(), str: string()}
+    return simple.get(annotation, anything())
+
+
+def router_keys(router_cls: type, fixed: tuple[str, ...] = ()) -> dict[str, Rule]:
+    """method.router.* keys of a router class: its keyword-only constructor parameters (less `fixed`), typed by
+    VALUE_RANGES or else by their annotations; a parameter with a default may be left out."""
+    hints = typing.get_type_hints(router_cls.__init__)
+    keys: dict[str, Rule] = {"type": string()}
+    for parameter in inspect.signature(router_cls.__init__).parameters.values():
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name in fixed:
+            continue
+        rule = VALUE_RANGES.get(parameter.name) or _annotation_rule(hints.get(parameter.name))
+        keys[parameter.name] = replace(rule, optional=parameter.default is not inspect.Parameter.empty)
+    return keys
+
+
+def _router_section(router: dict, method: dict) -> tuple[Table, str]:
+    layer_name = method.get("layer", "moe")
+    layer = LAYERS[layer_name]
+    routers = layer.routers()
+    kind = router.get("type")
+    if kind not in routers:
+        raise UserError(
+            f"method.router.type={kind}: method.layer={layer_name} takes router type {' or '.join(routers)}"
+        )
+    return router_keys(routers[kind], layer.fixed_router_keys), f"router type {kind}, method.layer={layer_name}"
+
+
+def _method_section(method: dict, cfg: dict) -> tuple[Table, str]:
+    experts = method.get("experts")
+    keys: dict = {"name": string(), "experts": choice("none", "dense", "mpo")}
+    if experts not in ("dense", "mpo"):
+        return keys, f"method.experts={experts}"
+    layer_name = method.get("layer", "moe")
+    keys["layer"] = choice(*LAYERS, optional=True)
+    if layer_name not in LAYERS:
+        return keys, f"method.experts={experts}"
+    layer = LAYERS[layer_name]
+    keys["experts"] = choice(*layer.experts)
+    keys.update(num_experts=integer(ge=1), router=Section(lambda r, _: _router_section(r, method)))
+    keys.update(layer.keys(method))
+    if experts == "mpo":
+        keys.update(mpo=Section(MPO), gradient_mask_prob=number(ge=0, le=1, optional=True))
+    return keys, f"method.layer={layer_name} with {experts} experts"
+
+
+def _task_section(task: dict, cfg: dict) -> tuple[Table, str]:
+    kind = task.get("type")
+    if kind is None:  # settings for the task a sweep chooses later (smoke_gpt2.yaml): checked once it is chosen
+        return {key: anything() for key in task}, "no task chosen"
+    keys = {"type": choice(*TASKS), **TASK_COMMON}
+    return {**keys, **TASKS.get(kind, {})}, f"task.type={kind}"
+
+
+def _logger_section(logger: dict, cfg: dict) -> tuple[Table, str]:
+    return {"name": choice(*LOGGERS), **LOGGERS.get(logger.get("name"), {})}, f"logger={logger.get('name')}"
+
+
+DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))
+CPU_THREADS = Rule(
+    "auto or an integer >= 1", lambda v: v == "auto" or (_is_int(v) and v >= 1), optional=True
+)  # torch threads on CPU
+
+CONFIG: Table = {
+    "seed": integer(ge=0),
+    "dry_run": boolean(),
+    "experiment_name": string(),
+    "table_model": string(null=True),
+    "runs_dir": string(),
+    "data_dir": string(null=True),
+    "force": boolean(),
+    "device": DEVICE,
+    "cpu_threads": CPU_THREADS,
+    "train": Section(TRAIN),
+    "model": Section(MODEL),
+    "method": Section(_method_section),
+    "ablation": Section(ABLATION),
+    "task": Section(_task_section, null=True, optional=True),  # a dry run needs none (runner checks)
+    "logger": Section(_logger_section),
+    "hydra": anything(optional=True),  # present when composed with return_hydra_config; Hydra checks it
+}
+
+
+# --- the check -------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, with one line naming the key and what it allows, any value, missing key or unknown key of `cfg`."""
+    resolved = {key: _plain(cfg, key) for key in cfg if key != "hydra"}
+    _check_table("", resolved, CONFIG, resolved)
+
+
+class _Unresolved:
+    """A value whose interpolation cannot resolve yet (${task.name} with no task chosen): not checked here."""
+
+
+def _plain(node: DictConfig | ListConfig, key: Any) -> Any:
+    """node[key] resolved into plain Python (dicts, lists, scalars), _Unresolved where an interpolation fails."""
+    try:
+        value = node[key]
+    except InterpolationResolutionError:
+        return _Unresolved()
+    if isinstance(value, DictConfig):
+        return {k: _plain(value, k) for k in value}
+    if isinstance(value, ListConfig):
+        return [_plain(value, i) for i in range(len(value))]
+    return value
+
+
+def _check_table(prefix: str, node: dict, table: Table, root: dict, variant: str = "") -> None:
+    where = prefix[:-1] or "the top level"
+    context = f" ({variant})" if variant else ""
+    for key in node:
+        if key not in table:
+            allowed = ", ".join(k for k in table if k != "hydra")
+            raise UserError(f"unknown key {prefix}{key}: {where} takes {allowed}{context}")
+    for key, rule in table.items():
+        full = f"{prefix}{key}"
+        if key not in node:
+            if not rule.optional:
+                what = "a section" if isinstance(rule, Section) else rule.allowed
+                raise UserError(f"missing key {full}: {where} needs it ({what}){context}")
+            continue
+        value = node[key]
+        if isinstance(rule, Section):
+            _check_section(full, value, rule, root)
+        elif not isinstance(value, _Unresolved) and not rule.accepts(value):
+            raise UserError(f"{full}={_show(value)} is not allowed: {full} must be {rule.allowed}")
+
+
+def _check_section(full: str, value: Any, section: Section, root: dict) -> None:
+    if (value is None and section.null) or isinstance(value, _Unresolved):
+        return
+    if not isinstance(value, dict):
+        raise UserError(f"{full}={_show(value)} is not allowed: {full} is a section of keys (choose it by group)")
+    if callable(section.keys):
+        table, variant = section.keys(value, root)
+    else:
+        table, variant = section.keys, ""
+    _check_table(f"{full}.", value, table, root, variant)
+
+
+def _show(value: Any) -> str:
+    """A value as a command line would write it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, list):
+        return f"[{','.join(_show(item) for item in value)}]"
+    return str(value)
