@@ -56,5 +56,21 @@ def check_not_a_sweep(hydra_cfg) -> None:
         )
 
 
+def check_command(argv: list[str]) -> None:
+    """A bad choice or key on the command line: one line and exit 2 before Hydra starts (Hydra's own report is
+    several lines, exit 1). Commands with Hydra's flags (--help, --cfg, ...) go to Hydra as they are."""
+    from mpoe_exp.config import check_composes
+
+    sweep_flags = ("-m", "--multirun")
+    if any(a.startswith("-") and a not in sweep_flags for a in argv):
+        return
+    try:
+        check_composes([a for a in argv if a not in sweep_flags], multirun=any(a in sweep_flags for a in argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_command(sys.argv[1:])
     main()

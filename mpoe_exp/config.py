@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -45,17 +46,62 @@ def available(group: str) -> list[str]:
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose conf/ with Hydra overrides exactly as `python -m mpoe_exp <overrides>` does, then validate."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
     overrides = list(overrides or [])
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+        cfg = _compose(overrides)
     except HydraException as err:
-        raise UserError(f"bad config overrides {overrides}: {err}") from None
+        raise UserError(hydra_error_line(err, overrides)) from None
     validate_config(cfg)
     return cfg
+
+
+def _compose(overrides: list[str], **kwargs) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=CONFIG_NAME, overrides=overrides, **kwargs)
+
+
+def hydra_error_line(err: Exception, overrides: list[str]) -> str:
+    """One line for a Hydra composition error: the unknown choice or key, and what is allowed instead."""
+    text = str(err)
+    missing_choice = re.search(r"Could not find '([\w/]+)/([^']*)'", text)
+    if missing_choice:
+        group, name = missing_choice.groups()
+        return f"unknown {group}={name}: {group} is one of {', '.join(available(group))}"
+    missing_key = re.search(r"Could not override '([^']+)'", text)
+    if missing_key:
+        key = missing_key.group(1)
+        parent, _, _ = key.rpartition(".")
+        others = [o for o in overrides if o.partition("=")[0].lstrip("+~") != key]
+        try:
+            node = OmegaConf.select(_compose(others), parent) if parent else _compose(others)
+            known = ", ".join(str(k) for k in node) if isinstance(node, DictConfig) else None
+        except Exception:  # the other overrides are broken too: name the key alone
+            known = None
+        where = f"{parent or 'the config'} takes {known}" if known else "it is not a setting of this config"
+        return f"unknown key {key}: {where}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return f"bad config overrides {' '.join(overrides)}: {first}"
+
+
+def check_composes(arguments: list[str], multirun: bool) -> None:
+    """Compose the command's runs as Hydra will (for a sweep, enough runs to use every swept value once): an unknown
+    choice or key is a UserError of one line here, rather than Hydra's multi-line report later."""
+    from hydra.errors import HydraException
+
+    runs = expand_sweep(arguments) if multirun else [list(arguments)]
+    unused = {o for run in runs for o in run}
+    for run in runs:
+        if unused.isdisjoint(run):
+            continue
+        unused.difference_update(run)
+        try:
+            _compose(run)
+        except HydraException as err:
+            raise UserError(hydra_error_line(err, run)) from None
 
 
 def expand_sweep(arguments: list[str]) -> list[list[str]]:
@@ -76,7 +122,7 @@ def expand_sweep(arguments: list[str]) -> list[list[str]]:
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(arguments))
         return BasicSweeper.split_arguments(overrides, None)[0]
     except HydraException as err:
-        raise UserError(f"bad sweep {arguments}: {err}") from None
+        raise UserError(hydra_error_line(err, list(arguments))) from None
 
 
 def validate_config(cfg: DictConfig) -> None:
