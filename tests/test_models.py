@@ -18,12 +18,10 @@ from mpoe_exp.moe import MoEFeedForward, MPOExperts
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Switch drops tokens over capacity and scales by the router probability; with the straight-through gate and no
-# eval capacity limit it computes the dense function exactly (SPEC section 3).
-EXACT_SWITCH = ["method.router.straight_through=true", "method.router.capacity_factor_eval=null"]
+METHOD_FILES = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 METHODS = [
     ("moe", []),
-    ("switch", EXACT_SWITCH),
+    ("switch", []),
     ("mpoe", []),
     ("mpoe++", []),
     ("mpoe", ["ablation=no_sharing"]),
@@ -75,10 +73,24 @@ def test_upcycled_model_equals_dense_at_initialization(dense_model, method, extr
     assert rel <= 1e-4, f"relative error {rel:.2e}"
 
 
-def test_switch_default_router_is_not_the_identity(dense_model):
-    """The plain switch gate scales by the router probability: the check above would catch a broken gate."""
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_every_method_equals_the_dense_model_at_initialization_by_default(dense_model, method):
+    """Every config file in conf/method, as it is (no override): eval-mode logits within 1e-5 of the dense model's."""
     overrides, cfg, dense, inputs, expected = dense_model
-    method_cfg = compose_config([f"model={cfg.model.name}", "method=switch", *overrides]).method
+    method_cfg = compose_config([f"model={cfg.model.name}", f"method={method}", *overrides]).method
+    model = upcycle(copy.deepcopy(dense), method_cfg).eval()
+    assert method == "dense" or not list(ffn_sites(model)), "every dense FFN must be replaced"
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    rel = (logits - expected).norm() / expected.norm()
+    assert rel <= 1e-5, f"relative error {rel:.2e}"
+
+
+def test_switch_with_fedus_gate_is_not_the_identity(dense_model):
+    """Fedus' gate scales by the router probability: the checks above would catch a gate that is not 1."""
+    overrides, cfg, dense, inputs, expected = dense_model
+    fedus = ["method.router.straight_through=false"]
+    method_cfg = compose_config([f"model={cfg.model.name}", "method=switch", *overrides, *fedus]).method
     model = upcycle(copy.deepcopy(dense), method_cfg).eval()
     with torch.no_grad():
         logits = model(**inputs).logits

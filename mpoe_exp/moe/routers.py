@@ -4,8 +4,9 @@ A router returns a `Routing`; experts and dispatch only consume it (DESIGN: narr
 
 - `SwitchRouter`: top-1 (Fedus et al. 2021). fp32 logits, optional multiplicative input jitter, capacity with
   token dropping (first come, first served over the flattened tokens of the call), load-balancing loss
-  alpha * E * sum_e f_e P_e and router z-loss. With `straight_through=True` the gate is p / p.detach(): value 1,
-  gradient still reaches the router, so an upcycled model equals the dense one (the MPOE reference's routing).
+  alpha * E * sum_e f_e P_e and router z-loss. The gate is straight-through by default, p / p.detach(): value 1,
+  gradient still reaches the router, so an upcycled model equals the dense one (the MPOE reference's routing);
+  `straight_through=False` gives Fedus et al.'s gate, the router probability p.
 - `NoisyTopKRouter`: noisy top-k gating (Shazeer et al. 2017) with importance and load CV^2 losses.
 """
 
@@ -60,7 +61,7 @@ class SwitchRouter(nn.Module):
         capacity_factor_eval: float | None = None,
         balance_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
-        straight_through: bool = False,
+        straight_through: bool = True,
         fp32: bool = True,
     ):
         super().__init__()
