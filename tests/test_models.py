@@ -314,3 +314,23 @@ def test_dry_run_prints_the_papers_figure_beside_ours(capsys, ablation, paper):
     assert f"paper: {paper}" in out
     assert f"{report['total']:,}" in out
     assert report["total"] > 124_439_808
+
+
+@pytest.mark.parametrize("model_name,method", [("tiny-t5", "mpoe"), ("tiny-gpt2", "moe"), ("tiny-gpt2", "meo_token")])
+def test_build_model_is_deterministic_for_a_config_and_leaves_the_global_rng_alone(model_name, method):
+    """Random weights and router/noise initialization come from cfg.seed, not from the caller's RNG state."""
+    cfg = compose_config([f"model={model_name}", f"method={method}", "seed=3"])
+    torch.manual_seed(100)
+    first, _ = build_model(cfg)
+    state = torch.get_rng_state()
+    second, _ = build_model(cfg)  # the global RNG has moved on (or not): the model must not care
+    assert torch.equal(torch.get_rng_state(), state), "build_model must not consume the caller's RNG"
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other, _ = build_model(compose_config([f"model={model_name}", f"method={method}", "seed=4"]))
+    c = other.state_dict()
+    embedding = "shared.weight" if model_name == "tiny-t5" else "transformer.wte.weight"
+    assert not torch.equal(a[embedding], c[embedding])
+    random_routers = [k for k in a if k.endswith("router.classifier.weight")]  # moe/meo routers start at zero
+    assert (method == "mpoe") == bool(random_routers)
+    assert all(not torch.equal(a[k], c[k]) for k in random_routers)
