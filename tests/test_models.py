@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -334,3 +335,61 @@ def test_build_model_is_deterministic_for_a_config_and_leaves_the_global_rng_alo
     random_routers = [k for k in a if k.endswith("router.classifier.weight")]  # moe/meo routers start at zero
     assert (method == "mpoe") == bool(random_routers)
     assert all(not torch.equal(a[k], c[k]) for k in random_routers)
+
+
+# --- MPO local tensors per ablation, and the README's parameter-count table ----------------------------------------
+
+
+@functools.cache
+def meta_parameter_report(overrides: tuple[str, ...]) -> dict[str, int]:
+    """parameter_report of a model built on the meta device (cached: several tests count the same models)."""
+    return parameter_report(build_model(compose_config(list(overrides)), meta=True)[0])
+
+
+@pytest.mark.parametrize("m", [3, 5, 7, 9])
+@pytest.mark.parametrize("model_name", ["tiny-t5", "gpt2"])  # gpt2 on the meta device (shapes only)
+def test_ablation_m_gives_m_local_tensors_per_mpo_matrix(model_name, m):
+    cfg = compose_config([f"model={model_name}", "method=mpoe", f"ablation=m{m}"])
+    assert cfg.method.mpo.num_tensors == m
+    model, _ = build_model(cfg, meta=model_name == "gpt2")
+    experts = [e for e in model.modules() if isinstance(e, MPOExperts)]
+    assert len(experts) == (4 if model_name == "tiny-t5" else 12)
+    for e in experts:
+        for name in e.spec.matrix_names:
+            tensors = e.local_tensors(name)
+            assert len(tensors) == m and len(e.auxiliary[name]) == m - 1
+            assert tensors[m // 2] is e.central[name]
+            assert all(t.dim() == 5 and t.shape[0] == cfg.method.num_experts for t in e.auxiliary[name])
+
+
+def readme_parameter_table() -> list[tuple[list[str], int]]:
+    """The rows of the README's "Parameter counts (dry run)" table as (overrides, our total)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Parameter counts (dry run)", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("model", "---") or not cells[2].replace(",", "").isdigit():
+            continue
+        model, method, ours = cells[0], cells[1], int(cells[2].replace(",", ""))
+        name, _, variant = method.partition(",")
+        overrides = [f"model={model}", f"method={name.split()[0]}"]
+        variant = variant.strip().replace(" ", "")  # "no_sharing", "m=3"
+        if variant:
+            overrides.append(f"ablation={variant.replace('=', '')}")
+        rows.append((overrides, ours))
+    return rows
+
+
+README_COUNTS = readme_parameter_table()
+
+
+def test_the_readme_parameter_table_has_every_row():
+    assert len(README_COUNTS) == 14
+    labels = [" ".join(o) for o, _ in README_COUNTS]
+    assert "model=gpt2 method=mpoe ablation=m3" in labels and "model=gpt2 method=mpoe ablation=no_sharing" in labels
+
+
+@pytest.mark.parametrize("overrides,total", README_COUNTS, ids=lambda x: "-".join(x) if isinstance(x, list) else "")
+def test_readme_parameter_table_row_matches_the_dry_run(overrides, total):
+    assert meta_parameter_report(tuple(overrides))["total"] == total
