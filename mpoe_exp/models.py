@@ -241,9 +241,15 @@ def _hand_encoder_mask_to_meo_layers(model: nn.Module) -> None:
 
 
 def build_model(cfg: DictConfig, *, meta: bool = False) -> tuple[nn.Module, Any]:
-    """The model of `cfg` (backbone + method) and its tokenizer. meta=True: shapes only (tokenizer None)."""
-    backbone = load_backbone(cfg.model, meta=meta)
-    model = upcycle(backbone, cfg.method)
+    """The model of `cfg` (backbone + method) and its tokenizer. meta=True: shapes only (tokenizer None).
+
+    Deterministic for a config: every random initialization (a tiny model's weights, routers, noise weights) is
+    drawn from cfg.seed on a forked CPU RNG, so the caller's global RNG state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone = load_backbone(cfg.model, meta=meta)
+        model = upcycle(backbone, cfg.method)
     if meta:
         return model, None
     return model, load_tokenizer(cfg.model)

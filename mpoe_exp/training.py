@@ -1,5 +1,5 @@
 """The training loop: AdamW + warmup/linear decay, clipping, label smoothing, accumulation, aux losses, the
-gradient mask, mixed precision on CUDA, evaluation on validation, best/last checkpoints, resume.
+gradient mask, mixed precision (bf16/fp16 autocast, on CUDA and CPU), evaluation on validation, best/last checkpoints, resume.
 
 One optimizer step is `TrainingStep`: draw the gradient mask (paper section 3.2, eq. 4), run the step's
 micro-batches forward and backward (without central gradients on a masked step), unscale, clip the gradients that
@@ -161,13 +161,17 @@ def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str):
-    """Mixed precision context: bf16/fp16 autocast on CUDA (bf16 also on CPU); fp32 does nothing."""
-    if precision == "fp32":
+    """Mixed precision context on any device (CPU autocast included): bf16 or fp16 autocast, fp32 does nothing.
+    fp16 steps go through a GradScaler (the Trainer's, on every device)."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise UserError(
+            f"train.precision={precision!r} is not a precision we train in; allowed: fp32, bf16, fp16 "
+            f"(e.g. train.precision=bf16)"
+        )
+    if dtypes[precision] is None:
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("precision=fp16 needs a CUDA device; use precision=bf16 or fp32 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtypes[precision])
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -388,7 +392,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         prob = method_cfg.get("gradient_mask_prob", 0.0) if method_cfg.get("experts") == "mpo" else 0.0
         self.mask = CentralGradientMask(central_parameters(model), prob, seed=seed)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=train_cfg.precision == "fp16")
         self.training_step = TrainingStep(
             model,
             self.optimizer,

@@ -260,7 +260,9 @@ def test_t5_encoder_meo_ignores_padding():
     with torch.no_grad():
         a = net(input_ids=src, attention_mask=torch.ones_like(src), labels=labels).logits
         b = net(input_ids=padded, attention_mask=mask, labels=labels).logits
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Padding changes the attention's summation order: the dense tiny-t5 moves by up to 2.4e-6 as well. Routing on
+    # a mean that includes the padding moves these logits by 2.6.
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_generation_without_cache_agrees_with_the_training_forward():

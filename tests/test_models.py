@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -18,12 +19,10 @@ from mpoe_exp.moe import MoEFeedForward, MPOExperts
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Switch drops tokens over capacity and scales by the router probability; with the straight-through gate and no
-# eval capacity limit it computes the dense function exactly (SPEC section 3).
-EXACT_SWITCH = ["method.router.straight_through=true", "method.router.capacity_factor_eval=null"]
+METHOD_FILES = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 METHODS = [
     ("moe", []),
-    ("switch", EXACT_SWITCH),
+    ("switch", []),
     ("mpoe", []),
     ("mpoe++", []),
     ("mpoe", ["ablation=no_sharing"]),
@@ -75,10 +74,24 @@ def test_upcycled_model_equals_dense_at_initialization(dense_model, method, extr
     assert rel <= 1e-4, f"relative error {rel:.2e}"
 
 
-def test_switch_default_router_is_not_the_identity(dense_model):
-    """The plain switch gate scales by the router probability: the check above would catch a broken gate."""
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_every_method_equals_the_dense_model_at_initialization_by_default(dense_model, method):
+    """Every config file in conf/method, as it is (no override): eval-mode logits within 1e-5 of the dense model's."""
     overrides, cfg, dense, inputs, expected = dense_model
-    method_cfg = compose_config([f"model={cfg.model.name}", "method=switch", *overrides]).method
+    method_cfg = compose_config([f"model={cfg.model.name}", f"method={method}", *overrides]).method
+    model = upcycle(copy.deepcopy(dense), method_cfg).eval()
+    assert method == "dense" or not list(ffn_sites(model)), "every dense FFN must be replaced"
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    rel = (logits - expected).norm() / expected.norm()
+    assert rel <= 1e-5, f"relative error {rel:.2e}"
+
+
+def test_switch_with_fedus_gate_is_not_the_identity(dense_model):
+    """Fedus' gate scales by the router probability: the checks above would catch a gate that is not 1."""
+    overrides, cfg, dense, inputs, expected = dense_model
+    fedus = ["method.router.straight_through=false"]
+    method_cfg = compose_config([f"model={cfg.model.name}", "method=switch", *overrides, *fedus]).method
     model = upcycle(copy.deepcopy(dense), method_cfg).eval()
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -302,3 +315,81 @@ def test_dry_run_prints_the_papers_figure_beside_ours(capsys, ablation, paper):
     assert f"paper: {paper}" in out
     assert f"{report['total']:,}" in out
     assert report["total"] > 124_439_808
+
+
+@pytest.mark.parametrize("model_name,method", [("tiny-t5", "mpoe"), ("tiny-gpt2", "moe"), ("tiny-gpt2", "meo_token")])
+def test_build_model_is_deterministic_for_a_config_and_leaves_the_global_rng_alone(model_name, method):
+    """Random weights and router/noise initialization come from cfg.seed, not from the caller's RNG state."""
+    cfg = compose_config([f"model={model_name}", f"method={method}", "seed=3"])
+    torch.manual_seed(100)
+    first, _ = build_model(cfg)
+    state = torch.get_rng_state()
+    second, _ = build_model(cfg)  # the global RNG has moved on (or not): the model must not care
+    assert torch.equal(torch.get_rng_state(), state), "build_model must not consume the caller's RNG"
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other, _ = build_model(compose_config([f"model={model_name}", f"method={method}", "seed=4"]))
+    c = other.state_dict()
+    embedding = "shared.weight" if model_name == "tiny-t5" else "transformer.wte.weight"
+    assert not torch.equal(a[embedding], c[embedding])
+    random_routers = [k for k in a if k.endswith("router.classifier.weight")]  # moe/meo routers start at zero
+    assert (method == "mpoe") == bool(random_routers)
+    assert all(not torch.equal(a[k], c[k]) for k in random_routers)
+
+
+# --- MPO local tensors per ablation, and the README's parameter-count table ----------------------------------------
+
+
+@functools.cache
+def meta_parameter_report(overrides: tuple[str, ...]) -> dict[str, int]:
+    """parameter_report of a model built on the meta device (cached: several tests count the same models)."""
+    return parameter_report(build_model(compose_config(list(overrides)), meta=True)[0])
+
+
+@pytest.mark.parametrize("m", [3, 5, 7, 9])
+@pytest.mark.parametrize("model_name", ["tiny-t5", "gpt2"])  # gpt2 on the meta device (shapes only)
+def test_ablation_m_gives_m_local_tensors_per_mpo_matrix(model_name, m):
+    cfg = compose_config([f"model={model_name}", "method=mpoe", f"ablation=m{m}"])
+    assert cfg.method.mpo.num_tensors == m
+    model, _ = build_model(cfg, meta=model_name == "gpt2")
+    experts = [e for e in model.modules() if isinstance(e, MPOExperts)]
+    assert len(experts) == (4 if model_name == "tiny-t5" else 12)
+    for e in experts:
+        for name in e.spec.matrix_names:
+            tensors = e.local_tensors(name)
+            assert len(tensors) == m and len(e.auxiliary[name]) == m - 1
+            assert tensors[m // 2] is e.central[name]
+            assert all(t.dim() == 5 and t.shape[0] == cfg.method.num_experts for t in e.auxiliary[name])
+
+
+def readme_parameter_table() -> list[tuple[list[str], int]]:
+    """The rows of the README's "Parameter counts (dry run)" table as (overrides, our total)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Parameter counts (dry run)", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("model", "---") or not cells[2].replace(",", "").isdigit():
+            continue
+        model, method, ours = cells[0], cells[1], int(cells[2].replace(",", ""))
+        name, _, variant = method.partition(",")
+        overrides = [f"model={model}", f"method={name.split()[0]}"]
+        variant = variant.strip().replace(" ", "")  # "no_sharing", "m=3"
+        if variant:
+            overrides.append(f"ablation={variant.replace('=', '')}")
+        rows.append((overrides, ours))
+    return rows
+
+
+README_COUNTS = readme_parameter_table()
+
+
+def test_the_readme_parameter_table_has_every_row():
+    assert len(README_COUNTS) == 14
+    labels = [" ".join(o) for o, _ in README_COUNTS]
+    assert "model=gpt2 method=mpoe ablation=m3" in labels and "model=gpt2 method=mpoe ablation=no_sharing" in labels
+
+
+@pytest.mark.parametrize("overrides,total", README_COUNTS, ids=lambda x: "-".join(x) if isinstance(x, list) else "")
+def test_readme_parameter_table_row_matches_the_dry_run(overrides, total):
+    assert meta_parameter_report(tuple(overrides))["total"] == total

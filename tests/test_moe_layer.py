@@ -36,7 +36,8 @@ SPECS = {
 
 
 def switch_method(experts: str, *, capacity_factor=None, straight_through=False, num_tensors=3, share_central=True):
-    """Mirrors conf/method/switch.yaml and mpoe.yaml (fp32 off so that float64 routing is exact)."""
+    """Mirrors conf/method/switch.yaml and mpoe.yaml (fp32 off so that float64 routing is exact); straight_through
+    False is Fedus' gate (the router probability), whose gradient path the reference checks too."""
     method = {
         "name": "switch",
         "experts": experts,

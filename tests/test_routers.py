@@ -65,7 +65,7 @@ ARGMAX_6x3 = [0, 0, 0, 1, 0, 2]
 
 
 def test_switch_argmax_and_gate_is_top_probability():
-    router = identity_switch(3).eval()
+    router = identity_switch(3, straight_through=False).eval()  # Fedus' gate
     x = torch.tensor(LOGITS_6x3)
     routing = router(x)
     assert [row[0] for row in routing.expert_index.tolist()] == ARGMAX_6x3
@@ -78,7 +78,7 @@ def test_switch_argmax_and_gate_is_top_probability():
 
 
 def test_switch_bias_enters_the_logits():
-    router = identity_switch(3).eval()
+    router = identity_switch(3, straight_through=False).eval()  # gate = p shows the logits
     with torch.no_grad():
         router.classifier.bias.copy_(torch.tensor([0.0, 3.0, 0.0]))
     routing = router(torch.tensor(LOGITS_6x3))
@@ -89,7 +89,7 @@ def test_switch_bias_enters_the_logits():
 
 def test_switch_general_weight_matrix():
     """d = 2, E = 3 with a non-identity weight: logits = x W^T + b by hand."""
-    router = SwitchRouter(2, 3).eval()
+    router = SwitchRouter(2, 3, straight_through=False).eval()  # gate = p shows the logits
     weight = [[1.0, -1.0], [0.5, 2.0], [-1.5, 0.25]]
     bias = [0.1, -0.2, 0.3]
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_switch_straight_through_gate_is_one_and_router_gets_gradient():
 
 def test_switch_gate_gradient_without_straight_through():
     """gate = p_k: d gate / d logits = p_k (onehot(k) - p)."""
-    router = identity_switch(3).eval()
+    router = identity_switch(3, straight_through=False).eval()
     x = torch.tensor(LOGITS_6x3)
     router(x).gate.sum().backward()
     expected_bias = [0.0, 0.0, 0.0]
@@ -158,7 +158,7 @@ def test_switch_gate_gradient_without_straight_through():
     ],
 )
 def test_switch_capacity_first_come_first_served(capacity_factor, expected):
-    router = identity_switch(3, capacity_factor_eval=capacity_factor).eval()
+    router = identity_switch(3, capacity_factor_eval=capacity_factor, straight_through=False).eval()
     routing = router(torch.tensor(LOGITS_6x3))
     assert routing.expert_index[:, 0].tolist() == expected
     top_prob = [max(softmax_row(r)) for r in LOGITS_6x3]
@@ -513,3 +513,12 @@ def test_noisy_top_k_accepts_top_k_equal_to_num_experts():
     assert routing.expert_index.shape == (5, 4)
     # every expert gets every token: the load is uniform and its CV^2 is 0
     assert routing.aux_loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_switch_router_gate_is_straight_through_by_default():
+    """The default gate is 1 (an upcycled Switch layer computes the dense FFN), with gradient to the router."""
+    router = identity_switch(3).eval()
+    routing = router(torch.tensor(LOGITS_6x3))
+    assert torch.equal(routing.gate, torch.ones(6, 1))
+    routing.gate.sum().backward()  # d(p/p.detach())/d logits = onehot(k) - p: zero sum over tokens only by chance
+    assert router.classifier.bias.grad.abs().sum() > 0

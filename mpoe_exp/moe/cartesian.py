@@ -34,7 +34,7 @@ from torch import nn
 
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec
 from mpoe_exp.moe.layer import Dispatch, MoEFeedForward, grouped_feed_forward
-from mpoe_exp.moe.routers import Routing
+from mpoe_exp.moe.routers import Routing, no_autocast
 
 
 class GroupTop1Router(nn.Module):
@@ -62,17 +62,18 @@ class GroupTop1Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, d) -> Routing with k = groups."""
-        per_group = self.num_experts // self.groups
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32, as Switch's router
-        weight, bias = self.classifier.weight.to(dtype), self.classifier.bias.to(dtype)
-        logits = nn.functional.linear(x.to(dtype), weight, bias)
-        probs = logits.view(-1, self.groups, per_group).softmax(dim=-1)  # (N, G, E/G), softmax within each group
-        top_prob, top_index = probs.max(dim=-1)  # (N, G)
-        expert_index = top_index + torch.arange(self.groups, device=x.device) * per_group
-        gate = top_prob / top_prob.detach() if self.straight_through else top_prob
-        fraction = nn.functional.one_hot(top_index, per_group).float().mean(dim=0)  # (G, E/G)
-        aux = self.balance_loss_coef * per_group * (fraction * probs.mean(dim=0)).sum()
-        return Routing(expert_index, gate.to(x.dtype), aux, probs.reshape(-1, self.num_experts))
+        with no_autocast(x):  # at least fp32, also under mixed precision
+            per_group = self.num_experts // self.groups
+            dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32, as Switch's router
+            weight, bias = self.classifier.weight.to(dtype), self.classifier.bias.to(dtype)
+            logits = nn.functional.linear(x.to(dtype), weight, bias)
+            probs = logits.view(-1, self.groups, per_group).softmax(dim=-1)  # (N, G, E/G), softmax within each group
+            top_prob, top_index = probs.max(dim=-1)  # (N, G)
+            expert_index = top_index + torch.arange(self.groups, device=x.device) * per_group
+            gate = top_prob / top_prob.detach() if self.straight_through else top_prob
+            fraction = nn.functional.one_hot(top_index, per_group).float().mean(dim=0)  # (G, E/G)
+            aux = self.balance_loss_coef * per_group * (fraction * probs.mean(dim=0)).sum()
+            return Routing(expert_index, gate.to(x.dtype), aux, probs.reshape(-1, self.num_experts))
 
 
 class SharedExperts(nn.Module):

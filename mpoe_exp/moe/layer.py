@@ -64,6 +64,7 @@ def grouped_feed_forward(
         bias = biases.get(name)
         if bias is None:
             return h
+        bias = bias.to(h.dtype)  # as a Linear under autocast: the bias in the matmul's dtype
         if bias.dim() == 1:  # shared by every expert
             return h + bias
         return h + bias.repeat_interleave(dispatch.counts_tensor, dim=0, output_size=h.shape[0])
@@ -113,6 +114,19 @@ class Dispatch:
         )
 
 
+def combine(rows: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Tensor:
+    """Each token's sum of gate x its experts' rows: rows (M, d) grouped by expert -> (num_tokens, d).
+
+    Summed in the wider dtype of rows and gates (fp32 under autocast, where the gates are fp32 and the rows are
+    the autocast dtype), returned in the rows' dtype: what a dense FFN returns, the autocast dtype under autocast.
+    Dropped tokens get 0 (the residual carries them).
+    """
+    dtype = torch.promote_types(rows.dtype, dispatch.gate.dtype)
+    weighted = rows.to(dtype) * dispatch.gate[:, None].to(dtype)
+    out = weighted.new_zeros(num_tokens, rows.shape[1]).index_add(0, dispatch.token, weighted)
+    return out.to(rows.dtype)
+
+
 class MoEFeedForward(nn.Module):
     """Drop-in replacement for a dense FFN: (..., d) -> (..., d). Dropped tokens get 0 (the residual carries them).
 
@@ -155,8 +169,7 @@ class MoEFeedForward(nn.Module):
             y = torch.utils.checkpoint.checkpoint(experts_ffn, rows, use_reentrant=False)
         else:
             y = experts_ffn(rows)
-        y = y * dispatch.gate[:, None].to(y.dtype)
-        out = x.new_zeros(x.shape).index_add(0, dispatch.token, y)
+        out = combine(y, dispatch, x.shape[0])
         return self.output_dropout(out).reshape(shape)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec
-from mpoe_exp.moe.layer import Dispatch, MoEFeedForward, grouped_mm
+from mpoe_exp.moe.layer import Dispatch, MoEFeedForward, combine, grouped_mm
 from mpoe_exp.moe.routers import NoisyTopKRouter, Routing
 
 
@@ -125,9 +125,9 @@ class MergedExpertsFeedForward(MoEFeedForward):
             rows = h.index_select(0, dispatch.token)  # (M, in), grouped by expert
             out = grouped_mm(rows, matrices[name], dispatch.offsets, dispatch.counts)
             if bias_name in biases:
-                out = out + biases[bias_name].repeat_interleave(dispatch.counts_tensor, dim=0, output_size=len(rows))
-            out = out * dispatch.gate[:, None].to(out.dtype)
-            return out.new_zeros(h.shape[0], out.shape[1]).index_add(0, dispatch.token, out)  # (N, out)
+                bias = biases[bias_name].to(out.dtype)  # as a Linear under autocast
+                out = out + bias.repeat_interleave(dispatch.counts_tensor, dim=0, output_size=len(rows))
+            return combine(out, dispatch, h.shape[0])  # (N, out)
 
         if self.spec.gated:
             h = self.act(merged_linear(x, "wi_0", "")) * merged_linear(x, "wi_1", "")

@@ -4,13 +4,17 @@ A router returns a `Routing`; experts and dispatch only consume it (DESIGN: narr
 
 - `SwitchRouter`: top-1 (Fedus et al. 2021). fp32 logits, optional multiplicative input jitter, capacity with
   token dropping (first come, first served over the flattened tokens of the call), load-balancing loss
-  alpha * E * sum_e f_e P_e and router z-loss. With `straight_through=True` the gate is p / p.detach(): value 1,
-  gradient still reaches the router, so an upcycled model equals the dense one (the MPOE reference's routing).
+  alpha * E * sum_e f_e P_e and router z-loss. The gate is straight-through by default, p / p.detach(): value 1,
+  gradient still reaches the router, so an upcycled model equals the dense one (the MPOE reference's routing);
+  `straight_through=False` gives Fedus et al.'s gate, the router probability p.
 - `NoisyTopKRouter`: noisy top-k gating (Shazeer et al. 2017) with importance and load CV^2 losses.
+
+Routers compute in (at least) fp32 with autocast off: mixed precision lowers the experts, not the routing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,6 +32,12 @@ class Routing:
     gate: torch.Tensor  # (N, k) multiplier of each chosen expert's output (0 where dropped)
     aux_loss: torch.Tensor  # scalar, already weighted by its coefficients
     router_probs: torch.Tensor  # (N, E) softmax of the router logits, for logging and tests
+
+
+def no_autocast(x: torch.Tensor):
+    """Autocast off on x's device: a router's logits, softmax and losses stay in the dtype it chose (fp32) under
+    mixed precision, as Switch keeps its router in fp32 (an fp16 z-loss overflows a scaled backward)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | None) -> int | None:
@@ -60,7 +70,7 @@ class SwitchRouter(nn.Module):
         capacity_factor_eval: float | None = None,
         balance_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
-        straight_through: bool = False,
+        straight_through: bool = True,
         fp32: bool = True,
     ):
         super().__init__()
@@ -79,40 +89,41 @@ class SwitchRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, d) -> Routing with k = 1."""
-        dtype = torch.float32 if self.fp32 else x.dtype
-        x_route = x.to(dtype)  # jitter in the routing dtype too (as in Switch): bf16 would quantize it
-        if self.training and self.jitter > 0:
-            x_route = x_route * torch.empty_like(x_route).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        weight = self.classifier.weight.to(dtype)
-        bias = None if self.classifier.bias is None else self.classifier.bias.to(dtype)
-        logits = nn.functional.linear(x_route, weight, bias)  # (N, E)
-        probs = logits.softmax(dim=-1)
-        top_prob, top_index = probs.max(dim=-1)  # (N,)
+        with no_autocast(x) if self.fp32 else contextlib.nullcontext():
+            dtype = torch.float32 if self.fp32 else x.dtype
+            x_route = x.to(dtype)  # jitter in the routing dtype too (as in Switch): bf16 would quantize it
+            if self.training and self.jitter > 0:
+                x_route = x_route * torch.empty_like(x_route).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            weight = self.classifier.weight.to(dtype)
+            bias = None if self.classifier.bias is None else self.classifier.bias.to(dtype)
+            logits = nn.functional.linear(x_route, weight, bias)  # (N, E)
+            probs = logits.softmax(dim=-1)
+            top_prob, top_index = probs.max(dim=-1)  # (N,)
 
-        capacity = expert_capacity(
-            x.shape[0],
-            self.num_experts,
-            self.capacity_factor_train if self.training else self.capacity_factor_eval,
-        )
-        one_hot = nn.functional.one_hot(top_index, self.num_experts)  # (N, E)
-        if capacity is not None:
-            position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # 1-based arrival order
-            kept = position_in_expert <= capacity
-        else:
-            kept = torch.ones_like(top_index, dtype=torch.bool)
+            capacity = expert_capacity(
+                x.shape[0],
+                self.num_experts,
+                self.capacity_factor_train if self.training else self.capacity_factor_eval,
+            )
+            one_hot = nn.functional.one_hot(top_index, self.num_experts)  # (N, E)
+            if capacity is not None:
+                position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # 1-based arrival order
+                kept = position_in_expert <= capacity
+            else:
+                kept = torch.ones_like(top_index, dtype=torch.bool)
 
-        gate = top_prob / top_prob.detach() if self.straight_through else top_prob
-        gate = torch.where(kept, gate, torch.zeros_like(gate))
-        expert_index = torch.where(kept, top_index, torch.full_like(top_index, DROPPED))
+            gate = top_prob / top_prob.detach() if self.straight_through else top_prob
+            gate = torch.where(kept, gate, torch.zeros_like(gate))
+            expert_index = torch.where(kept, top_index, torch.full_like(top_index, DROPPED))
 
-        aux = logits.new_zeros(())
-        if self.balance_loss_coef:
-            fraction_routed = one_hot.float().mean(dim=0)  # f_e, before dropping (as in Switch)
-            mean_prob = probs.mean(dim=0)  # P_e
-            aux = aux + self.balance_loss_coef * self.num_experts * (fraction_routed * mean_prob).sum()
-        if self.z_loss_coef:
-            aux = aux + self.z_loss_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
-        return Routing(expert_index[:, None], gate[:, None].to(x.dtype), aux, probs)
+            aux = logits.new_zeros(())
+            if self.balance_loss_coef:
+                fraction_routed = one_hot.float().mean(dim=0)  # f_e, before dropping (as in Switch)
+                mean_prob = probs.mean(dim=0)  # P_e
+                aux = aux + self.balance_loss_coef * self.num_experts * (fraction_routed * mean_prob).sum()
+            if self.z_loss_coef:
+                aux = aux + self.z_loss_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+            return Routing(expert_index[:, None], gate[:, None].to(x.dtype), aux, probs)
 
 
 class NoisyTopKRouter(nn.Module):
@@ -144,27 +155,28 @@ class NoisyTopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, d) -> Routing with k = top_k; gates are the softmax over the k kept logits."""
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32
-        x32 = x.to(dtype)
-        clean = x32 @ self.w_gate.to(dtype)  # (N, E)
-        use_noise = self.noisy and self.training
-        if use_noise:
-            noise_std = nn.functional.softplus(x32 @ self.w_noise.to(dtype)) + self.noise_eps
-            logits = clean + torch.randn_like(clean) * noise_std
-        else:
-            logits = clean
-        k = self.top_k
-        top_logits, top_index = logits.topk(min(k + 1, self.num_experts), dim=-1)  # (N, k+1)
-        gate = top_logits[:, :k].softmax(dim=-1)  # (N, k)
-        gates_full = torch.zeros_like(logits).scatter(1, top_index[:, :k], gate)  # (N, E)
+        with no_autocast(x):  # at least fp32, also under mixed precision
+            dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32
+            x32 = x.to(dtype)
+            clean = x32 @ self.w_gate.to(dtype)  # (N, E)
+            use_noise = self.noisy and self.training
+            if use_noise:
+                noise_std = nn.functional.softplus(x32 @ self.w_noise.to(dtype)) + self.noise_eps
+                logits = clean + torch.randn_like(clean) * noise_std
+            else:
+                logits = clean
+            k = self.top_k
+            top_logits, top_index = logits.topk(min(k + 1, self.num_experts), dim=-1)  # (N, k+1)
+            gate = top_logits[:, :k].softmax(dim=-1)  # (N, k)
+            gates_full = torch.zeros_like(logits).scatter(1, top_index[:, :k], gate)  # (N, E)
 
-        importance = gates_full.sum(dim=0)
-        if use_noise and k < self.num_experts:
-            load = self._smooth_load(clean, logits, noise_std, top_logits)
-        else:
-            load = (gates_full > 0).float().sum(dim=0)
-        aux = self.importance_loss_coef * cv_squared(importance) + self.load_loss_coef * cv_squared(load)
-        return Routing(top_index[:, :k], gate.to(x.dtype), aux, clean.softmax(dim=-1))
+            importance = gates_full.sum(dim=0)
+            if use_noise and k < self.num_experts:
+                load = self._smooth_load(clean, logits, noise_std, top_logits)
+            else:
+                load = (gates_full > 0).float().sum(dim=0)
+            aux = self.importance_loss_coef * cv_squared(importance) + self.load_loss_coef * cv_squared(load)
+            return Routing(top_index[:, :k], gate.to(x.dtype), aux, clean.softmax(dim=-1))
 
     def _smooth_load(self, clean, noisy, noise_std, top_logits) -> torch.Tensor:
         """Sum over tokens of P(expert e is in the top k under fresh noise): Shazeer et al. 2017, eq. 8-10."""
