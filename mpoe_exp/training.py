@@ -1,5 +1,6 @@
 """The training loop: AdamW + warmup/linear decay, clipping, label smoothing, accumulation, aux losses, the
-gradient mask, mixed precision (bf16/fp16 autocast, on CUDA and CPU), evaluation on validation, best/last checkpoints, resume.
+gradient mask, mixed precision (bf16/fp16 autocast, on CUDA and CPU), evaluation on validation, best/last
+checkpoints, resume.
 
 One optimizer step is `TrainingStep`: draw the gradient mask (paper section 3.2, eq. 4), run the step's
 micro-batches forward and backward (without central gradients on a masked step), unscale, clip the gradients that

@@ -38,15 +38,15 @@ BAD = [
     (["train.adam_eps=0"], "train.adam_eps", "> 0"),
     (["train.precision=bogus"], "train.precision", "fp32, bf16, fp16"),
     (["train.eval_every=0"], "train.eval_every", "null or an integer >= 1"),
-    (["+train.evals_per_epoch=0"], "train.evals_per_epoch", ">= 1"),
-    (["+train.min_evals=0"], "train.min_evals", ">= 1"),
-    (["+train.checkpoint_every=0"], "train.checkpoint_every", ">= 1"),
+    (["train.evals_per_epoch=0"], "train.evals_per_epoch", ">= 1"),
+    (["train.min_evals=0"], "train.min_evals", ">= 1"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every", ">= 1"),
     (["train.tf32=maybe"], "train.tf32", "true or false"),
     (["+train.learning_rate=1e-4"], "train.learning_rate", "lr, epochs"),
     (["seed=one"], "seed", "an integer"),
     (["force=yes"], "force", "true or false"),
     (["device=gpu"], "device", "auto, cpu, cuda or cuda:N"),
-    (["+cpu_threads=0"], "cpu_threads", "auto or an integer >= 1"),
+    (["cpu_threads=0"], "cpu_threads", "auto or an integer >= 1"),
     (["data_dir=7"], "data_dir", "a non-empty string"),
     (["+datadir=x"], "datadir", "data_dir"),
     # method: keys a router or layer would ignore, or that its constructor would choke on
@@ -149,16 +149,16 @@ def test_valid_settings_at_their_edges_are_accepted():
             "train.grad_clip=null",
             "train.label_smoothing=0",
             "train.eval_every=null",
-            "+train.evals_per_epoch=1",
-            "+train.min_evals=1",
-            "+train.checkpoint_every=1",
-            "+cpu_threads=auto",
+            "train.evals_per_epoch=1",
+            "train.min_evals=1",
+            "train.checkpoint_every=1",
+            "cpu_threads=auto",
             "device=cuda:1",
             "method=moe",
             "method.router.top_k=8",
         ]
     )
-    compose_config([*T5, "+cpu_threads=2", "method=meo_token", "method.bottleneck_reduction=4"])
+    compose_config([*T5, "cpu_threads=2", "method=meo_token", "method.bottleneck_reduction=4"])
     compose_config([*GPT2, "method=mpoe", "method.mpo.max_bond=4", "method.gradient_mask_prob=1", "task.bleu_n=[]"])
     compose_config(["model=tiny-gpt2", "task=imdb", "task.references=first", "task.data_dir=/somewhere", "seed=0"])
     compose_config(["model=tiny-gpt2", "dry_run=true"])  # no task: a dry run needs none
