@@ -230,8 +230,8 @@ LAYERS: Mapping[str, LayerSchema] = {
 SAMPLING: Table = {  # unconditional samples scored with BLEU on the test split (tasks/generation.py)
     "num_samples": integer(ge=1),
     "top_k": integer(ge=0),
-    "bleu_n": list_of(integer(ge=1)),
-    "self_bleu_n": list_of(integer(ge=1)),
+    "bleu_n": list_of(integer(ge=1)).or_null(),  # null or []: no samples scored
+    "self_bleu_n": list_of(integer(ge=1)).or_null(),
     "max_references": integer(ge=1, null=True),
     "sample_batch_size": integer(ge=1, null=True),
 }

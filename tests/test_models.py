@@ -210,8 +210,8 @@ def test_dry_run_cli_prints_counts_fast_and_small():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["method=nonexistent"], "Could not find 'method/nonexistent'"),
-        (["model=nonexistent"], "Could not find 'model/nonexistent'"),
+        (["method=nonexistent"], "error: unknown method=nonexistent: method is one of cartesian, dense, meo"),
+        (["model=nonexistent"], "error: unknown model=nonexistent: model is one of gpt2, t5-base"),
         (["model=t5-base", "method=mpoe", "method.mpo.num_tensors=4"], "m = 4"),
         (["model=t5-base", "method=switch", "ablation=m3"], "only applies to MPO methods"),
         (

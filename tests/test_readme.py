@@ -65,3 +65,16 @@ def test_readme_command_composes_into_valid_runs(args):
             validate_config(cfg)
             if not cfg.dry_run:
                 check_task_fits_model(cfg)
+
+
+def test_readme_commands_use_the_projects_environment():
+    """A fresh clone has no `python` with this package: every command runs the one `make install` made."""
+    in_block, bare = False, []
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            in_block = line.strip() == "```bash"
+            continue
+        command = line.split("  #")[0].strip()
+        if in_block and re.match(r"(python3?|pip3?|torchrun)\s", command):
+            bare.append(command)
+    assert not bare, bare

@@ -155,7 +155,7 @@ def test_last_checkpoint_loads_with_weights_only_and_holds_no_pickled_objects(tm
     trainer.fit()
     checkpoint = torch.load(tmp_path / "checkpoints" / LAST, weights_only=True)
     assert checkpoint["state"]["step"] == 2
-    assert set(checkpoint) == {"model", "optimizer", "scheduler", "scaler", "mask", "rng", "state"}
+    assert set(checkpoint) == {"model", "optimizer", "scheduler", "scaler", "mask", "rng", "state", "config_hash"}
 
 
 def test_rng_states_round_trip_through_plain_values():
