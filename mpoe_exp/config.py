@@ -74,15 +74,18 @@ def hydra_error_line(err: Exception, overrides: list[str]) -> str:
     missing_key = re.search(r"Could not override '([^']+)'", text)
     if missing_key:
         key = missing_key.group(1)
-        parent, _, _ = key.rpartition(".")
         others = [o for o in overrides if o.partition("=")[0].lstrip("+~") != key]
         try:
-            node = OmegaConf.select(_compose(others), parent) if parent else _compose(others)
-            known = ", ".join(str(k) for k in node) if isinstance(node, DictConfig) else None
+            composed = _compose(others)
         except Exception:  # the other overrides are broken too: name the key alone
-            known = None
-        where = f"{parent or 'the config'} takes {known}" if known else "it is not a setting of this config"
-        return f"unknown key {key}: {where}"
+            return f"unknown key {key}: it is not a setting of this config"
+        parent = key
+        while parent:  # the nearest section that exists, and what it takes
+            parent = parent.rpartition(".")[0]
+            node = OmegaConf.select(composed, parent) if parent else composed
+            if isinstance(node, DictConfig):
+                return f"unknown key {key}: {parent or 'the config'} takes {', '.join(str(k) for k in node)}"
+        return f"unknown key {key}: it is not a setting of this config"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     return f"bad config overrides {' '.join(overrides)}: {first}"
 

@@ -202,7 +202,7 @@ def test_empty_samples_stay_as_empty_hypotheses():
     [
         ("task.num_samples=1", "needs at least 2"),  # Self-BLEU needs two samples: checked with the task
         ("task.num_samples=0", "task.num_samples must be an integer >= 1"),  # the others by the schema
-        ("task.bleu_n=[0]", "task.bleu_n must be a list, each item an integer >= 1"),
+        ("task.bleu_n=[0]", "task.bleu_n must be null or a list, each item an integer >= 1"),
         ("task.top_k=-1", "task.top_k must be an integer >= 0"),
         ("task.max_length=1", "task.max_length must be an integer >= 2"),
     ],
