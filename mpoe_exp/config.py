@@ -168,6 +168,8 @@ def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:
     arch = model_cfg.architecture
     if model_cfg.family == "t5":
         return arch.d_model, arch.d_ff
+    if model_cfg.family == "bert":
+        return arch.hidden_size, arch.intermediate_size
     return arch.n_embd, arch.get("n_inner") or 4 * arch.n_embd
 
 

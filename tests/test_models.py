@@ -35,10 +35,16 @@ BACKBONES = [
     ("tiny-t5", []),
     ("tiny-t5", ["model.architecture.feed_forward_proj=gated-gelu"]),  # T5 v1.1 FFN
     ("tiny-gpt2", []),
+    ("tiny-bert", []),
 ]
 
 
+PT = {"return_tensors": "pt", "padding": True}
+
+
 def model_inputs(cfg, tokenizer):
+    if cfg.model.family == "bert":  # a sentence pair, with token types
+        return dict(tokenizer(["the cat sat on the mat.", "short"], ["a cat", "a longer second one"], **PT))
     batch = tokenizer(["cola sentence: the cat sat on the mat.", "a shorter one"], return_tensors="pt", padding=True)
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if cfg.model.family == "t5":
@@ -65,7 +71,9 @@ def test_upcycled_model_equals_dense_at_initialization(dense_model, method, extr
     method_cfg = compose_config([f"model={cfg.model.name}", f"method={method}", *overrides, *extra]).method
     model = upcycle(copy.deepcopy(dense), method_cfg).eval()
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    expected_layers = 2 * cfg.model.architecture.num_layers if cfg.model.family == "t5" else 2
+    arch = cfg.model.architecture
+    expected_layers = {"t5": 2 * arch.get("num_layers", 0), "gpt2": arch.get("n_layer"), "bert": arch.get("num_hidden_layers")}
+    expected_layers = expected_layers[cfg.model.family]
     assert len(layers) == expected_layers
     assert not list(ffn_sites(model)), "every dense FFN must be replaced"
     with torch.no_grad():
@@ -211,7 +219,7 @@ def test_dry_run_cli_prints_counts_fast_and_small():
     "args,message",
     [
         (["method=nonexistent"], "error: unknown method=nonexistent: method is one of cartesian, dense, meo"),
-        (["model=nonexistent"], "error: unknown model=nonexistent: model is one of gpt2, t5-base"),
+        (["model=nonexistent"], "error: unknown model=nonexistent: model is one of bert-base, gpt2, minilm, t5-base"),
         (["model=t5-base", "method=mpoe", "method.mpo.num_tensors=4"], "m = 4"),
         (["model=t5-base", "method=switch", "ablation=m3"], "only applies to MPO methods"),
         (

@@ -2,6 +2,8 @@
 
 - `GlueTask`: T5 text-to-text (SPEC section 4): "<task> field: text ..." -> label string; greedy decoding;
   unparsable predictions count as wrong.
+- `GlueClassificationTask`: the same GLUE tasks, splits and metrics on an encoder (BERT): the task's input fields
+  as one or two segments, a classifier on the pooled first token (cross-entropy; STS-B: one output, MSE).
 - `LanguageModelingTask`: GPT-2 causal LM (WikiText-2): the split's text tokenized and cut into blocks;
   perplexity = exp(mean token NLL) over the evaluation split; with `task.bleu_n` set, the test split also reports
   BLEU-n of unconditional samples against the test paragraphs (`generation.sample_and_score`).
@@ -12,7 +14,7 @@ A task type is a class constructed as `Task(cfg, tokenizer)` (the whole run conf
 `main_metric`, `greater_is_better`, `split_sizes` and the methods `train_features()`, `collate(features)` (a dict
 of tensors with at least input_ids, attention_mask, labels), `loss(model, batch, label_smoothing)` and
 `evaluate(model, split, batch_size, device)` (a dict of metrics holding `main_metric`), plus one line in
-`TASK_TYPES`.
+`TASK_TYPES` (`ENCODER_TASK_TYPES` for the class an encoder model runs a task type with).
 """
 
 from __future__ import annotations
@@ -110,6 +112,82 @@ class GlueTask:
         return metrics.glue_metrics(self.glue_task, predictions, references)
 
 
+class GlueClassificationTask:
+    """One GLUE task for an encoder with a classification head (BertForSequenceClassification).
+
+    Inputs are the task's fields as BERT reads a sentence (pair): "[CLS] a [SEP] b [SEP]", truncated to
+    task.max_source_length tokens. Labels are the hub's ids (STS-B: the score, a regression target). Evaluation
+    features are encoded once per split and kept.
+    """
+
+    def __init__(self, cfg: DictConfig, tokenizer):
+        task_cfg, data_dir = cfg.task, task_data_dir(cfg)
+        self.name = task_cfg.name
+        self.glue_task = task_cfg.glue_task
+        self.regression = self.glue_task == "stsb"
+        self.cfg = task_cfg
+        self.tokenizer = tokenizer
+        self.main_metric = metrics.GLUE_MAIN_METRIC[self.glue_task]
+        self.greater_is_better = True
+        self.splits = glue_data.load_glue_splits(
+            self.glue_task, data_dir=data_dir, hub_path=task_cfg.hub_path, seed=task_cfg.data_seed
+        )
+        self.split_sizes = {k: len(v) for k, v in self.splits.items()}
+        self._encoded: dict[str, list[dict]] = {}
+
+    def _encode_split(self, split: str) -> list[dict]:
+        if split not in self._encoded:
+            examples = self.splits[split]
+            texts = [[e["fields"][f] for f in glue_data.GLUE_FIELDS[self.glue_task]] for e in examples]
+            encoded = self.tokenizer(
+                *zip(*texts), max_length=self.cfg.max_source_length, truncation=True, return_token_type_ids=True
+            )
+            self._encoded[split] = [
+                {"input_ids": ids, "token_type_ids": types, "label": e["label"]}
+                for ids, types, e in zip(encoded["input_ids"], encoded["token_type_ids"], examples)
+            ]
+        return self._encoded[split]
+
+    def train_features(self) -> list[dict]:
+        return self._encode_split("train")
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)
+        lengths = torch.tensor([len(f["input_ids"]) for f in features])
+        label_type = torch.float if self.regression else torch.long
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": pad([f["token_type_ids"] for f in features], 0),
+            "attention_mask": (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long(),
+            "labels": torch.tensor([f["label"] for f in features], dtype=label_type),
+        }
+
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # the loss is ours, not the model's
+        return model(**inputs).logits.float()
+
+    def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
+        logits = self.logits(model, batch)
+        if self.regression:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), batch["labels"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str, batch_size: int, device) -> dict[str, float]:
+        """Predict every example of `split` (argmax; STS-B the output clipped to [0, 5]) and score it (x100)."""
+        features = self._encode_split(split)
+        predictions: list = []
+        for start in range(0, len(features), batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(features[start : start + batch_size]).items()}
+            logits = self.logits(model, batch)
+            if self.regression:
+                predictions += logits.squeeze(-1).clamp(0.0, glue_data.STSB_MAX_SCORE).tolist()
+            else:
+                predictions += logits.argmax(-1).tolist()
+        references = [e["label"] for e in self.splits[split]]
+        return metrics.glue_metrics(self.glue_task, predictions, references)
+
+
 class LanguageModelingTask:
     """Causal LM fine-tuning; evaluation is perplexity over the split's blocks."""
 
@@ -163,6 +241,7 @@ TASK_TYPES = {
     "glue_multitask": MultiTaskGlue,
     "generation": GenerationTask,
 }
+ENCODER_TASK_TYPES = {"glue": GlueClassificationTask}  # what an encoder (model.family bert) runs a task type as
 
 
 def build_task(cfg: DictConfig, tokenizer):
@@ -170,4 +249,8 @@ def build_task(cfg: DictConfig, tokenizer):
     kind = cfg.task.type
     if kind not in TASK_TYPES:
         raise UserError(f"task type {kind!r} is not available; known: {sorted(TASK_TYPES)}")
+    if cfg.model.family == "bert":
+        if kind not in ENCODER_TASK_TYPES:
+            raise UserError(f"task type {kind!r} does not run on an encoder; encoders run {sorted(ENCODER_TASK_TYPES)}")
+        return ENCODER_TASK_TYPES[kind](cfg, tokenizer)
     return TASK_TYPES[kind](cfg, tokenizer)
