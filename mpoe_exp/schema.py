@@ -251,7 +251,13 @@ TASK_COMMON: Table = {
     "label_smoothing": number(ge=0, lt=1, optional=True),  # the task's default for train.label_smoothing
 }
 TASKS: Mapping[str, Table] = {  # task.type -> its keys besides TASK_COMMON (tasks/tasks.py TASK_TYPES)
-    "glue": {**GLUE_TEXT, "glue_task": choice(*GLUE_TASKS)},
+    "glue": {
+        **GLUE_TEXT,
+        "glue_task": choice(*GLUE_TASKS),
+        # seeded subsets after the split rule, for budget runs (tasks/glue_data.py load_glue_splits); null: all
+        "train_size": integer(ge=1, null=True, optional=True),
+        "validation_size": integer(ge=1, null=True, optional=True),
+    },
     "glue_multitask": {
         **GLUE_TEXT,
         "tasks": list_of(GLUE_NAME, nonempty=True),  # duplicates: refused by tasks/multitask.py

@@ -392,11 +392,31 @@ def _paper_splits(task: str, official: Splits, seed: int) -> Splits:
 
 
 def load_glue_splits(
-    task: str, data_dir: str | Path | None = None, hub_path: str = "nyu-mll/glue", seed: int = 42
+    task: str,
+    data_dir: str | Path | None = None,
+    hub_path: str = "nyu-mll/glue",
+    seed: int = 42,
+    sizes: dict[str, int | None] | None = None,
 ) -> Splits:
-    """{"train", "validation", "test"} example lists of a GLUE task, by the paper's split rule (module docstring)."""
+    """{"train", "validation", "test"} example lists of a GLUE task, by the paper's split rule (module docstring).
+
+    `sizes` ({"train": n, "validation": m}; None or a missing key: the whole split) keeps a subset of a split
+    after the split rule: the first n of a permutation drawn from `seed` (a second draw, independent of the split
+    rule's), in the split's order. For budget runs (task.train_size, task.validation_size); test is never cut.
+    """
     name = _task_name(task)
-    return _paper_splits(name, _load_official(name, data_dir, hub_path), seed)
+    splits = _paper_splits(name, _load_official(name, data_dir, hub_path), seed)
+    for split, size in (sizes or {}).items():
+        if size is None or size >= len(splits[split]):
+            continue
+        keep = np.sort(np.random.default_rng([seed, len(splits[split])]).permutation(len(splits[split]))[:size])
+        splits[split] = [splits[split][i] for i in keep]
+    return splits
+
+
+def subset_sizes(task_cfg) -> dict[str, int | None]:
+    """The subsets a task config asks for: task.train_size and task.validation_size (absent or null: all)."""
+    return {"train": task_cfg.get("train_size"), "validation": task_cfg.get("validation_size")}
 
 
 def glue_task_sizes(splits: Splits) -> dict[str, int]:

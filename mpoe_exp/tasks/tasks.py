@@ -57,7 +57,7 @@ class GlueTask:
         self.main_metric = metrics.GLUE_MAIN_METRIC[self.glue_task]
         self.greater_is_better = True
         self.splits = glue_data.load_glue_splits(
-            self.glue_task, data_dir=data_dir, hub_path=task_cfg.hub_path, seed=task_cfg.data_seed
+            self.glue_task, data_dir, task_cfg.hub_path, task_cfg.data_seed, glue_data.subset_sizes(task_cfg)
         )
         self.split_sizes = {k: len(v) for k, v in self.splits.items()}
 
@@ -130,7 +130,7 @@ class GlueClassificationTask:
         self.main_metric = metrics.GLUE_MAIN_METRIC[self.glue_task]
         self.greater_is_better = True
         self.splits = glue_data.load_glue_splits(
-            self.glue_task, data_dir=data_dir, hub_path=task_cfg.hub_path, seed=task_cfg.data_seed
+            self.glue_task, data_dir, task_cfg.hub_path, task_cfg.data_seed, glue_data.subset_sizes(task_cfg)
         )
         self.split_sizes = {k: len(v) for k, v in self.splits.items()}
         self._encoded: dict[str, list[dict]] = {}
