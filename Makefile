@@ -6,7 +6,7 @@ RUNS ?= runs
 SMOKE = table1_t5_base_smoke table1_t5_large_smoke table1_gpt2_smoke table2_smoke table3_smoke table4_smoke \
         extra_methods_t5_base_smoke extra_methods_gpt2_smoke
 
-.PHONY: install test test-all lint dry-run tables smoke gpu-hours
+.PHONY: install test test-all lint dry-run tables smoke gpu-hours real-minilm
 
 install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU machines) + this package
 	python3 -m venv $(VENV)
@@ -31,6 +31,8 @@ dry-run:  ## parameter counts of every paper model/method, no download
 	  set -- $$spec; $(PYTHON) -m mpoe_exp model=$$1 method=$$2 dry_run=true | head -2; done
 	@for a in no_sharing no_mask m3 m5 m7 m9; do \
 	  $(PYTHON) -m mpoe_exp model=gpt2 method=mpoe ablation=$$a dry_run=true | head -2; done
+	@for m in minilm bert-base; do for x in dense switch moe mpoe mpoe++ cartesian meo meo_token; do \
+	  $(PYTHON) -m mpoe_exp model=$$m method=$$x dry_run=true | head -2; done; done
 
 tables:  ## the paper's Tables 1-4 beside our results, in runs/<experiment>/tables/
 	$(PYTHON) -m mpoe_exp.tables $(RUNS)
@@ -40,6 +42,15 @@ smoke:  ## every table's sweep on tiny models and demo data (CPU, offline, JOBS 
 	@for e in $(SMOKE); do OMP_NUM_THREADS=1 $(PYTHON) -m mpoe_exp -m experiment=$$e runs_dir=$(RUNS) \
 	  hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS) || exit 1; done
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment smoke
+
+GLUE_DIR ?=
+real-minilm:  ## pre-trained MiniLM on real SST-2 and RTE, every method, 3 seeds (about 3 h on 2 cores; resumable), then its table
+	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue (RTE/ and SST-2/ in the GLUE download-script layout)" >&2; exit 2; }
+	@for seed in 1 2 3; do for t in sst2 rte; do \
+	  $(PYTHON) -m mpoe_exp -m experiment=real_minilm_$$t data_dir=$(GLUE_DIR) runs_dir=$(RUNS) seed=$$seed || exit 1; \
+	  $(PYTHON) -m mpoe_exp -m experiment=real_minilm_$$t data_dir=$(GLUE_DIR) runs_dir=$(RUNS) seed=$$seed \
+	    method=mpoe ablation=no_mask,no_sharing || exit 1; done; done
+	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment real_minilm
 
 gpu-hours:  ## estimated GPU hours of each table's sweep (mpoe_exp/cost.py)
 	$(PYTHON) -m mpoe_exp.cost

@@ -17,8 +17,10 @@ Aggregation, per (experiment, model, method[-ablation], task):
     number of seeds n. With one seed there is no standard deviation: it is left blank. Fewer than 3 seeds is marked
     with a dagger and "(n=...)", never hidden.
 
-Tables (written atomically to <runs_dir>/<experiment>/tables/{table1_nlu,table1_nlg,table2,table3,table4}.{md,tex,csv},
-with the PNG figures of mpoe_exp/figures.py beside them):
+Tables (written atomically to <runs_dir>/<experiment>/tables/<table>.{md,tex,csv}, with the PNG figures of
+mpoe_exp/figures.py beside them). The tables are the entries of conf/paper/tables.yaml: an entry that names an
+`experiment` is rendered for that experiment only (and that experiment renders only its own); the others (the
+paper's Tables 1-4: table1_nlu, table1_nlg, table2, table3, table4) for every other experiment:
   * Markdown and LaTeX keep the paper's shape; each paper row becomes three lines, "ours" (mean ± std (n=...)),
     "paper" and "ours − paper", so our value sits directly above the paper's and the difference;
   * CSV is long (one line per paper row and column, "#To (M)" included) with mean, std, n, paper, diff, the
@@ -50,10 +52,13 @@ from omegaconf import OmegaConf
 from mpoe_exp.results import RESULTS_FILE, atomic_write_text, identity
 
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "conf" / "paper" / "tables.yaml"
-TABLE_NAMES = ("table1_nlu", "table1_nlg", "table2", "table3", "table4")
 REQUIRED_KEYS = ("status", "experiment", "model", "method_label", "task", "seed", "hparams")
 FINISHED_KEYS = ("main_metric", "greater_is_better", "validation", "test")
 MIN_SEEDS = 3
+# The paper's tables: every table of conf/paper/tables.yaml that names no `experiment` (see `tables_for`).
+TABLE_NAMES = tuple(
+    name for name, spec in OmegaConf.to_container(OmegaConf.load(PAPER_TABLES)).items() if "experiment" not in spec
+)
 DAGGER = "†"
 PARAMS_COLUMN = "#To (M)"
 
@@ -287,6 +292,13 @@ def load_paper(path: str | Path = PAPER_TABLES) -> dict[str, Any]:
     return spec
 
 
+def tables_for(experiment: str, paper: dict[str, Any]) -> list[str]:
+    """The tables an experiment renders, in file order: those whose `experiment:` names it, if any; else every
+    table that names no experiment (the paper's tables, rendered for the paper and smoke experiments)."""
+    own = [name for name, spec in paper.items() if spec.get("experiment") == experiment]
+    return own or [name for name, spec in paper.items() if "experiment" not in spec]
+
+
 def _find_selection(
     selections: dict[GroupKey, Selection], experiment: str, row_spec: dict[str, Any], task: str
 ) -> Selection | None:
@@ -338,7 +350,7 @@ def build_tables(
     selections: dict[GroupKey, Selection], experiment: str, paper: dict[str, Any] | None = None
 ) -> list[Table]:
     paper = load_paper() if paper is None else paper
-    return [build_table(name, paper[name], selections, experiment) for name in TABLE_NAMES if name in paper]
+    return [build_table(name, paper[name], selections, experiment) for name in tables_for(experiment, paper)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

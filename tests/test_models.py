@@ -393,8 +393,9 @@ README_COUNTS = readme_parameter_table()
 
 
 def test_the_readme_parameter_table_has_every_row():
-    assert len(README_COUNTS) == 14
+    assert len(README_COUNTS) == 14 + 2 * len(METHOD_FILES)
     labels = [" ".join(o) for o, _ in README_COUNTS]
+    assert all(f"model={m} method={x}" in labels for m in ("minilm", "bert-base") for x in METHOD_FILES)
     assert "model=gpt2 method=mpoe ablation=m3" in labels and "model=gpt2 method=mpoe ablation=no_sharing" in labels
 
 

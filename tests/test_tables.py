@@ -33,15 +33,16 @@ def write_run(
     greater_is_better: bool = False,
     total: int = 157_400_000,
     table_model: str | None = None,
+    experiment: str = EXP,
 ) -> Path:
     hp = {"lr": lr, "bs": 32, "ep": 3, "steps": None}
     model_dir = f"{model}-as-{table_model}" if table_model else model
-    directory = runs / EXP / model_dir / method / task / f"lr={lr},bs=32,ep=3" / f"seed={seed}"
+    directory = runs / experiment / model_dir / method / task / f"lr={lr},bs=32,ep=3" / f"seed={seed}"
     directory.mkdir(parents=True)
     record = {
         "schema_version": 1,
         "status": status,
-        "experiment": EXP,
+        "experiment": experiment,
         "model": model,
         "table_model": table_model or model,
         "method": method.split("-")[0],
@@ -253,3 +254,26 @@ def test_stand_in_models_and_method_aliases(tmp_path: Path):
     assert next(r for r in t4.rows if r.label == "MPOE (m=3)").cells[0].status == "missing"
     md = tables.render_markdown(t4)
     assert "| MPOE (m=5) | gpt2/mpoe (ran tiny-gpt2) | ours | 42.00 ± 1.00 (n=3) |" in md
+
+
+def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
+    """conf/paper/tables.yaml's real_minilm entry names its experiment: that experiment gets that table, filled,
+    and none of the paper's; the paper's experiments never get it."""
+    runs = tmp_path / "runs"
+    methods = ("dense", "switch", "moe", "mpoe", "mpoe++", "mpoe-no_mask", "mpoe-no_sharing")
+    for method in methods:
+        for task in ("sst2", "rte"):
+            for seed in (1, 2, 3):
+                accuracy = {"accuracy": 80.0 + seed}
+                kw = {"main_metric": "accuracy", "greater_is_better": True, "total": 22_700_000}
+                write_run(runs, "minilm", method, task, seed, 1e-4, accuracy, accuracy, experiment="real_minilm", **kw)
+    write_run(runs, "gpt2", "mpoe", "wikitext2", 1, 1e-4, {"perplexity": 20.0}, {"perplexity": 21.0})
+    written, problems, n_failed, unplaced = tables.make_tables(runs)
+    assert not problems and not unplaced and n_failed == 0
+    assert sorted(p.name for p in written["real_minilm"] if p.suffix == ".md") == ["real_minilm.md"]
+    assert "real_minilm.md" not in {p.name for p in written[EXP]} and "table3.md" in {p.name for p in written[EXP]}
+    rows = list(csv.DictReader((runs / "real_minilm" / "tables" / "real_minilm.csv").open()))
+    assert len(rows) == len(methods) * 3  # SST-2, RTE, #To (M)
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert "| missing" not in (runs / "real_minilm" / "tables" / "real_minilm.md").read_text()
+    assert "real_minilm" not in tables.TABLE_NAMES and "table1_nlu" in tables.TABLE_NAMES
