@@ -157,6 +157,12 @@ class Selection:
         std = float(np.std(values, ddof=1)) if len(values) > 1 else None
         return Stat(float(np.mean(values)), std, len(values))
 
+    def wall_seconds(self) -> float | None:
+        """Mean wall time per run of the selected setting (results' wall_time_s: training, evaluation, test)."""
+        times = [r.get("wall_time_s") for r in self.runs]
+        times = [float(t) for t in times if _is_number(t)]
+        return float(np.mean(times)) if times else None
+
     def params_millions(self) -> float | None:
         totals = [r.get("parameters", {}).get("total") for r in self.runs if isinstance(r.get("parameters"), dict)]
         totals = [t for t in totals if _is_number(t)]
@@ -421,9 +427,12 @@ def _footnote(table: Table) -> list[str]:
                 continue
             seen.add(sel.key)
             failed = f", {sel.n_failed} failed run(s) excluded" if sel.n_failed else ""
+            wall = sel.wall_seconds()
+            wall_text = f", {wall:.0f} s per run" if wall is not None else ""
             chosen.append(
                 f"{row.label} ({row.model}/{row.method}) {sel.key[3]}: {_hparams_key(sel.hparams)} "
-                f"(validation mean {sel.validation_mean:.2f}, {sel.settings} setting(s), seeds {sel.seeds}{failed})"
+                f"(validation mean {sel.validation_mean:.2f}, {sel.settings} setting(s), seeds {sel.seeds}"
+                f"{wall_text}{failed})"
             )
     return notes + (["Selected settings:"] + chosen if chosen else [])
 
@@ -468,7 +477,7 @@ def render_latex(table: Table) -> str:
 
 CSV_FIELDS = (
     "table", "label", "model", "method", "column", "task", "metric", "ours_mean", "ours_std", "n", "few_seeds",
-    "n_failed", "status", "paper", "diff", "hparams", "settings", "models_ran",
+    "n_failed", "status", "paper", "diff", "hparams", "settings", "models_ran", "wall_time_s",
 )  # fmt: skip
 
 
@@ -497,6 +506,7 @@ def render_csv(table: Table) -> str:
                     "diff": _num(cell.diff, 4),
                     "hparams": _hparams_key(sel.hparams) if sel and sel.runs else "",
                     "settings": sel.settings if sel else 0,
+                    "wall_time_s": _num(sel.wall_seconds(), 1) if sel and sel.runs else "",
                 }
             )
         params_status = "n/a" if row.reference else ("ok" if row.params_ours else "missing")

@@ -154,3 +154,23 @@ def test_tiny_bert_trains_and_evaluates_every_method_end_to_end(tmp_path, overri
     assert set(results["test"]) >= {"accuracy", "unparsable"} and results["test"]["unparsable"] == 0
     assert 0.0 <= results["test"]["accuracy"] <= 100.0
     assert results["parameters"]["total"] > 0
+
+
+SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"  # real RTE and SST-2 beside the repository, when present
+
+
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="no real GLUE data beside the repository")
+def test_real_glue_splits_and_the_real_minilm_budget_subsets():
+    from mpoe_exp.tasks.glue_data import load_glue_splits
+
+    full = load_glue_splits("sst2", SHARED_GLUE)
+    assert {k: len(v) for k, v in full.items()} == {"train": 5920, "validation": 1000, "test": 1821}
+    cfg = compose_config(["experiment=real_minilm_sst2", f"data_dir={SHARED_GLUE}"])
+    sizes = {"train": cfg.task.train_size, "validation": cfg.task.validation_size}
+    cut = load_glue_splits("sst2", SHARED_GLUE, sizes=sizes)
+    assert {k: len(v) for k, v in cut.items()} == {"train": 1536, "validation": 500, "test": 1821}
+    assert cut == load_glue_splits("sst2", SHARED_GLUE, sizes=sizes)  # the same subset every time
+    full_ids = {e["idx"] for e in full["train"]}
+    assert {e["idx"] for e in cut["train"]} <= full_ids and cut["test"] == full["test"]
+    rte = load_glue_splits("rte", SHARED_GLUE)
+    assert {k: len(v) for k, v in rte.items()} == {"train": 2490, "validation": 138, "test": 139}

@@ -72,8 +72,12 @@ def test_upcycled_model_equals_dense_at_initialization(dense_model, method, extr
     model = upcycle(copy.deepcopy(dense), method_cfg).eval()
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     arch = cfg.model.architecture
-    expected_layers = {"t5": 2 * arch.get("num_layers", 0), "gpt2": arch.get("n_layer"), "bert": arch.get("num_hidden_layers")}
-    expected_layers = expected_layers[cfg.model.family]
+    layer_counts = {
+        "t5": 2 * arch.get("num_layers", 0),
+        "gpt2": arch.get("n_layer"),
+        "bert": arch.get("num_hidden_layers"),
+    }
+    expected_layers = layer_counts[cfg.model.family]
     assert len(layers) == expected_layers
     assert not list(ffn_sites(model)), "every dense FFN must be replaced"
     with torch.no_grad():

@@ -85,7 +85,7 @@ BAD = [
     (["task=imdb", "model=tiny-gpt2", "task.references=last"], "task.references", "first, sample"),
     (["task=glue_multitask", "task.tasks=[cola,boolq]"], "task.tasks", "cola"),
     (["task=glue_multitask", "task.temperature=0"], "task.temperature", "> 0"),
-    (["model.family=bert"], "model.family", "t5, gpt2"),
+    (["model.family=llama"], "model.family", "t5, gpt2, bert"),
     (["+model.revision=main"], "model.revision", "architecture"),
     (["ablation=no_mask", "method=mpoe", "+ablation.p=0.1"], "ablation.p", "mpo_only"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode", "online, offline, disabled"),

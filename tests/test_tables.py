@@ -34,6 +34,7 @@ def write_run(
     total: int = 157_400_000,
     table_model: str | None = None,
     experiment: str = EXP,
+    wall_time_s: float | None = None,
 ) -> Path:
     hp = {"lr": lr, "bs": 32, "ep": 3, "steps": None}
     model_dir = f"{model}-as-{table_model}" if table_model else model
@@ -55,6 +56,8 @@ def write_run(
         "greater_is_better": greater_is_better,
         "parameters": {"total": total, "trainable": total},
     }
+    if wall_time_s is not None:
+        record["wall_time_s"] = wall_time_s
     if status == "finished":
         record.update(validation=validation, test=test)
     else:
@@ -266,6 +269,7 @@ def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
             for seed in (1, 2, 3):
                 accuracy = {"accuracy": 80.0 + seed}
                 kw = {"main_metric": "accuracy", "greater_is_better": True, "total": 22_700_000}
+                kw["wall_time_s"] = 100.0 * seed
                 write_run(runs, "minilm", method, task, seed, 1e-4, accuracy, accuracy, experiment="real_minilm", **kw)
     write_run(runs, "gpt2", "mpoe", "wikitext2", 1, 1e-4, {"perplexity": 20.0}, {"perplexity": 21.0})
     written, problems, n_failed, unplaced = tables.make_tables(runs)
@@ -275,5 +279,7 @@ def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
     rows = list(csv.DictReader((runs / "real_minilm" / "tables" / "real_minilm.csv").open()))
     assert len(rows) == len(methods) * 3  # SST-2, RTE, #To (M)
     assert all(r["status"] == "ok" for r in rows), rows
-    assert "| missing" not in (runs / "real_minilm" / "tables" / "real_minilm.md").read_text()
+    md = (runs / "real_minilm" / "tables" / "real_minilm.md").read_text()
+    assert "| missing" not in md and "200 s per run" in md  # mean wall time of seeds 1-3: 100, 200, 300 s
+    assert {r["wall_time_s"] for r in rows if r["column"] == "SST-2"} == {"200.0"}
     assert "real_minilm" not in tables.TABLE_NAMES and "table1_nlu" in tables.TABLE_NAMES
