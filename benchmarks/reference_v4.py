@@ -1,4 +1,4 @@
-"""transformers v4's SwitchTransformersSparseMLP (the reference SPEC names) against the dense FFN, forward+backward.
+"""transformers v4's SwitchTransformersSparseMLP (our Switch reference) against the dense FFN, forward+backward.
 
 It cannot be installed beside transformers 5, so it runs in its own environment:
 
@@ -7,7 +7,7 @@ It cannot be installed beside transformers 5, so it runs in its own environment:
 
 Same layer as benchmarks/layers.py (d = 768, d_ff = 3072, 8 experts upcycled from one random ReLU FFN, capacity
 1.25 over all tokens, jitter 0.01, fp32 router), the two interleaved run by run; prints the median times and the
-ratio. Imports nothing of this project.
+ratio. Imports nothing of this project. Why this reference: docs/method.md, 'Baselines: MoE and Switch'.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""GPU-hour estimates of the paper's sweeps, from the cost model (SPEC section 6) and each run's config.
+"""GPU-hour estimates of the paper's sweeps, from the cost model and each run's config.
+
+The cost model is explained in docs/method.md, 'Cost model of GPU hours'.
 
     python -m mpoe_exp.cost [EXPERIMENT ...] [--tflops 60]
 

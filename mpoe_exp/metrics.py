@@ -1,4 +1,5 @@
-"""Evaluation metrics (SPEC section 4): GLUE classification/regression, perplexity, BLEU-n and Self-BLEU-n.
+"""Evaluation metrics: GLUE classification/regression, perplexity, BLEU-n and Self-BLEU-n (paper section 4.1;
+docs/method.md, 'Metrics' and 'Language modelling and generation').
 
 Pure functions on predictions, references and token lists; no model or data code. Scores the paper reports are
 x100 (percent): `glue_metrics`, `bleu` and `self_bleu` return them that way, the single-metric helpers
@@ -52,7 +53,7 @@ GLUE_TASK_METRICS: dict[str, tuple[str, ...]] = {
     "qnli": ("accuracy",),
     "rte": ("accuracy",),
 }
-# The one number per task that enters the GLUE average (SPEC section 4).
+# The one number per task that enters the GLUE average (docs/method.md, 'Metrics').
 GLUE_MAIN_METRIC: dict[str, str] = {
     "cola": "mcc",
     "sst2": "accuracy",

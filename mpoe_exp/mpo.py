@@ -1,7 +1,8 @@
 """Matrix product operator (MPO, a.k.a. tensor-train matrix) decomposition of weight matrices.
 
 A matrix W of shape (I, J) with I = i_1*...*i_m and J = j_1*...*j_m is written as the contraction of m local
-tensors T_k of shape (r_{k-1}, i_k, j_k, r_k), r_0 = r_m = 1 (SPEC section 1):
+tensors T_k of shape (r_{k-1}, i_k, j_k, r_k), r_0 = r_m = 1 (paper section 2.2, eq. 3;
+docs/method.md, 'MPO decomposition'):
 
     W[(i_1..i_m), (j_1..j_m)] = T_1[:, i_1, j_1, :] @ T_2[:, i_2, j_2, :] @ ... @ T_m[:, i_m, j_m, :]
 
@@ -11,10 +12,10 @@ Rows and columns are flattened in C order, so `row_shape` and `col_shape` factor
 Gauge. `decompose` returns the MPO in mixed-canonical ("bi-canonical") form with its orthogonality centre at
 index m // 2: tensors left of the centre are left-orthonormal, tensors right of it right-orthonormal, and the
 central tensor carries the whole norm of W (||C||_F == ||W||_F), its bonds ordered by descending singular value.
-SPEC section 1 describes the reference code as splitting every cut's singular values as a square root on both
-sides; that is another gauge of the same MPO (same bond dimensions, same parameter count, same reconstruction).
-We pick the mixed-canonical gauge deliberately: the auxiliary tensors are then isometries and the central tensor
-holds all of the "core information", which is what MPOE shares between experts.
+The reference code splits every cut's singular values as a square root on both sides; that is another gauge of
+the same MPO (same bond dimensions, same parameter count, same reconstruction). We pick the mixed-canonical gauge
+deliberately: the auxiliary tensors are then isometries and the central tensor holds all of the "core
+information", which is what MPOE shares between experts (docs/method.md, 'Gauge: which tensor is central').
 
 Truncation (`max_bond`) happens in the left-to-right TT-SVD sweep, exactly as in Oseledets (2011) and tensorly's
 `tensor_train_matrix`, so the result equals theirs at the same ranks and `truncation_error` is the exact
@@ -183,8 +184,9 @@ def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shap
     without it are broadcast (a shared central tensor, multiplied with all experts' rows in one matmul). The chains
     left and right of the centre are contracted first (small), their row and column indices regrouped while they are
     small, then the central tensor from whichever side is cheaper: ~ |W| * (r_{c-1} + r_c) multiply-adds per matrix
-    (SPEC section 6; `contraction_macs` counts them). The result needs one permute of W-sized data, of 6 grouped
-    dimensions, (I_left, J_left, i_c, j_c, I_right, J_right) -> (I_left, i_c, I_right, J_left, j_c, J_right).
+    (`contraction_macs` counts them; docs/method.md, 'Cost model of GPU hours'). The result needs one permute of
+    W-sized data, of 6 grouped dimensions,
+    (I_left, J_left, i_c, j_c, I_right, J_right) -> (I_left, i_c, I_right, J_left, j_c, J_right).
     """
     m = len(tensors)
     centre = m // 2
@@ -233,7 +235,7 @@ def _group_rows_cols(
 
 def contraction_macs(row_shape: Sequence[int], col_shape: Sequence[int], max_bond: int | None = None) -> int:
     """Multiply-adds `contract` spends on one matrix (one expert) of these shapes: its left and right chains, then
-    the central tensor from the cheaper side (SPEC section 6: ~|W| * (r_{c-1} + r_c))."""
+    the central tensor from the cheaper side: ~|W| * (r_{c-1} + r_c) (docs/method.md, 'Cost model of GPU hours')."""
     shapes = tensor_shapes(row_shape, col_shape, max_bond)
     centre = len(shapes) // 2
     macs, p_left, p_right = 0, 1, 1
@@ -277,8 +279,8 @@ def _chain_right(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.T
 # --- factorizations --------------------------------------------------------------------------------------------
 
 # Rows x cols of the stored (out_features, in_features) weight, per number of local tensors m.
-# m = 5 is the reference code's (SPEC section 2). m = 3, 7, 9 are ours: balanced factors, the largest in the
-# centre, and the column factors of a matrix equal to the row factors of its transpose.
+# m = 5 is the reference code's. m = 3, 7, 9 are ours: balanced factors, the largest in the centre, and the column
+# factors of a matrix equal to the row factors of its transpose (docs/method.md, 'Factorizations').
 KNOWN_FACTORIZATIONS: dict[tuple[int, int], dict[int, tuple[Shape, Shape]]] = {
     (3072, 768): {
         3: ((16, 12, 16), (8, 12, 8)),

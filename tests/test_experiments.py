@@ -154,7 +154,7 @@ def test_all_smoke_experiments_fill_every_table(tmp_path):
 def test_mpo_reconstruction_cost_is_the_contraction_of_every_expert_matrix():
     cfg = compose_config(["model=t5-base", "method=mpoe"])
     per_matrix = mpo.contraction_macs((4, 4, 8, 6, 4), (3, 4, 4, 4, 4))
-    assert per_matrix == 3072 * 768 * 577.1875  # ~|W| (r2 + r3), SPEC section 6
+    assert per_matrix == 3072 * 768 * 577.1875  # ~|W| (r2 + r3): docs/method.md, 'Cost model of GPU hours'
     both = per_matrix + mpo.contraction_macs((3, 4, 4, 4, 4), (4, 4, 8, 6, 4))
     assert cost._reconstruction_flops(cfg) == 2 * 3 * 8 * 24 * both
     assert cost._reconstruction_flops(compose_config(["model=t5-base", "method=switch"])) == 0

@@ -159,7 +159,7 @@ def test_load_model_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
         load_model(tmp_path)
 
 
-# Totals of SPEC section 2, counted on the meta device (no weights).
+# Totals of docs/method.md, 'Parameter counts', counted on the meta device (no weights).
 PAPER_SHAPED_TOTALS = [
     (["model=t5-base", "method=dense"], 222_903_552),
     (["model=t5-base", "method=mpoe"], 293_983_680),

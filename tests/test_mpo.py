@@ -1,8 +1,10 @@
-"""Tests of the MPO (tensor-train matrix) decomposition in `mpoe_exp.mpo` (SPEC sections 1, 2 and 6).
+"""Tests of the MPO (tensor-train matrix) decomposition in `mpoe_exp.mpo` (docs/method.md: 'MPO decomposition',
+'Factorizations', 'Parameter counts', 'Cost model of GPU hours').
 
-Reference computations here are written from the SPEC's formulas, independently of `mpo`: the interleaved
-unfolding of W, an einsum contraction and a slice-by-slice product for single entries, the untruncated bond
-formula, singular values of W's unfoldings, and tensorly's `tensor_train_matrix` (Oseledets' TT-SVD).
+Reference computations here are written from the formulas of docs/method.md and the paper (section 2.2, eq. 3),
+independently of `mpo`: the interleaved unfolding of W, an einsum contraction and a slice-by-slice product for
+single entries, the untruncated bond formula, singular values of W's unfoldings, and tensorly's
+`tensor_train_matrix` (Oseledets' TT-SVD).
 
 Error measures: float64 reconstructions are checked by max abs error (<= 1e-10 on N(0, 1) entries); float32 ones
 by relative Frobenius error ||W - R||_F / ||W||_F (<= 1e-5). In float32 the max abs error is not a good measure:
@@ -60,7 +62,8 @@ def _site_dims(row_shape, col_shape) -> list[int]:
 
 
 def _unfolding(matrix: torch.Tensor, row_shape, col_shape, cut: int) -> torch.Tensor:
-    """W as (i_1 j_1 ... i_cut j_cut, i_{cut+1} j_{cut+1} ... i_m j_m): the SPEC's interleaved C-order unfolding."""
+    """W as (i_1 j_1 ... i_cut j_cut, i_{cut+1} j_{cut+1} ... i_m j_m): the interleaved C-order unfolding
+    (docs/method.md, 'MPO decomposition')."""
     m = len(row_shape)
     order = []
     for k in range(m):
@@ -81,7 +84,7 @@ def _reference_contract(tensors, row_shape, col_shape) -> torch.Tensor:
 
 
 def _entry(tensors, row_shape, col_shape, row: int, col: int) -> torch.Tensor:
-    """W[row, col] = T_1[:, i_1, j_1, :] @ ... @ T_m[:, i_m, j_m, :] (SPEC section 1), C-order multi-indices."""
+    """W[row, col] = T_1[:, i_1, j_1, :] @ ... @ T_m[:, i_m, j_m, :] (paper eq. 3), C-order multi-indices."""
     rows = np.unravel_index(row, row_shape)
     cols = np.unravel_index(col, col_shape)
     product = torch.ones(1, 1, dtype=tensors[0].dtype)
@@ -91,7 +94,7 @@ def _entry(tensors, row_shape, col_shape, row: int, col: int) -> torch.Tensor:
 
 
 def _untruncated_bonds(row_shape, col_shape) -> list[int]:
-    """r_k = min(prod_{t<=k} i_t j_t, prod_{t>k} i_t j_t) (SPEC section 1)."""
+    """r_k = min(prod_{t<=k} i_t j_t, prod_{t>k} i_t j_t) (docs/method.md, 'MPO decomposition')."""
     sites = _site_dims(row_shape, col_shape)
     return [1] + [min(math.prod(sites[:k]), math.prod(sites[k:])) for k in range(1, len(sites))] + [1]
 
@@ -193,7 +196,7 @@ def test_gauge(configured):
     _assert_gauge(decomposition, torch.linalg.norm(matrix.double()).item(), atol)
 
 
-# --- paper shapes (SPEC section 2) ----------------------------------------------------------------------------------
+# --- paper shapes (docs/method.md, 'Factorizations') ------------------------------------------------------------------
 
 PAPER = {
     # rows, cols: (row factors, col factors, bonds, central shape, central numel, auxiliary total)
@@ -234,7 +237,8 @@ def test_paper_factorizations_decompose(shape):
 
 
 def test_t5_base_mpoe_parameter_totals_from_spec():
-    """SPEC section 2: total = base + L * n * (2 * aux + d + 1), with aux from the shape-only functions."""
+    """total = base + L * n * (2 * aux + d + 1) (docs/method.md, 'Parameter counts'), aux from the shape-only
+    functions."""
     base, layers, d_model = 222_903_552, 24, 768
     wi = mpo.tensor_shapes(*mpo.factorization(3072, 768, 5))
     wo = mpo.tensor_shapes(*mpo.factorization(768, 3072, 5))
@@ -271,7 +275,7 @@ def test_small_exact_decomposition(case):
     assert decomposition.bond_dims == _untruncated_bonds(row_shape, col_shape)
     assert [tuple(t.shape) for t in decomposition.tensors] == mpo.tensor_shapes(row_shape, col_shape)
     assert (decomposition.to_matrix() - matrix).abs().max().item() <= 1e-12
-    # the SPEC formula, entry by entry, on the raw local tensors
+    # the formula of the paper's eq. 3, entry by entry, on the raw local tensors
     rows, cols = matrix.shape
     for row, col in [(0, 0), (rows - 1, cols - 1), (37 % rows, 11 % cols), (100 % rows, 50 % cols)]:
         value = _entry(decomposition.tensors, row_shape, col_shape, row, col).item()

@@ -23,7 +23,7 @@ from mpoe_exp.tasks.tasks import GlueTask, build_task
 TRAIN_SIZES = {"cola": 30, "rte": 12, "stsb": 50}
 DEV_SIZE = 8  # halved: 4 validation, 4 test per task
 TASKS = "task.tasks=[cola,rte,stsb]"
-# Training sizes of SPEC section 4.
+# Training sizes of docs/method.md, 'Splits and formats of GLUE'.
 PAPER_SIZES = {
     "cola": 8551, "sst2": 66349, "mrpc": 3668, "qqp": 362846,
     "stsb": 5749, "mnli": 392702, "qnli": 103743, "rte": 2490,

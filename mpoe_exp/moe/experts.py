@@ -7,7 +7,7 @@ Every expert is the same FFN function (see `FeedForwardSpec`) with its own matri
   matrix shared by all experts (MPOE), or one per expert (`share_central=False`, the "w/o PS" ablation), and
   each expert owns its auxiliary tensors, stored stacked over experts as (E, r, i, j, r').
   Biases (GPT-2's Conv1D has them) are shared by all experts like the central tensor; this matches the
-  parameter count in SPEC section 2 (GPT-2 MPOE n = 8 -> 160.0M).
+  reference code's parameter count (GPT-2 MPOE n = 8 -> 160.0M; docs/method.md, 'Parameter counts').
 
 Both are built either from the dense FFN's weights (upcycling: every expert starts equal to the dense FFN) or
 from shapes alone (`empty`: for the meta-device dry run and for loading a checkpoint).

@@ -1,6 +1,7 @@
 """Routers: map tokens (N, d) to expert indices and gates, plus their auxiliary loss.
 
-A router returns a `Routing`; experts and dispatch only consume it (DESIGN: narrow interfaces).
+A router returns a `Routing`; experts and dispatch only consume it (narrow interfaces:
+docs/method.md, 'Code structure').
 
 - `SwitchRouter`: top-1 (Fedus et al. 2021). fp32 logits, optional multiplicative input jitter, capacity with
   token dropping (first come, first served over the flattened tokens of the call), load-balancing loss

@@ -1,1 +1,1 @@
-"""Tasks: loading, splitting and text formatting of the paper's datasets (SPEC section 4)."""
+"""Tasks: loading, splitting and text formatting of the paper's datasets (paper section 4.1; docs/method.md)."""

@@ -1,4 +1,5 @@
-"""Unconditional text generation with GPT-2 (SPEC section 4): EMNLP2017 WMT News and IMDB, one sentence per line.
+"""Unconditional text generation with GPT-2: EMNLP2017 WMT News and IMDB, one sentence per line (paper section 4.1;
+docs/method.md, 'Language modelling and generation').
 
 Training is causal LM on the training sentences, each sentence one sequence:
 

@@ -1,4 +1,5 @@
-"""GLUE for T5 in text-to-text form (SPEC section 4): loading, the paper's splits, and the input/target strings.
+"""GLUE for T5 in text-to-text form: loading, the paper's splits, and the input/target strings (paper section 4.1;
+docs/method.md, 'Splits and formats of GLUE').
 
 Examples are plain dicts, `{"fields": {name: text, ...}, "label": int | float, "idx": int}`, with the field names
 and integer labels of the hub's `nyu-mll/glue` (GLUE_FIELDS; mnli: entailment 0, neutral 1, contradiction 2; qnli
@@ -27,9 +28,10 @@ from `numpy.random.default_rng(seed).permutation(n)`, drawn over the rows of the
     other training rows stay train (in file order); the official validation set is test.
   - MNLI: validation_mismatched is validation, validation_matched is test; train is the official train set.
 
-Text-to-text format (T5 style, SPEC section 4): `format_source` gives "<task> <field>: <text> ...", e.g.
-"rte sentence1: ... sentence2: ...". Targets are the label ids as digit strings ("0", "1", "2"), the reference
-code's choice. STS-B targets follow T5: the score rounded to the nearest 0.2 with one decimal ("3.8", "5.0").
+Text-to-text format (T5 style; docs/method.md, 'Splits and formats of GLUE'): `format_source` gives
+"<task> <field>: <text> ...", e.g. "rte sentence1: ... sentence2: ...". Targets are the label ids as digit strings
+("0", "1", "2"), the reference code's choice. STS-B targets follow T5: the score rounded to the nearest 0.2 with one
+decimal ("3.8", "5.0").
 Ties (2.5 -> 12.5 fifths) go to the even number of fifths, the rule of T5's `tf.round`; we round the decimal value
 the score prints as, so a score like 2.3 is decided by that rule and not by binary floating-point noise.
 `parse_prediction` reads a generated string back into a label, or None when it is no valid label (counted wrong by

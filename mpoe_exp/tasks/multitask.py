@@ -5,7 +5,7 @@ data_seed and length limits), so loading, the split rule, the text-to-text forma
 those of the single-task runs. T5's input carries the task prefix ("cola sentence: ...", "rte sentence1: ..."),
 so one model serves all tasks and batches mix tasks freely.
 
-Task mixture (SPEC sections 4-5): a training example comes from task t with probability
+Task mixture (docs/method.md, 'Multi-task GLUE'): a training example comes from task t with probability
 p_t = n_t^(1/T) / sum_s n_s^(1/T), n_t the size of t's training split, T = `task.temperature` (10 in the paper;
 T = 1 is proportional to size, T -> inf uniform). `train_features()` returns a list of `mixture_size` examples:
   1. the task of each slot is drawn independently with probability p_t (numpy Generator);

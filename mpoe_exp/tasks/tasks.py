@@ -1,7 +1,7 @@
 """Tasks as the trainer sees them: training features, a collate function, a loss and an evaluation.
 
-- `GlueTask`: T5 text-to-text (SPEC section 4): "<task> field: text ..." -> label string; greedy decoding;
-  unparsable predictions count as wrong.
+- `GlueTask`: T5 text-to-text: "<task> field: text ..." -> label string; greedy decoding; unparsable predictions
+  count as wrong (docs/method.md, 'Splits and formats of GLUE').
 - `GlueClassificationTask`: the same GLUE tasks, splits and metrics on an encoder (BERT): the task's input fields
   as one or two segments, a classifier on the pooled first token (cross-entropy; STS-B: one output, MSE).
 - `LanguageModelingTask`: GPT-2 causal LM (WikiText-2): the split's text tokenized and cut into blocks;
@@ -206,7 +206,8 @@ class LanguageModelingTask:
             for split, lines in texts.items()
         }
         self.split_sizes = {k: len(v) for k, v in self.blocks.items()}
-        # Samples scored on test when the task config asks for BLEU (WikiText-2: BLEU-2/4, SPEC section 4).
+        # Samples scored on test when the task config asks for BLEU (WikiText-2: BLEU-2/4; docs/method.md,
+        # 'Language modelling and generation').
         self.seed = cfg.seed
         self.sample_references = wikitext_references(texts["test"]) if task_cfg.get("bleu_n") else None
         if self.sample_references is not None:

@@ -1,4 +1,5 @@
-"""Text data for GPT-2 (SPEC section 4): WikiText-2 for causal LM, EMNLP2017 WMT News and IMDB for generation.
+"""Text data for GPT-2: WikiText-2 for causal LM, EMNLP2017 WMT News and IMDB for generation (paper section 4.1;
+docs/method.md, 'Language modelling and generation').
 
 `load_text_splits(task, data_dir, seed)` gives {"train", "validation", "test"} -> list of texts, from files on disk,
 a `save_to_disk` DatasetDict, or the Hugging Face hub. `tokenize_and_concatenate` and `lm_blocks` turn WikiText-2
@@ -51,7 +52,8 @@ SENTENCE_FILES = {
     },
 }
 
-# Validation carved out of train when the data has none (data seed 42 by default, SPEC section 4).
+# Validation carved out of train when the data has none (data seed 42 by default;
+# docs/method.md, 'Language modelling and generation').
 VALIDATION_FRACTION = 0.05
 MAX_VALIDATION_LINES = 1000
 
