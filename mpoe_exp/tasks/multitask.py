@@ -6,7 +6,7 @@ those of the single-task runs. T5's input carries the task prefix ("cola sentenc
 so one model serves all tasks and batches mix tasks freely.
 
 Task mixture (docs/method.md, 'Multi-task GLUE'): a training example comes from task t with probability
-p_t = n_t^(1/T) / sum_s n_s^(1/T), n_t the size of t's training split, T = `task.temperature` (10 in the paper;
+p_t = n_t^(1/T) / sum_s n_s^(1/T), n_t the size of t's training split, T = `task.temperature` (10 as in Hyperformer;
 T = 1 is proportional to size, T -> inf uniform). `train_features()` returns a list of `mixture_size` examples:
   1. the task of each slot is drawn independently with probability p_t (numpy Generator);
   2. the slots of task t take t's training examples in a shuffled cyclic order: a fresh permutation of the task's
