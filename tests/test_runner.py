@@ -186,7 +186,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["model=tiny-gpt2", "task=cola"], "task=cola runs on t5 models"),
+        (["model=tiny-gpt2", "task=cola"], "task=cola runs on t5 or bert models"),
         (["model=tiny-t5", "task=wikitext2"], "task=wikitext2 runs on gpt2 models"),
         (["model=tiny-t5"], "no task chosen"),
         (["model=tiny-t5", "task=nonexistent"], "error: unknown task=nonexistent: task is one of cola, emnlp_news"),
