@@ -45,8 +45,9 @@ def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
-class GlueTask:
-    """One GLUE task for an encoder-decoder model."""
+class _GlueSplits:
+    """What every GLUE task has, whatever the model reads: the task's splits by the split rule (and the subsets
+    task.train_size / task.validation_size ask for), its main metric and its tokenizer."""
 
     def __init__(self, cfg: DictConfig, tokenizer):
         task_cfg, data_dir = cfg.task, task_data_dir(cfg)
@@ -60,6 +61,10 @@ class GlueTask:
             self.glue_task, data_dir, task_cfg.hub_path, task_cfg.data_seed, glue_data.subset_sizes(task_cfg)
         )
         self.split_sizes = {k: len(v) for k, v in self.splits.items()}
+
+
+class GlueTask(_GlueSplits):
+    """One GLUE task for an encoder-decoder model."""
 
     def encode(self, example: dict) -> dict:
         source = self.tokenizer(
@@ -112,7 +117,7 @@ class GlueTask:
         return metrics.glue_metrics(self.glue_task, predictions, references)
 
 
-class GlueClassificationTask:
+class GlueClassificationTask(_GlueSplits):
     """One GLUE task for an encoder with a classification head (BertForSequenceClassification).
 
     Inputs are the task's fields as BERT reads a sentence (pair): "[CLS] a [SEP] b [SEP]", truncated to
@@ -121,18 +126,8 @@ class GlueClassificationTask:
     """
 
     def __init__(self, cfg: DictConfig, tokenizer):
-        task_cfg, data_dir = cfg.task, task_data_dir(cfg)
-        self.name = task_cfg.name
-        self.glue_task = task_cfg.glue_task
+        super().__init__(cfg, tokenizer)
         self.regression = self.glue_task == "stsb"
-        self.cfg = task_cfg
-        self.tokenizer = tokenizer
-        self.main_metric = metrics.GLUE_MAIN_METRIC[self.glue_task]
-        self.greater_is_better = True
-        self.splits = glue_data.load_glue_splits(
-            self.glue_task, data_dir, task_cfg.hub_path, task_cfg.data_seed, glue_data.subset_sizes(task_cfg)
-        )
-        self.split_sizes = {k: len(v) for k, v in self.splits.items()}
         self._encoded: dict[str, list[dict]] = {}
 
     def _encode_split(self, split: str) -> list[dict]:
