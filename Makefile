@@ -14,7 +14,7 @@ install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU m
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
 
-test:  ## the default test run (CPU, offline, a few minutes)
+test:  ## the default test run (CPU, offline, about 20 minutes on 2 cores)
 	$(PYTHON) -m pytest -m "not slow" -q
 
 test-all:  ## every test, slow ones included
