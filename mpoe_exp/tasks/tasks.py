@@ -45,6 +45,13 @@ def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
+def length_sorted_batches(features: list[dict], batch_size: int) -> list[list[int]]:
+    """Batches of indices into `features`, shortest inputs first, so that evaluation pads little (a batch of
+    similar lengths); each prediction goes back to its example's place, so results keep the split's order."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 class _GlueSplits:
     """What every GLUE task has, whatever the model reads: the task's splits by the split rule (and the subsets
     task.train_size / task.validation_size ask for), its main metric and its tokenizer."""
@@ -64,7 +71,11 @@ class _GlueSplits:
 
 
 class GlueTask(_GlueSplits):
-    """One GLUE task for an encoder-decoder model."""
+    """One GLUE task for an encoder-decoder model. Evaluation features are encoded once per split and kept."""
+
+    def __init__(self, cfg: DictConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self._encoded: dict[str, list[dict]] = {}
 
     def encode(self, example: dict) -> dict:
         source = self.tokenizer(
@@ -78,6 +89,11 @@ class GlueTask(_GlueSplits):
             truncation=True,
         ).input_ids
         return {"input_ids": source, "labels": target}
+
+    def _encode_split(self, split: str) -> list[dict]:
+        if split not in self._encoded:
+            self._encoded[split] = [self.encode(e) for e in self.splits[split]]
+        return self._encoded[split]
 
     def train_features(self) -> list[dict]:
         return [self.encode(e) for e in self.splits["train"]]
@@ -98,11 +114,10 @@ class GlueTask(_GlueSplits):
 
     def evaluate(self, model, split: str, batch_size: int, device) -> dict[str, float]:
         """Greedy-decode every example of `split` and score it with the task's GLUE metrics (x100)."""
-        examples = self.splits[split]
-        predictions = []
-        for start in range(0, len(examples), batch_size):
-            chunk = [self.encode(e) for e in examples[start : start + batch_size]]
-            batch = self.collate(chunk)
+        features = self._encode_split(split)
+        predictions: list = [None] * len(features)
+        for indices in length_sorted_batches(features, batch_size):
+            batch = self.collate([features[i] for i in indices])
             generated = model.generate(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
@@ -112,8 +127,9 @@ class GlueTask(_GlueSplits):
                 use_cache=not needs_full_sequence(model),  # causal MEO routes on the whole prefix
             )
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            predictions += [glue_data.parse_prediction(self.glue_task, t) for t in texts]
-        references = [e["label"] for e in examples]
+            for i, text in zip(indices, texts):
+                predictions[i] = glue_data.parse_prediction(self.glue_task, text)
+        references = [e["label"] for e in self.splits[split]]
         return metrics.glue_metrics(self.glue_task, predictions, references)
 
 
@@ -171,14 +187,16 @@ class GlueClassificationTask(_GlueSplits):
     def evaluate(self, model, split: str, batch_size: int, device) -> dict[str, float]:
         """Predict every example of `split` (argmax; STS-B the output clipped to [0, 5]) and score it (x100)."""
         features = self._encode_split(split)
-        predictions: list = []
-        for start in range(0, len(features), batch_size):
-            batch = {k: v.to(device) for k, v in self.collate(features[start : start + batch_size]).items()}
+        predictions: list = [None] * len(features)
+        for indices in length_sorted_batches(features, batch_size):
+            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in indices]).items()}
             logits = self.logits(model, batch)
             if self.regression:
-                predictions += logits.squeeze(-1).clamp(0.0, glue_data.STSB_MAX_SCORE).tolist()
+                batch_predictions = logits.squeeze(-1).clamp(0.0, glue_data.STSB_MAX_SCORE).tolist()
             else:
-                predictions += logits.argmax(-1).tolist()
+                batch_predictions = logits.argmax(-1).tolist()
+            for i, prediction in zip(indices, batch_predictions):
+                predictions[i] = prediction
         references = [e["label"] for e in self.splits[split]]
         return metrics.glue_metrics(self.glue_task, predictions, references)
 
