@@ -131,6 +131,7 @@ TRAIN: Table = {
     "max_steps": integer(ge=1, null=True),  # null: `epochs`
     "batch_size": integer(ge=1),
     "grad_accum_steps": integer(ge=1),
+    "group_by_length": boolean(optional=True),  # batches of similar lengths (Trainer.epoch_order)
     "warmup_steps": integer(ge=0, null=True),  # null: warmup_ratio * total steps
     "warmup_ratio": number(ge=0, lt=1),
     "weight_decay": number(ge=0),

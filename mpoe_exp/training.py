@@ -16,6 +16,10 @@ Multi-GPU: launched with torchrun (WORLD_SIZE > 1), `setup_distributed` joins th
 wrapped in DistributedDataParallel; `train.batch_size` stays the global batch, each rank taking every
 world_size-th example of it. Every rank evaluates (the same numbers); rank 0 alone writes logs and checkpoints.
 
+Data order: each epoch is a permutation drawn from (seed, epoch), cut into micro-batches. With
+`train.group_by_length` the permutation is regrouped so that each micro-batch holds examples of similar length
+(`length_grouped_order`): far less padding, about half the compute on GLUE, batches still in random order.
+
 Resuming is exact: the data order of each epoch comes from (seed, epoch), and a checkpoint holds the model,
 optimizer, scheduler, gradient-mask generator, every RNG state and the running training loss at an optimizer-step
 boundary, so a run killed at any point and restarted with the same command continues as if it had never stopped.
@@ -229,6 +233,27 @@ def evaluation_interval(
         return eval_every
     per_epoch = max(1, steps_per_epoch // evals_per_epoch)
     return min(per_epoch, max(1, total_steps // min_evals))
+
+
+def length_grouped_order(
+    order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator, group_batches: int = 50
+) -> list[int]:
+    """`order` (a shuffled epoch) regrouped so that each consecutive `batch_size` slice holds similar lengths.
+
+    The order is cut into groups of up to `group_batches` batches (fewer for a small epoch, so that it has at least
+    4 groups), each group is sorted by length and cut into batches, and the full batches are shuffled with
+    `generator`; the one short batch an epoch may have stays last, so batch boundaries stay where slicing the
+    order by `batch_size` puts them. (The idea of transformers' `group_by_length`; its batches are not shuffled.)
+    """
+    group = batch_size * max(1, min(group_batches, len(order) // (4 * batch_size)))
+    batches = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    short = [b for b in batches if len(b) < batch_size]
+    full = [b for b in batches if len(b) == batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for batch in shuffled + short for i in batch]
 
 
 @dataclass(frozen=True)
@@ -474,7 +499,11 @@ class Trainer:
 
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.features), generator=generator).tolist()
+        order = torch.randperm(len(self.features), generator=generator).tolist()
+        if not self.cfg.get("group_by_length", False):
+            return order
+        lengths = [len(f["input_ids"]) for f in self.features]
+        return length_grouped_order(order, lengths, self.cfg.batch_size, generator)
 
     def micro_batches(self) -> Iterator[tuple[int, int, dict]]:
         """(epoch, index, batch) from the resume position on, forever (the loop stops at total_steps)."""

@@ -19,6 +19,7 @@ from mpoe_exp.training import (
     BEST,
     LAST,
     evaluation_interval,
+    length_grouped_order,
     plan_steps,
     processed_tokens,
     rng_state,
@@ -232,3 +233,36 @@ def test_trainer_counts_source_and_target_tokens_of_t5(tmp_path):
     state = trainer.fit()
     assert state.tokens == 2 * 4 * (6 + 3)  # RandomSeq2SeqTask: 6 source and 3 target tokens per example
     assert state.history[-1]["tokens"] == state.tokens
+
+
+def padded_tokens(order: list[int], lengths: list[int], batch_size: int) -> int:
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_length_grouped_order_pads_less_and_keeps_batches_in_random_order():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 128) for _ in range(1000)]
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    grouped = length_grouped_order(order, lengths, 32, torch.Generator().manual_seed(1))
+    assert sorted(grouped) == list(range(1000))
+    assert padded_tokens(grouped, lengths, 32) < 0.7 * padded_tokens(order, lengths, 32)
+    assert length_grouped_order(order, lengths, 32, torch.Generator().manual_seed(1)) == grouped
+    batches = [grouped[k : k + 32] for k in range(0, 1000, 32)]
+    assert len(batches[-1]) == 1000 % 32  # the short batch stays last: batch boundaries do not move
+    maxima = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+
+
+def test_trainer_groups_batches_by_length_only_when_asked(tmp_path):
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(200)]
+    orders = {}
+    for grouped in (False, True):
+        trainer, _ = tiny_trainer(tmp_path / str(grouped), f"train.group_by_length={str(grouped).lower()}")
+        trainer.features = [{"input_ids": [1] * n} for n in lengths]
+        orders[grouped] = [trainer.epoch_order(0), trainer.epoch_order(1)]
+        assert trainer.epoch_order(0) == orders[grouped][0]  # a pure function of (seed, epoch): resumable
+        assert orders[grouped][0] != orders[grouped][1]
+        assert sorted(orders[grouped][0]) == list(range(200))
+    assert padded_tokens(orders[True][0], lengths, 4) < 0.7 * padded_tokens(orders[False][0], lengths, 4)
