@@ -6,7 +6,7 @@
 - `curves_<model>_<task>.png`: training loss and the validation main metric against the optimizer step, one colour
   per method, one thin line per seed, for the hyperparameter setting `make tables` selected.
 
-Reads only what tables.py aggregated from results.json files; Matplotlib with the Agg backend (no display).
+Reads only what aggregate.py aggregated from results.json files; Matplotlib with the Agg backend (no display).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mpoe_exp.tables import GroupKey, Selection, Table  # noqa: E402
+from mpoe_exp.aggregate import GroupKey, Selection, Table  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

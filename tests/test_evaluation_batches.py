@@ -30,7 +30,9 @@ def glue(request, monkeypatch):
     task = build_task(cfg, tokenizer)
     seen = []  # the predictions glue_metrics is given, per evaluation
     score = metrics.glue_metrics
-    monkeypatch.setattr(metrics, "glue_metrics", lambda name, p, r: seen.append((list(p), list(r))) or score(name, p, r))
+    monkeypatch.setattr(
+        metrics, "glue_metrics", lambda name, p, r: seen.append((list(p), list(r))) or score(name, p, r)
+    )
     return task, model.eval(), seen
 
 
@@ -47,7 +49,9 @@ def test_evaluation_pads_no_more_than_length_sorted_batches_do(glue, monkeypatch
     task, model, _ = glue
     widths = []
     collate = task.collate
-    monkeypatch.setattr(task, "collate", lambda fs: widths.append((len(fs), max(len(f["input_ids"]) for f in fs))) or collate(fs))
+    monkeypatch.setattr(
+        task, "collate", lambda fs: widths.append((len(fs), max(len(f["input_ids"]) for f in fs))) or collate(fs)
+    )
     task.evaluate(model, "validation", 4, "cpu")
     padded = sum(n * width for n, width in widths)
     lengths = sorted(len(f["input_ids"]) for f in task._encode_split("validation"))

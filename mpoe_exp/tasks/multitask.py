@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,9 +39,7 @@ from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
 from mpoe_exp.tasks import glue_data
 from mpoe_exp.tasks.data_location import task_data_dir
-
-if TYPE_CHECKING:
-    from mpoe_exp.tasks.tasks import GlueTask
+from mpoe_exp.tasks.glue import GlueTask
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +100,6 @@ class MultiTaskGlue:
     """Several GLUE tasks for one encoder-decoder model: a temperature-sampled training mixture, evaluation on all."""
 
     def __init__(self, cfg: DictConfig, tokenizer):
-        from mpoe_exp.tasks.tasks import GlueTask  # here: tasks.py imports this module for TASK_TYPES
-
         task_cfg = cfg.task
         self.name = task_cfg.name
         self.cfg = task_cfg

@@ -1,0 +1,81 @@
+"""The code base's shape: no import circles between mpoe_exp's modules (counting imports inside functions too, the
+ones that only hide a circle), and no function of the training loop longer than one screen."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "mpoe_exp"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The mpoe_exp modules `path` imports anywhere (module level or inside a function), except imports only a type
+    checker runs (`if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text())
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(n) for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
+    return {m for m in found if m in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: imported_modules(path, set(paths)) for name, path in paths.items()}
+    # a package's __init__ is run by importing any of its modules: an edge to a.b is also an edge to a
+    return {name: {m for m in deps if m != name} for name, deps in graph.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary circle found by a depth-first search (each reported once, from its smallest module)."""
+    found: set[tuple[str, ...]] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == path[0]:
+                found.add(tuple(path))
+            elif nxt not in path and nxt > path[0]:
+                visit(nxt, [*path, nxt])
+
+    for start in sorted(graph):
+        visit(start, [start])
+    return [list(c) for c in sorted(found)]
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles_between_modules():
+    graph = import_graph()
+    # a package importing its own submodules (mpoe_exp.moe -> mpoe_exp.moe.layer) is how packages re-export; the
+    # circle that matters is between modules, so edges into a package's __init__ from its own submodules are out
+    graph = {name: {m for m in deps if not name.startswith(m + ".")} for name, deps in graph.items()}
+    assert cycles(graph) == []
+
+
+def test_no_function_in_the_training_loop_is_longer_than_about_60_lines():
+    tree = ast.parse((PACKAGE / "training.py").read_text())
+    long = {
+        n.name: n.end_lineno - n.lineno + 1
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > 60
+    }
+    assert long == {}
