@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from mpoe_exp.errors import UserError
 from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.moe import central_parameters, collect_aux_loss
+from mpoe_exp.tasks.protocol import Task
 
 LAST, BEST = "last.pt", "best.pt"
 EVALS_PER_EPOCH, MIN_EVALS, CHECKPOINT_EVERY = 4, 5, 200  # defaults of train.evals_per_epoch, min_evals, ...
@@ -380,7 +381,7 @@ class Trainer:
     def __init__(
         self,
         model,
-        task,
+        task: Task,
         train_cfg: DictConfig,
         method_cfg: DictConfig,
         run_dir: Path,

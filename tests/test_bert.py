@@ -168,7 +168,7 @@ def test_real_glue_splits_and_the_real_minilm_budget_subsets():
     cfg = compose_config(["experiment=real_minilm_sst2", f"data_dir={SHARED_GLUE}"])
     sizes = {"train": cfg.task.train_size, "validation": cfg.task.validation_size}
     cut = load_glue_splits("sst2", SHARED_GLUE, sizes=sizes)
-    assert {k: len(v) for k, v in cut.items()} == {"train": 1536, "validation": 500, "test": 1821}
+    assert {k: len(v) for k, v in cut.items()} == {"train": 1024, "validation": 500, "test": 1821}
     assert cut == load_glue_splits("sst2", SHARED_GLUE, sizes=sizes)  # the same subset every time
     full_ids = {e["idx"] for e in full["train"]}
     assert {e["idx"] for e in cut["train"]} <= full_ids and cut["test"] == full["test"]

@@ -79,3 +79,22 @@ def test_no_function_in_the_training_loop_is_longer_than_about_60_lines():
         if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > 60
     }
     assert long == {}
+
+
+def test_every_task_class_implements_the_task_protocol():
+    from mpoe_exp import build_model, compose_config
+    from mpoe_exp.config import demo_data_for
+    from mpoe_exp.tasks.tasks import ENCODER_TASK_TYPES, TASK_TYPES, Task, build_task
+
+    classes = {*TASK_TYPES.values(), *ENCODER_TASK_TYPES.values()}
+    assert all(Task in cls.__mro__ for cls in classes)  # declared, so a type checker holds each to it
+    built = set()
+    for model, task in [
+        ("tiny-t5", "rte"), ("tiny-t5", "glue_multitask"), ("tiny-gpt2", "wikitext2"), ("tiny-gpt2", "emnlp_news"),
+        ("tiny-bert", "rte"),
+    ]:  # fmt: skip
+        cfg = compose_config([f"model={model}", f"task={task}", f"data_dir={demo_data_for(task)}"])
+        instance = build_task(cfg, build_model(cfg)[1])
+        assert isinstance(instance, Task)  # the attributes are there, not only declared
+        built.add(type(instance))
+    assert built == classes

@@ -46,6 +46,7 @@ from mpoe_exp.errors import UserError
 from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import text_data
 from mpoe_exp.tasks.data_location import task_data_dir
+from mpoe_exp.tasks.protocol import Task
 
 DEFAULT_SAMPLE_BATCH_SIZE = 500
 
@@ -270,7 +271,7 @@ def sample_and_score(
 # --- the task --------------------------------------------------------------------------------------------------
 
 
-class GenerationTask:
+class GenerationTask(Task):
     """Causal LM fine-tuning on one sentence per sequence; validation perplexity; test perplexity + sample scores."""
 
     def __init__(self, cfg: DictConfig, tokenizer):

@@ -18,6 +18,7 @@ from mpoe_exp import metrics
 from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import glue_data
 from mpoe_exp.tasks.data_location import task_data_dir
+from mpoe_exp.tasks.protocol import Task
 from mpoe_exp.training import token_loss
 
 
@@ -33,7 +34,7 @@ def length_sorted_batches(features: list[dict], batch_size: int) -> list[list[in
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-class _GlueSplits:
+class _GlueSplits(Task):
     """What every GLUE task has, whatever the model reads: the task's splits by the split rule (and the subsets
     task.train_size / task.validation_size ask for), its main metric and its tokenizer."""
 

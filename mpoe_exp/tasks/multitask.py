@@ -40,6 +40,7 @@ from mpoe_exp.errors import UserError
 from mpoe_exp.tasks import glue_data
 from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.glue import GlueTask
+from mpoe_exp.tasks.protocol import Task
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _task_list(task_cfg: DictConfig) -> list[str]:
     return names
 
 
-class MultiTaskGlue:
+class MultiTaskGlue(Task):
     """Several GLUE tasks for one encoder-decoder model: a temperature-sampled training mixture, evaluation on all."""
 
     def __init__(self, cfg: DictConfig, tokenizer):

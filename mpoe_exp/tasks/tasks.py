@@ -8,11 +8,9 @@
 - `GenerationTask` (generation.py): EMNLP News / IMDB, one sentence per sequence; validation perplexity; test
   perplexity plus BLEU-n and Self-BLEU-n of unconditional top-k samples.
 
-A task type is a class constructed as `Task(cfg, tokenizer)` (the whole run config) with the attributes `name`,
-`main_metric`, `greater_is_better`, `split_sizes` and the methods `train_features()`, `collate(features)` (a dict
-of tensors with at least input_ids, attention_mask, labels), `loss(model, batch, label_smoothing)` and
-`evaluate(model, split, batch_size, device)` (a dict of metrics holding `main_metric`), plus one line in
-`TASK_TYPES` (`ENCODER_TASK_TYPES` for the class an encoder model runs a task type with).
+A task type is a class implementing the `Task` protocol (protocol.py), built as `TaskClass(cfg, tokenizer)` from
+the whole run config, plus one line in `TASK_TYPES` (`ENCODER_TASK_TYPES` for the class an encoder model runs a task
+type with).
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from mpoe_exp.tasks.generation import (
 )
 from mpoe_exp.tasks.glue import GlueClassificationTask, GlueTask, length_sorted_batches, pad
 from mpoe_exp.tasks.multitask import MultiTaskGlue
+from mpoe_exp.tasks.protocol import Task
 
 __all__ = [
     "ENCODER_TASK_TYPES",
@@ -44,13 +43,14 @@ __all__ = [
     "GlueTask",
     "LanguageModelingTask",
     "MultiTaskGlue",
+    "Task",
     "build_task",
     "length_sorted_batches",
     "pad",
 ]
 
 
-class LanguageModelingTask:
+class LanguageModelingTask(Task):
     """Causal LM fine-tuning; evaluation is perplexity over the split's blocks."""
 
     def __init__(self, cfg: DictConfig, tokenizer):
@@ -107,7 +107,7 @@ TASK_TYPES = {
 ENCODER_TASK_TYPES = {"glue": GlueClassificationTask}  # what an encoder (model.family bert) runs a task type as
 
 
-def build_task(cfg: DictConfig, tokenizer):
+def build_task(cfg: DictConfig, tokenizer) -> Task:
     """The task object of `cfg.task` with data from its folder (`data_location.task_data_dir`) or the hub."""
     kind = cfg.task.type
     if kind not in TASK_TYPES:
