@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import mpo
 from mpoe_exp.errors import UserError
+from mpoe_exp.moe.kinds import kind_of
 
 CONFIG_DIR = Path(os.environ.get("MPOE_EXP_CONF", Path(__file__).resolve().parent.parent / "conf"))
 CONFIG_NAME = "config"
@@ -141,11 +142,10 @@ def validate_config(cfg: DictConfig) -> None:
     check_config(cfg)
     if method.experts == "none":
         return
-    if method.get("layer") == "cartesian" and method.num_experts % 2:
-        raise UserError(
-            f"method=cartesian needs an even num_experts (two groups, one per half of the FFN), "
-            f"got {method.num_experts}"
-        )
+    layer_name, kind = kind_of(method)
+    refusal = kind.refusal(layer_name, OmegaConf.to_container(method, resolve=True))  # relations between its keys
+    if refusal:
+        raise UserError(refusal)
     top_k = method.router.get("top_k")
     if top_k is not None and top_k > method.num_experts:
         raise UserError(

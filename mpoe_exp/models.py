@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import (
-    EXPERT_LAYERS,
+    ExpertLayer,
     FeedForwardSpec,
-    MergedExpertsFeedForward,
-    MoEFeedForward,
     MPOExperts,
     build_layer,
+    hand_token_mask_to_layers,
+    moe_layers,
 )
 
 MODEL_CONFIG_FILE = "mpoe_exp_config.yaml"
@@ -234,7 +234,7 @@ def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
 
     config = model.config
     for name, module in list(model.named_modules()):
-        if isinstance(module, T5LayerFF) and not isinstance(module.DenseReluDense, EXPERT_LAYERS):
+        if isinstance(module, T5LayerFF) and not isinstance(module.DenseReluDense, ExpertLayer):
             dense = module.DenseReluDense
             gated = isinstance(dense, T5DenseGatedActDense)
             if not gated and not isinstance(dense, T5DenseActDense):
@@ -262,7 +262,7 @@ def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
             biases = {"bi": module.c_fc.bias, "bo": module.c_proj.bias}
             parent = next(m for m in model.modules() if getattr(m, "mlp", None) is module)
             yield FFNSite(parent, "mlp", spec, weights, biases, causal=True)
-        elif isinstance(module, BertLayer) and not isinstance(module.intermediate, EXPERT_LAYERS):
+        elif isinstance(module, BertLayer) and not isinstance(module.intermediate, ExpertLayer):
             yield _bert_site(module, config)
 
 
@@ -325,25 +325,8 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
         del site, ref, layer
         progress.update()
     progress.close()
-    _hand_encoder_mask_to_meo_layers(model)
+    hand_token_mask_to_layers(getattr(model, "bert", None) or getattr(model, "encoder", None))
     return model
-
-
-def _hand_encoder_mask_to_meo_layers(model: nn.Module) -> None:
-    """MEO's sequence mean must leave padding out, but an FFN sees no attention mask: a pre-hook on the encoder
-    (T5's encoder stack, BERT's BertModel) passes the mask of each call to its MEO layers (no-op for models
-    without them)."""
-    encoder = getattr(model, "bert", None) or getattr(model, "encoder", None)
-    layers = [m for m in (encoder.modules() if encoder is not None else []) if isinstance(m, MergedExpertsFeedForward)]
-    if not layers:
-        return
-
-    def hand_over(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        for layer in layers:
-            layer.token_mask = mask
-
-    encoder.register_forward_pre_hook(hand_over, with_kwargs=True)
 
 
 def build_model(cfg: DictConfig, *, meta: bool = False) -> tuple[nn.Module, Any]:
@@ -369,7 +352,7 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     params = {id(p): p for p in model.parameters()}  # tied weights counted once
     total = sum(p.numel() for p in params.values())
     report = {"total": total, "trainable": sum(p.numel() for p in params.values() if p.requires_grad)}
-    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    layers = moe_layers(model)
     if layers:
         router = {id(p): p for layer in layers for p in layer.router.parameters()}
         expert = {id(p): p for layer in layers for p in layer.experts.parameters()}

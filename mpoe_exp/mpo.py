@@ -181,38 +181,51 @@ def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shap
     """Contract local tensors (r, i, j, r') into the (I, J) matrix; tensors may share one leading batch dim.
 
     With a leading batch dimension E (an expert stack) on some tensors, the result has shape (E, I, J); tensors
-    without it are broadcast (a shared central tensor, multiplied with all experts' rows in one matmul). The chains
-    left and right of the centre are contracted first (small), their row and column indices regrouped while they are
-    small, then the central tensor from whichever side is cheaper: ~ |W| * (r_{c-1} + r_c) multiply-adds per matrix
-    (`contraction_macs` counts them; docs/method.md, 'Cost model of GPU hours'). The result needs one permute of
-    W-sized data, of 6 grouped dimensions,
+    without it are broadcast (a shared central tensor, multiplied with all experts' rows in one matmul).
+
+    Order: the chains left and right of the centre first (small), their row and column indices regrouped while
+    they are small, then the central tensor from whichever side is cheaper (`_centre_costs`): ~ |W| * (r_{c-1} +
+    r_c) multiply-adds per matrix (`contraction_macs`; docs/method.md, 'Cost model of GPU hours'). Last, one permute
+    of W-sized data, of 6 grouped dimensions:
     (I_left, J_left, i_c, j_c, I_right, J_right) -> (I_left, i_c, I_right, J_left, j_c, J_right).
     """
-    m = len(tensors)
-    centre = m // 2
+    centre = len(tensors) // 2
     batched = any(t.dim() == 5 for t in tensors)
-    t5 = [t if t.dim() == 5 else t.unsqueeze(0) for t in tensors]  # (E or 1, r, i, j, r')
-    c = t5[centre]
-    shared_c, (_, r_prev, i_c, j_c, r_next) = c.shape[0] == 1, c.shape
-    rows_l, cols_l = math.prod(row_shape[:centre]), math.prod(col_shape[:centre])
-    rows_r, cols_r = math.prod(row_shape[centre + 1 :]), math.prod(col_shape[centre + 1 :])
-    left = _group_rows_cols(_chain(t5[:centre], c), row_shape[:centre], col_shape[:centre], bond_last=True)
-    right = _group_rows_cols(_chain_right(t5[centre + 1 :], c), row_shape[centre + 1 :], col_shape[centre + 1 :])
-    # left (E, I_l J_l, r_prev), right (E, r_next, I_r J_r), grouped: rows before columns
-    p_left, p_right = rows_l * cols_l, rows_r * cols_r
-    cost_left_first = p_left * r_prev * i_c * j_c * r_next + p_left * i_c * j_c * r_next * p_right
-    cost_right_first = r_prev * i_c * j_c * r_next * p_right + p_left * r_prev * i_c * j_c * p_right
-    if cost_left_first <= cost_right_first:
-        central = c.reshape(r_prev, -1) if shared_c else c.reshape(-1, r_prev, i_c * j_c * r_next)
-        lc = torch.matmul(left, central)  # (E, I_l J_l, i_c j_c r_next): a shared centre folds E into the rows
-        full = torch.matmul(lc.reshape(lc.shape[0], -1, r_next), right)  # (E, I_l J_l i_c j_c, I_r J_r)
+    stacked = [t if t.dim() == 5 else t.unsqueeze(0) for t in tensors]  # (E or 1, r, i, j, r')
+    central = stacked[centre]
+    _, r_prev, i_c, j_c, r_next = central.shape
+    rows_left, cols_left = math.prod(row_shape[:centre]), math.prod(col_shape[:centre])
+    rows_right, cols_right = math.prod(row_shape[centre + 1 :]), math.prod(col_shape[centre + 1 :])
+    # left (E, I_l J_l, r_prev) and right (E, r_next, I_r J_r), their rows grouped before their columns
+    left = _group_rows_cols(_chain(stacked[:centre], central), row_shape[:centre], col_shape[:centre], bond_last=True)
+    right = _group_rows_cols(
+        _chain_right(stacked[centre + 1 :], central), row_shape[centre + 1 :], col_shape[centre + 1 :]
+    )
+    left_first, right_first = _centre_costs(rows_left * cols_left, central.shape[1:], rows_right * cols_right)
+    if left_first <= right_first:
+        if central.shape[0] == 1:  # shared: every expert's left rows times the one central tensor
+            central_matrix = central.reshape(r_prev, i_c * j_c * r_next)
+        else:
+            central_matrix = central.reshape(-1, r_prev, i_c * j_c * r_next)
+        left_central = torch.matmul(left, central_matrix)  # (E, I_l J_l, i_c j_c r_next)
+        full = torch.matmul(left_central.reshape(left_central.shape[0], -1, r_next), right)
     else:
-        cr = torch.matmul(c.reshape(-1, r_prev * i_c * j_c, r_next), right)  # (E, r_prev i_c j_c, I_r J_r)
-        full = torch.matmul(left, cr.reshape(cr.shape[0], r_prev, -1))
-    batch = full.shape[0]
-    full = full.reshape(batch, rows_l, cols_l, i_c, j_c, rows_r, cols_r).permute(0, 1, 3, 5, 2, 4, 6)
-    matrix = full.reshape(batch, math.prod(row_shape), math.prod(col_shape))
+        central_right = torch.matmul(central.reshape(-1, r_prev * i_c * j_c, r_next), right)  # (E, r_prev i_c j_c, P_r)
+        full = torch.matmul(left, central_right.reshape(central_right.shape[0], r_prev, -1))
+    # full: (E, I_l J_l i_c j_c, I_r J_r) -> (E, I, J)
+    experts = full.shape[0]
+    full = full.reshape(experts, rows_left, cols_left, i_c, j_c, rows_right, cols_right).permute(0, 1, 3, 5, 2, 4, 6)
+    matrix = full.reshape(experts, math.prod(row_shape), math.prod(col_shape))
     return matrix if batched else matrix[0]
+
+
+def _centre_costs(p_left: int, central_shape: Sequence[int], p_right: int) -> tuple[int, int]:
+    """Multiply-adds of bringing in the central tensor (r_prev, i_c, j_c, r_next) between a left chain of p_left
+    entries per bond and a right chain of p_right: (left first, right first), for one expert."""
+    r_prev, i_c, j_c, r_next = central_shape
+    left_first = p_left * r_prev * i_c * j_c * r_next + p_left * i_c * j_c * r_next * p_right
+    right_first = r_prev * i_c * j_c * r_next * p_right + p_left * r_prev * i_c * j_c * p_right
+    return left_first, right_first
 
 
 def _group_rows_cols(
@@ -245,10 +258,7 @@ def contraction_macs(row_shape: Sequence[int], col_shape: Sequence[int], max_bon
     for k, (r_prev, i, j, r_next) in enumerate(reversed(shapes[centre + 1 :])):  # (r_prev i j, r_next) @ (r_next, P)
         macs += r_prev * i * j * r_next * p_right if k > 0 else 0
         p_right *= i * j
-    r_prev, i_c, j_c, r_next = shapes[centre]
-    left_first = p_left * r_prev * i_c * j_c * r_next + p_left * i_c * j_c * r_next * p_right
-    right_first = r_prev * i_c * j_c * r_next * p_right + p_left * r_prev * i_c * j_c * p_right
-    return macs + min(left_first, right_first)
+    return macs + min(_centre_costs(p_left, shapes[centre], p_right))
 
 
 def _chain(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -281,7 +291,7 @@ def _chain_right(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.T
 # Rows x cols of the stored (out_features, in_features) weight, per number of local tensors m.
 # m = 5 is the reference code's. m = 3, 7, 9 are ours: balanced factors, the largest in the centre, and the column
 # factors of a matrix equal to the row factors of its transpose (docs/method.md, 'Factorizations').
-KNOWN_FACTORIZATIONS: dict[tuple[int, int], dict[int, tuple[Shape, Shape]]] = {
+_FACTORS: dict[tuple[int, int], dict[int, tuple[Shape, Shape]]] = {
     (3072, 768): {
         3: ((16, 12, 16), (8, 12, 8)),
         5: ((4, 4, 8, 6, 4), (3, 4, 4, 4, 4)),
@@ -295,8 +305,11 @@ KNOWN_FACTORIZATIONS: dict[tuple[int, int], dict[int, tuple[Shape, Shape]]] = {
         9: ((2, 2, 2, 4, 4, 4, 2, 2, 2), (2, 2, 2, 2, 4, 2, 2, 2, 2)),
     },
 }
-for (_rows, _cols), _by_m in list(KNOWN_FACTORIZATIONS.items()):
-    KNOWN_FACTORIZATIONS[(_cols, _rows)] = {m: (cols, rows) for m, (rows, cols) in _by_m.items()}
+# ... and each transposed matrix (cols x rows): the same factors, rows and columns swapped.
+KNOWN_FACTORIZATIONS = {
+    **_FACTORS,
+    **{(c, r): {m: (cf, rf) for m, (rf, cf) in by_m.items()} for (r, c), by_m in _FACTORS.items()},
+}
 
 
 def factor_dimension(n: int, m: int) -> Shape:

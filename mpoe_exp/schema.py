@@ -7,9 +7,10 @@ router, a layer or a task would silently ignore) is refused with one line: the f
 Why a validation pass and not Hydra structured configs: the keys a section may hold depend on a sibling's value.
 `method.*` depends on the method's layer (moe, cartesian, meo), its experts (dense, mpo) and its router type (a
 noisy_top_k router has no capacity factors), `task.*` on the task type, `logger.*` on the logger; a structured config
-types one fixed set of keys per node and cannot switch on another key. Router keys are derived from each router
-class's constructor (keyword-only parameters, types from their annotations), so a new router in
-`mpoe_exp.moe.layer.ROUTERS` needs no edit here; `VALUE_RANGES` adds the ranges of known parameter names.
+types one fixed set of keys per node and cannot switch on another key. What a method may set comes from its layer
+kind (`mpoe_exp.moe.LAYER_KINDS`: expert kinds, router types, its own keys), and router keys from each router
+class's constructor (keyword-only parameters, types from their annotations), so a new layer kind or a new router in
+`mpoe_exp.moe.routers.ROUTERS` needs no edit here; `VALUE_RANGES` adds the ranges of known parameter names.
 Relations between keys (top_k <= num_experts, the MPO factorization fitting the model) are checked after this,
 in config.validate_config.
 """
@@ -17,111 +18,32 @@ in config.validate_config.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import InterpolationResolutionError
 
 from mpoe_exp.errors import UserError
-
-# --- rules -----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one key may hold: `accepts(value)`, a phrase for messages, whether the key may be absent."""
-
-    allowed: str
-    accepts: Callable[[Any], bool]
-    optional: bool = False
-
-    def or_null(self) -> Rule:
-        """The same rule, also accepting null."""
-        return replace(self, allowed=f"null or {self.allowed}", accepts=lambda v, a=self.accepts: v is None or a(v))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-def _bounds(ge=None, gt=None, le=None, lt=None) -> tuple[str, Callable[[float], bool]]:
-    """The phrase (">= 0 and < 1") and the test of optional bounds."""
-    parts = [(op, bound) for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if bound is not None]
-    tests = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
-    phrase = " and ".join(f"{op} {bound:g}" for op, bound in parts)
-    return phrase, lambda v: all(tests[op](v, bound) for op, bound in parts)
-
-
-def integer(*, ge=None, gt=None, le=None, lt=None, null=False, optional=False) -> Rule:
-    """An int (not a bool) within the bounds."""
-    phrase, within = _bounds(ge, gt, le, lt)
-    rule = Rule(f"an integer {phrase}".strip(), lambda v: _is_int(v) and within(v), optional)
-    return rule.or_null() if null else rule
-
-
-def number(*, ge=None, gt=None, le=None, lt=None, null=False, optional=False) -> Rule:
-    """A finite int or float (not a bool) within the bounds."""
-    phrase, within = _bounds(ge, gt, le, lt)
-    rule = Rule(f"a number {phrase}".strip(), lambda v: _is_number(v) and within(v), optional)
-    return rule.or_null() if null else rule
-
-
-def boolean(*, optional=False) -> Rule:
-    """true or false (not 0/1, not a string)."""
-    return Rule("true or false", lambda v: isinstance(v, bool), optional)
-
-
-def string(*, null=False, optional=False) -> Rule:
-    """A non-empty string."""
-    rule = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "", optional)
-    return rule.or_null() if null else rule
-
-
-def choice(*values: Any, optional=False) -> Rule:
-    """One of the given strings."""
-    return Rule(f"one of {', '.join(map(str, values))}", lambda v: isinstance(v, str) and v in values, optional)
-
-
-def list_of(item: Rule, *, nonempty=False, optional=False) -> Rule:
-    """A list whose every item follows `item`."""
-    what = f"a {'non-empty ' if nonempty else ''}list, each item {item.allowed}"
-    return Rule(
-        what, lambda v: isinstance(v, list) and (v or not nonempty) and all(item.accepts(x) for x in v), optional
-    )
-
-
-def mapping(what: str, *, null=False, optional=False) -> Rule:
-    """Any mapping (its content checked elsewhere), described as `what`."""
-    rule = Rule(what, lambda v: isinstance(v, dict), optional)
-    return rule.or_null() if null else rule
-
-
-def anything(*, optional=False) -> Rule:
-    """Any value (checked elsewhere)."""
-    return Rule("anything", lambda v: True, optional)
-
-
-Table = Mapping[str, "Rule | Section"]
-
-
-@dataclass(frozen=True)
-class Section:
-    """A nested section of keys: a fixed table, or a function (section, whole config) -> (table, variant phrase)."""
-
-    keys: Table | Callable[[dict, dict], tuple[Table, str]] = field(default_factory=dict)
-    null: bool = False  # the whole section may be null (task: a dry run needs none)
-    optional: bool = False
-
+from mpoe_exp.moe import LAYER_KINDS, ROUTERS
+from mpoe_exp.rules import (
+    Rule,
+    Section,
+    Table,
+    anything,
+    boolean,
+    choice,
+    integer,
+    is_int,
+    list_of,
+    mapping,
+    number,
+    string,
+)
 
 # --- the tables ------------------------------------------------------------------------------------------------
 
@@ -186,49 +108,6 @@ VALUE_RANGES: Table = {
     "groups": integer(ge=1),
 }
 
-
-@dataclass(frozen=True)
-class LayerSchema:
-    """What a method with this `layer` may set: its expert kinds, router types, own keys, router keys it fixes."""
-
-    experts: tuple[str, ...]
-    routers: Callable[[], Mapping[str, type]]  # router.type -> class (a function: importing torch is deferred)
-    keys: Callable[[dict], Table]  # the layer's own method.* keys, given the method section
-    fixed_router_keys: tuple[str, ...] = ()  # constructor parameters the layer sets itself
-
-
-def _moe_routers() -> Mapping[str, type]:
-    from mpoe_exp.moe.layer import ROUTERS
-
-    return ROUTERS
-
-
-def _cartesian_routers() -> Mapping[str, type]:
-    from mpoe_exp.moe.cartesian import GroupTop1Router
-
-    return {"group_top1": GroupTop1Router}
-
-
-def _meo_routers() -> Mapping[str, type]:
-    from mpoe_exp.moe.routers import NoisyTopKRouter
-
-    return {"noisy_top_k": NoisyTopKRouter}
-
-
-def _meo_keys(method: dict) -> Table:
-    keys: dict = {"level": choice("sequence", "token", optional=True)}
-    if method.get("level") == "token":  # the routing bottleneck exists only for token-level MEO
-        keys["bottleneck_reduction"] = integer(ge=1, optional=True)
-    return keys
-
-
-LAYERS: Mapping[str, LayerSchema] = {
-    "moe": LayerSchema(("dense", "mpo"), _moe_routers, lambda m: {"recompute": boolean(optional=True)}),
-    "cartesian": LayerSchema(
-        ("dense",), _cartesian_routers, lambda m: {"shared_experts": integer(ge=0, optional=True)}, ("groups",)
-    ),
-    "meo": LayerSchema(("dense",), _meo_routers, _meo_keys),
-}
 
 SAMPLING: Table = {  # unconditional samples scored with BLEU on the test split (tasks/generation.py)
     "num_samples": integer(ge=1),
@@ -314,14 +193,13 @@ def router_keys(router_cls: type, fixed: tuple[str, ...] = ()) -> dict[str, Rule
 
 def _router_section(router: dict, method: dict) -> tuple[Table, str]:
     layer_name = method.get("layer", "moe")
-    layer = LAYERS[layer_name]
-    routers = layer.routers()
+    layer = LAYER_KINDS[layer_name]
     kind = router.get("type")
-    if kind not in routers:
+    if kind not in layer.routers:
         raise UserError(
-            f"method.router.type={kind}: method.layer={layer_name} takes router type {' or '.join(routers)}"
+            f"method.router.type={kind}: method.layer={layer_name} takes router type {' or '.join(layer.routers)}"
         )
-    return router_keys(routers[kind], layer.fixed_router_keys), f"router type {kind}, method.layer={layer_name}"
+    return router_keys(ROUTERS[kind], layer.fixed_router_keys), f"router type {kind}, method.layer={layer_name}"
 
 
 def _method_section(method: dict, cfg: dict) -> tuple[Table, str]:
@@ -330,10 +208,10 @@ def _method_section(method: dict, cfg: dict) -> tuple[Table, str]:
     if experts not in ("dense", "mpo"):
         return keys, f"method.experts={experts}"
     layer_name = method.get("layer", "moe")
-    keys["layer"] = choice(*LAYERS, optional=True)
-    if layer_name not in LAYERS:
+    keys["layer"] = choice(*LAYER_KINDS, optional=True)
+    if layer_name not in LAYER_KINDS:
         return keys, f"method.experts={experts}"
-    layer = LAYERS[layer_name]
+    layer = LAYER_KINDS[layer_name]
     keys["experts"] = choice(*layer.experts)
     keys.update(num_experts=integer(ge=1), router=Section(lambda r, _: _router_section(r, method)))
     keys.update(layer.keys(method))
@@ -356,7 +234,7 @@ def _logger_section(logger: dict, cfg: dict) -> tuple[Table, str]:
 
 DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))
 CPU_THREADS = Rule(
-    "auto or an integer >= 1", lambda v: v == "auto" or (_is_int(v) and v >= 1), optional=True
+    "auto or an integer >= 1", lambda v: v == "auto" or (is_int(v) and v >= 1), optional=True
 )  # torch threads on CPU
 
 CONFIG: Table = {

@@ -13,7 +13,7 @@ import torch
 from mpoe_exp import build_model, compose_config, load_model, save_model
 from mpoe_exp.config import DEMO_DATA_DIR
 from mpoe_exp.models import ffn_sites, model_source, packaged_model_dir, upcycle
-from mpoe_exp.moe import EXPERT_LAYERS
+from mpoe_exp.moe import ExpertLayer
 from mpoe_exp.results import RESULTS_FILE
 from mpoe_exp.runner import run
 from mpoe_exp.tasks.tasks import GlueClassificationTask, build_task
@@ -68,7 +68,7 @@ def test_every_method_upcycles_real_minilm_exactly(minilm, overrides):
     model = upcycle(copy.deepcopy(dense), method_cfg).eval()
     if method_cfg.experts != "none":
         assert not list(ffn_sites(model)), "every dense FFN must be replaced"
-        assert all(isinstance(layer.intermediate, EXPERT_LAYERS) for layer in model.bert.encoder.layer)
+        assert all(isinstance(layer.intermediate, ExpertLayer) for layer in model.bert.encoder.layer)
         assert all(isinstance(layer.output.dense, torch.nn.Identity) for layer in model.bert.encoder.layer)
     with torch.no_grad():
         logits = model(**inputs).logits

@@ -1,54 +1,104 @@
 """Mixture-of-experts pieces: routers, experts, the expert layers and helpers over a whole model.
 
-An expert layer replaces one dense FFN. `LAYERS` maps a method's `layer` key to the function that builds it
-(upcycled from the dense weights, or empty-shaped): the routed MoE layer of moe/switch/mpoe, CartesianMoE, MEO.
+An expert layer (`ExpertLayer`) replaces one dense FFN. `LAYER_KINDS` maps a method's `layer` key to its
+`LayerKind`: the function that builds it (upcycled from the dense weights, or empty-shaped) and the method keys it
+takes (moe/kinds.py). The kinds: the routed MoE layer of moe/switch/mpoe, CartesianMoE, MEO. A new kind is one
+module and one line here.
 """
 
-from mpoe_exp.moe.cartesian import CartesianFeedForward, GroupTop1Router, build_cartesian_layer
+from mpoe_exp.moe.cartesian import CartesianFeedForward, build_cartesian_layer
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec, MPOExperts
+from mpoe_exp.moe.kinds import (
+    LAYER_KINDS,
+    ExpertLayer,
+    LayerKind,
+    build_layer,
+    expert_layers,
+    hand_token_mask_to_layers,
+    needs_full_sequence,
+    placement,
+    router_of,
+)
 from mpoe_exp.moe.layer import (
     EXPERTS,
-    ROUTERS,
     MoEFeedForward,
+    RoutedLayer,
     build_moe_layer,
     central_parameters,
     collect_aux_loss,
     moe_layers,
 )
-from mpoe_exp.moe.meo import MergedExpertsFeedForward, build_meo_layer, needs_full_sequence
-from mpoe_exp.moe.routers import DROPPED, NoisyTopKRouter, Routing, SwitchRouter
+from mpoe_exp.moe.meo import MergedExpertsFeedForward, build_meo_layer
+from mpoe_exp.moe.routers import (
+    DROPPED,
+    ROUTERS,
+    GroupTop1Router,
+    LinearRouter,
+    NoisyTopKRouter,
+    Router,
+    Routing,
+    SwitchRouter,
+)
+from mpoe_exp.rules import boolean, choice, integer
 
-LAYERS = {"moe": build_moe_layer, "cartesian": build_cartesian_layer, "meo": build_meo_layer}
-EXPERT_LAYERS = (MoEFeedForward, CartesianFeedForward)  # what replaces a dense FFN (MEO is an MoEFeedForward)
+
+def _cartesian_check(method) -> str | None:
+    if method["num_experts"] % 2:
+        return (
+            f"method=cartesian needs an even num_experts (two groups, one per half of the FFN), "
+            f"got {method['num_experts']}"
+        )
+    return None
 
 
-def build_layer(spec, method, weights=None, biases=None, *, causal=False, device=None, dtype=None):
-    """The expert layer of `method` (its `layer` key, default "moe") for one FFN; `causal`: the FFN sits in a causal
-    stack (GPT-2, the T5 decoder), where a layer must not mix information across positions forward."""
-    build = LAYERS[method.get("layer", "moe")]
-    return build(spec, method, weights, biases, causal=causal, device=device, dtype=dtype)
+def _meo_keys(method) -> dict:
+    keys = {"level": choice("sequence", "token", optional=True)}
+    if method.get("level") == "token":  # the routing bottleneck exists only for token-level MEO
+        keys["bottleneck_reduction"] = integer(ge=1, optional=True)
+    return keys
 
+
+LAYER_KINDS["moe"] = LayerKind(
+    build_moe_layer, ("dense", "mpo"), ("switch", "noisy_top_k"), lambda m: {"recompute": boolean(optional=True)}
+)
+LAYER_KINDS["cartesian"] = LayerKind(
+    build_cartesian_layer,
+    ("dense",),
+    ("group_top1",),
+    lambda m: {"shared_experts": integer(ge=0, optional=True)},
+    fixed_router_keys=("groups",),
+    check=_cartesian_check,
+)
+LAYER_KINDS["meo"] = LayerKind(build_meo_layer, ("dense",), ("noisy_top_k",), _meo_keys)
 
 __all__ = [
     "DROPPED",
     "EXPERTS",
-    "EXPERT_LAYERS",
-    "LAYERS",
+    "LAYER_KINDS",
     "ROUTERS",
     "CartesianFeedForward",
     "DenseExperts",
+    "ExpertLayer",
     "FeedForwardSpec",
     "GroupTop1Router",
+    "LayerKind",
+    "LinearRouter",
     "MPOExperts",
     "MergedExpertsFeedForward",
     "MoEFeedForward",
     "NoisyTopKRouter",
+    "RoutedLayer",
+    "Router",
     "Routing",
     "SwitchRouter",
     "build_layer",
     "build_moe_layer",
     "central_parameters",
     "collect_aux_loss",
+    "expert_layers",
+    "hand_token_mask_to_layers",
     "moe_layers",
     "needs_full_sequence",
+    "placement",
+    "router_of",
 ]

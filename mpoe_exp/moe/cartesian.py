@@ -33,47 +33,8 @@ import torch
 from torch import nn
 
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec
+from mpoe_exp.moe.kinds import ExpertLayer, placement, router_of
 from mpoe_exp.moe.layer import Dispatch, MoEFeedForward, grouped_feed_forward
-from mpoe_exp.moe.routers import Routing, no_autocast
-
-
-class GroupTop1Router(nn.Module):
-    """Top-1 in each of `groups` equal groups of experts: k = groups choices per token, one per group."""
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        groups: int = 2,
-        init_std: float = 0.02,
-        balance_loss_coef: float = 0.01,
-        straight_through: bool = True,
-    ):
-        super().__init__()
-        if num_experts % groups:
-            raise ValueError(f"num_experts={num_experts} must be a multiple of the {groups} groups")
-        self.num_experts, self.groups = num_experts, groups
-        self.classifier = nn.Linear(d_model, num_experts)
-        nn.init.normal_(self.classifier.weight, std=init_std)
-        nn.init.zeros_(self.classifier.bias)
-        self.balance_loss_coef = balance_loss_coef
-        self.straight_through = straight_through
-
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x: (N, d) -> Routing with k = groups."""
-        with no_autocast(x):  # at least fp32, also under mixed precision
-            per_group = self.num_experts // self.groups
-            dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32, as Switch's router
-            weight, bias = self.classifier.weight.to(dtype), self.classifier.bias.to(dtype)
-            logits = nn.functional.linear(x.to(dtype), weight, bias)
-            probs = logits.view(-1, self.groups, per_group).softmax(dim=-1)  # (N, G, E/G), softmax within each group
-            top_prob, top_index = probs.max(dim=-1)  # (N, G)
-            expert_index = top_index + torch.arange(self.groups, device=x.device) * per_group
-            gate = top_prob / top_prob.detach() if self.straight_through else top_prob
-            fraction = nn.functional.one_hot(top_index, per_group).float().mean(dim=0)  # (G, E/G)
-            aux = self.balance_loss_coef * per_group * (fraction * probs.mean(dim=0)).sum()
-            return Routing(expert_index, gate.to(x.dtype), aux, probs.reshape(-1, self.num_experts))
 
 
 class SharedExperts(nn.Module):
@@ -92,7 +53,7 @@ class SharedExperts(nn.Module):
         return out.view(self.experts.num_experts, *z.shape).sum(dim=0)
 
 
-class CartesianFeedForward(nn.Module):
+class CartesianFeedForward(ExpertLayer):
     """A then B, each an MoE layer of half-width sub-experts; output u + v (module docstring)."""
 
     def __init__(self, a: MoEFeedForward, b: MoEFeedForward, shared_a=None, shared_b=None):
@@ -154,13 +115,8 @@ def build_cartesian_layer(
         raise ValueError(f"CartesianMoE splits d_ff in halves; d_ff = {spec.d_ff} is odd")
     num_experts = method["num_experts"]
     half_spec = replace(spec, d_ff=spec.d_ff // 2)
-    router_cfg = {k: v for k, v in dict(method["router"]).items() if k != "type"}
-    if weights is not None:
-        any_weight = next(iter(weights.values()))
-        device, dtype = any_weight.device, any_weight.dtype
-        halves = _halves(spec, weights, biases or {})
-    else:
-        halves = None
+    device, dtype = placement(weights, device, dtype)
+    halves = _halves(spec, weights, biases or {}) if weights is not None else None
 
     def experts(count: int, silent: bool) -> DenseExperts:
         if halves is None:
@@ -168,8 +124,7 @@ def build_cartesian_layer(
         return _experts(half_spec, count, halves, silent=silent, device=device, dtype=dtype)
 
     def sublayer(silent: bool) -> MoEFeedForward:
-        with torch.device(device or "cpu"):
-            router = GroupTop1Router(spec.d_model, num_experts, **router_cfg)
+        router = router_of(method, spec.d_model, device, groups=2)  # one group per half of the FFN
         return MoEFeedForward(half_spec, router, experts(num_experts, silent))
 
     shared = method.get("shared_experts", 0)

@@ -13,11 +13,22 @@ from transformers.activations import ACT2FN
 
 from mpoe_exp import mpo
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec, MPOExperts
-from mpoe_exp.moe.routers import DROPPED, NoisyTopKRouter, Routing, SwitchRouter
+from mpoe_exp.moe.kinds import ExpertLayer, placement, router_of
+from mpoe_exp.moe.routers import DROPPED, ROUTERS, Routing
+from mpoe_exp.registry import Registry
 
-# Registries: a new method is a config file naming one of these (or a new entry here plus its small module).
-ROUTERS = {"switch": SwitchRouter, "noisy_top_k": NoisyTopKRouter}
-EXPERTS = {"dense": DenseExperts, "mpo": MPOExperts}
+# method.experts -> the experts' class (ROUTERS, in routers.py, maps method.router.type to its router)
+EXPERTS = Registry("expert kind (method.experts)", {"dense": DenseExperts, "mpo": MPOExperts})
+__all__ = [
+    "EXPERTS",
+    "ROUTERS",
+    "Dispatch",
+    "MoEFeedForward",
+    "RoutedLayer",
+    "build_moe_layer",
+    "combine",
+    "grouped_mm",
+]
 
 
 def _has_grouped_mm(rows: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -60,20 +71,22 @@ def grouped_feed_forward(
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
         return grouped_mm(x, matrices[name], dispatch.offsets, dispatch.counts)
 
-    def add_bias(h: torch.Tensor, name: str) -> torch.Tensor:
-        bias = biases.get(name)
-        if bias is None:
-            return h
-        bias = bias.to(h.dtype)  # as a Linear under autocast: the bias in the matmul's dtype
-        if bias.dim() == 1:  # shared by every expert
-            return h + bias
-        return h + bias.repeat_interleave(dispatch.counts_tensor, dim=0, output_size=h.shape[0])
-
     if spec.gated:
         h = act(linear(rows, "wi_0")) * linear(rows, "wi_1")  # (M, d_ff)
     else:
-        h = act(add_bias(linear(rows, "wi"), "bi"))
-    return add_bias(linear(dropout(h), "wo"), "bo")  # (M, d)
+        h = act(add_expert_bias(linear(rows, "wi"), biases.get("bi"), dispatch))
+    return add_expert_bias(linear(dropout(h), "wo"), biases.get("bo"), dispatch)  # (M, d)
+
+
+def add_expert_bias(h: torch.Tensor, bias: torch.Tensor | None, dispatch: Dispatch) -> torch.Tensor:
+    """h (M, out), rows grouped by expert, plus each row's expert's bias: bias (E, out), or (out,) when every expert
+    shares it; None adds nothing. The bias is cast to h's dtype, as a Linear's under autocast."""
+    if bias is None:
+        return h
+    bias = bias.to(h.dtype)
+    if bias.dim() == 1:
+        return h + bias
+    return h + bias.repeat_interleave(dispatch.counts_tensor, dim=0, output_size=h.shape[0])
 
 
 @dataclass
@@ -127,21 +140,16 @@ def combine(rows: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Te
     return out.to(rows.dtype)
 
 
-class MoEFeedForward(nn.Module):
-    """Drop-in replacement for a dense FFN: (..., d) -> (..., d). Dropped tokens get 0 (the residual carries them).
-
-    Dispatch: the kept token choices are sorted by expert, gathered once into one (M, d) block, run through every
-    expert's FFN as grouped matmuls, scaled by their gates and added back to their tokens once.
+class RoutedLayer(ExpertLayer):
+    """An expert layer made of one router and one set of experts computing the FFN `spec` (the MoE layer, MEO).
     After each forward, `aux_loss` holds the router's weighted auxiliary loss and `expert_counts` the number of
-    token choices each expert received (dropped ones excluded), for logging.
-    """
+    token choices each expert received (dropped ones excluded), for logging."""
 
-    def __init__(self, spec: FeedForwardSpec, router: nn.Module, experts: nn.Module, recompute: bool = False):
+    def __init__(self, spec: FeedForwardSpec, router: nn.Module, experts: nn.Module):
         super().__init__()
         self.spec = spec
         self.router = router
         self.experts = experts
-        self.recompute = recompute  # True: backward recomputes the experts' matrices and FFN instead of storing them
         self.act = ACT2FN[spec.activation]
         self.inner_dropout = nn.Dropout(spec.inner_dropout)
         self.output_dropout = nn.Dropout(spec.output_dropout)
@@ -151,6 +159,18 @@ class MoEFeedForward(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
+
+
+class MoEFeedForward(RoutedLayer):
+    """Drop-in replacement for a dense FFN: (..., d) -> (..., d). Dropped tokens get 0 (the residual carries them).
+
+    Dispatch: the kept token choices are sorted by expert, gathered once into one (M, d) block, run through every
+    expert's FFN as grouped matmuls, scaled by their gates and added back to their tokens once.
+    """
+
+    def __init__(self, spec: FeedForwardSpec, router: nn.Module, experts: nn.Module, recompute: bool = False):
+        super().__init__(spec, router, experts)
+        self.recompute = recompute  # True: backward recomputes the experts' matrices and FFN instead of storing them
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -185,12 +205,8 @@ def build_moe_layer(
 ) -> MoEFeedForward:
     """The method's MoE layer, upcycled from dense `weights` {name: (out, in)} or, without them, empty-shaped.
     (Token-level routing never looks across tokens, so `causal` changes nothing here.)"""
-    if weights is not None:
-        device = next(iter(weights.values())).device
-    router_cfg = dict(method["router"])
-    router_cls = ROUTERS[router_cfg.pop("type")]
-    with torch.device(device or "cpu"):
-        router = router_cls(spec.d_model, method["num_experts"], **router_cfg)
+    device, dtype = placement(weights, device, dtype)
+    router = router_of(method, spec.d_model, device)
     expert_kind = method["experts"]
     kwargs: dict[str, Any] = {}
     if expert_kind == "mpo":
@@ -213,8 +229,9 @@ def build_moe_layer(
     return MoEFeedForward(spec, router, experts, recompute=method.get("recompute", False))
 
 
-def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
-    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+def moe_layers(model: nn.Module) -> list[RoutedLayer]:
+    """Every router-and-experts layer of the model (a Cartesian layer's two sub-layers count as two)."""
+    return [m for m in model.modules() if isinstance(m, RoutedLayer)]
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:

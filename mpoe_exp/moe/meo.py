@@ -6,13 +6,14 @@ biases are merged, W = sum_j g_j W_{e_j}, and the FFN runs once with the merged 
 cost of one (plus the merge, k |W| multiply-adds per matrix).
 
 - Sequence level (`level: sequence`, default): the router sees the mean of the sequence's hidden states (padding
-  excluded, from the attention mask the model passes its encoder; mpoe_exp/models.py hands it over), one merged
+  excluded: the layer declares `uses_token_mask`, and the model hands it the mask of each encoder call), one merged
   FFN per sequence. In causal stacks (GPT-2, the T5 decoder) the mean would see future tokens, so there token t is
   routed on the mean of tokens 1..t ("causal prefix mean"): training and step-by-step generation then agree, and a
   token's output never depends on later tokens. Tokens of one sequence then have different merged weights, so the
   merge is applied per token, as sum_j g_j (W_{e_j} x) before the activation and sum_j g_j (W_{e_j} h) after it,
   which equals the merged FFN exactly and costs k matmuls per token (a top-k MoE's cost). Generation must then see
-  the whole prefix at every step: `needs_full_sequence` tells the generation code to run without the KV cache.
+  the whole prefix at every step: the layer declares `needs_full_sequence` (moe/kinds.py), and generation then
+  runs without the KV cache.
 - Token level (`level: token`): every token is routed on x + up(relu(down(x))), a bottleneck d -> d/64 -> d with
   the up-projection zero-initialized (the MEO paper's token-level block, in the adapter form; its exact form is not
   public), merged per token as above.
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec
-from mpoe_exp.moe.layer import Dispatch, MoEFeedForward, combine, grouped_mm
+from mpoe_exp.moe.kinds import placement, router_of
+from mpoe_exp.moe.layer import Dispatch, RoutedLayer, add_expert_bias, combine, grouped_mm
 from mpoe_exp.moe.routers import NoisyTopKRouter, Routing
 
 
@@ -47,7 +49,7 @@ class Bottleneck(nn.Module):
         return x + self.up(torch.relu(self.down(x)))
 
 
-class MergedExpertsFeedForward(MoEFeedForward):
+class MergedExpertsFeedForward(RoutedLayer):
     """MEO: the router's k experts merged into one FFN (module docstring). (B, S, d) -> (B, S, d)."""
 
     def __init__(
@@ -64,6 +66,8 @@ class MergedExpertsFeedForward(MoEFeedForward):
         if level not in ("sequence", "token"):
             raise ValueError(f"MEO level must be 'sequence' or 'token', got {level!r}")
         self.level, self.causal, self.bottleneck = level, causal, bottleneck
+        self.uses_token_mask = self.per_sequence  # the sequence mean leaves padding out
+        self.needs_full_sequence = level == "sequence" and causal  # each token routes on its whole prefix
         self.token_mask: torch.Tensor | None = None  # (B, S) attention mask of the current encoder call, if any
 
     @property
@@ -124,10 +128,7 @@ class MergedExpertsFeedForward(MoEFeedForward):
         def merged_linear(h: torch.Tensor, name: str, bias_name: str) -> torch.Tensor:
             rows = h.index_select(0, dispatch.token)  # (M, in), grouped by expert
             out = grouped_mm(rows, matrices[name], dispatch.offsets, dispatch.counts)
-            if bias_name in biases:
-                bias = biases[bias_name].to(out.dtype)  # as a Linear under autocast
-                out = out + bias.repeat_interleave(dispatch.counts_tensor, dim=0, output_size=len(rows))
-            return combine(out, dispatch, h.shape[0])  # (N, out)
+            return combine(add_expert_bias(out, biases.get(bias_name), dispatch), dispatch, h.shape[0])  # (N, out)
 
         if self.spec.gated:
             h = self.act(merged_linear(x, "wi_0", "")) * merged_linear(x, "wi_1", "")
@@ -147,20 +148,16 @@ def build_meo_layer(
     dtype=None,
 ) -> MergedExpertsFeedForward:
     """Upcycle the dense FFN `weights` {name: (out, in)} into an MEO layer (or build it empty-shaped)."""
-    router_cfg = {k: v for k, v in dict(method["router"]).items() if k != "type"}
     level = method.get("level", "sequence")
+    device, dtype = placement(weights, device, dtype)
     if weights is not None:
-        device = next(iter(weights.values())).device
         experts = DenseExperts.from_dense(spec, method["num_experts"], dict(weights), dict(biases or {}))
     else:
         experts = DenseExperts(spec, method["num_experts"], device=device, dtype=dtype)
-    with torch.device(device or "cpu"):
-        router = NoisyTopKRouter(spec.d_model, method["num_experts"], **router_cfg)
-        reduction = method.get("bottleneck_reduction", 64)
-        bottleneck = Bottleneck(spec.d_model, reduction).to(experts.matrices["wo"].dtype) if level == "token" else None
+    router = router_of(method, spec.d_model, device)
+    bottleneck = None
+    if level == "token":
+        with torch.device(device or "cpu"):
+            bottleneck = Bottleneck(spec.d_model, method.get("bottleneck_reduction", 64))
+        bottleneck = bottleneck.to(experts.matrices["wo"].dtype)
     return MergedExpertsFeedForward(spec, router, experts, level=level, causal=causal, bottleneck=bottleneck)
-
-
-def needs_full_sequence(model: nn.Module) -> bool:
-    """Whether generation must re-run the whole prefix each step (causal sequence-level MEO: no KV cache)."""
-    return any(isinstance(m, MergedExpertsFeedForward) and m.level == "sequence" and m.causal for m in model.modules())

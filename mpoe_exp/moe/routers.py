@@ -8,9 +8,14 @@ docs/method.md, 'Code structure').
   alpha * E * sum_e f_e P_e and router z-loss. The gate is straight-through by default, p / p.detach(): value 1,
   gradient still reaches the router, so an upcycled model equals the dense one (the MPOE reference's routing);
   `straight_through=False` gives Fedus et al.'s gate, the router probability p.
+- `GroupTop1Router`: top-1 within each of G equal groups of experts, k = G choices (CartesianMoE's sub-layers),
+  with Switch's balance loss per group.
 - `NoisyTopKRouter`: noisy top-k gating (Shazeer et al. 2017) with importance and load CV^2 losses.
 
-Routers compute in (at least) fp32 with autocast off: mixed precision lowers the experts, not the routing.
+All are `Router`s: `forward(x) -> Routing`, built as `Router(d_model, num_experts, **method.router less type)`.
+Switch and group-top-1 share a linear classifier (`LinearRouter`: init, logits in fp32, the straight-through gate,
+Switch's balance loss); `ROUTERS` maps a config's `router.type` to its class. Routers compute in (at least) fp32
+with autocast off: mixed precision lowers the experts, not the routing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mpoe_exp.registry import Registry
 
 DROPPED = -1  # expert index of a token that exceeded its expert's capacity
 
@@ -56,7 +63,49 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x.var(unbiased=False) / (x.mean() ** 2 + eps)
 
 
-class SwitchRouter(nn.Module):
+class Router(nn.Module):
+    """What every router is: `num_experts`, and `forward(x: (N, d)) -> Routing`."""
+
+    num_experts: int
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        raise NotImplementedError
+
+
+class LinearRouter(Router):
+    """A router whose logits are one linear map of the token (normal init, zero bias), computed in fp32 by default."""
+
+    def __init__(self, d_model: int, num_experts: int, *, bias: bool, init_std: float, fp32: bool):
+        super().__init__()
+        self.num_experts = num_experts
+        self.classifier = nn.Linear(d_model, num_experts, bias=bias)
+        nn.init.normal_(self.classifier.weight, std=init_std)
+        if bias:
+            nn.init.zeros_(self.classifier.bias)
+        self.fp32 = fp32
+
+    def routing_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(x.dtype, torch.float32) if self.fp32 else x.dtype
+
+    def logits(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(N, d) -> (N, E) in `dtype` (call under `no_autocast`: weights cast, not autocast)."""
+        bias = None if self.classifier.bias is None else self.classifier.bias.to(dtype)
+        return nn.functional.linear(x.to(dtype), self.classifier.weight.to(dtype), bias)
+
+    @staticmethod
+    def gate(prob: torch.Tensor, straight_through: bool) -> torch.Tensor:
+        """The chosen expert's gate: p / p.detach() (value 1, gradient reaches the router), or p itself."""
+        return prob / prob.detach() if straight_through else prob
+
+    @staticmethod
+    def balance_loss(one_hot: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Switch's n * sum_e f_e P_e over the last dim: f_e the fraction of tokens routed to e (one_hot (N, ..., n)),
+        P_e the mean router probability of e (probs, same shape), summed over any group dims (unweighted)."""
+        n = one_hot.shape[-1]
+        return n * (one_hot.float().mean(dim=0) * probs.mean(dim=0)).sum()
+
+
+class SwitchRouter(LinearRouter):
     """Top-1 router with optional capacity, jitter, load-balancing loss and z-loss."""
 
     def __init__(
@@ -74,19 +123,13 @@ class SwitchRouter(nn.Module):
         straight_through: bool = True,
         fp32: bool = True,
     ):
-        super().__init__()
-        self.num_experts = num_experts
-        self.classifier = nn.Linear(d_model, num_experts, bias=bias)
-        nn.init.normal_(self.classifier.weight, std=init_std)
-        if bias:
-            nn.init.zeros_(self.classifier.bias)
+        super().__init__(d_model, num_experts, bias=bias, init_std=init_std, fp32=fp32)
         self.jitter = jitter
         self.capacity_factor_train = capacity_factor_train
         self.capacity_factor_eval = capacity_factor_eval
         self.balance_loss_coef = balance_loss_coef
         self.z_loss_coef = z_loss_coef
         self.straight_through = straight_through
-        self.fp32 = fp32
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, d) -> Routing with k = 1."""
@@ -95,9 +138,7 @@ class SwitchRouter(nn.Module):
             x_route = x.to(dtype)  # jitter in the routing dtype too (as in Switch): bf16 would quantize it
             if self.training and self.jitter > 0:
                 x_route = x_route * torch.empty_like(x_route).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            weight = self.classifier.weight.to(dtype)
-            bias = None if self.classifier.bias is None else self.classifier.bias.to(dtype)
-            logits = nn.functional.linear(x_route, weight, bias)  # (N, E)
+            logits = self.logits(x_route, dtype)  # (N, E)
             probs = logits.softmax(dim=-1)
             top_prob, top_index = probs.max(dim=-1)  # (N,)
 
@@ -113,21 +154,53 @@ class SwitchRouter(nn.Module):
             else:
                 kept = torch.ones_like(top_index, dtype=torch.bool)
 
-            gate = top_prob / top_prob.detach() if self.straight_through else top_prob
-            gate = torch.where(kept, gate, torch.zeros_like(gate))
+            gate = torch.where(kept, self.gate(top_prob, self.straight_through), torch.zeros_like(top_prob))
             expert_index = torch.where(kept, top_index, torch.full_like(top_index, DROPPED))
 
             aux = logits.new_zeros(())
-            if self.balance_loss_coef:
-                fraction_routed = one_hot.float().mean(dim=0)  # f_e, before dropping (as in Switch)
-                mean_prob = probs.mean(dim=0)  # P_e
-                aux = aux + self.balance_loss_coef * self.num_experts * (fraction_routed * mean_prob).sum()
+            if self.balance_loss_coef:  # f_e counted before dropping (as in Switch)
+                aux = aux + self.balance_loss_coef * self.balance_loss(one_hot, probs)
             if self.z_loss_coef:
                 aux = aux + self.z_loss_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
             return Routing(expert_index[:, None], gate[:, None].to(x.dtype), aux, probs)
 
 
-class NoisyTopKRouter(nn.Module):
+class GroupTop1Router(LinearRouter):
+    """Top-1 in each of `groups` equal groups of experts: k = groups choices per token, one per group; softmax and
+    Switch's balance loss within each group (summed over the groups)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        groups: int = 2,
+        init_std: float = 0.02,
+        balance_loss_coef: float = 0.01,
+        straight_through: bool = True,
+    ):
+        super().__init__(d_model, num_experts, bias=True, init_std=init_std, fp32=True)
+        if num_experts % groups:
+            raise ValueError(f"num_experts={num_experts} must be a multiple of the {groups} groups")
+        self.groups = groups
+        self.balance_loss_coef = balance_loss_coef
+        self.straight_through = straight_through
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (N, d) -> Routing with k = groups."""
+        with no_autocast(x):
+            per_group = self.num_experts // self.groups
+            logits = self.logits(x, self.routing_dtype(x))
+            probs = logits.view(-1, self.groups, per_group).softmax(dim=-1)  # (N, G, E/G), softmax within each group
+            top_prob, top_index = probs.max(dim=-1)  # (N, G)
+            expert_index = top_index + torch.arange(self.groups, device=x.device) * per_group
+            gate = self.gate(top_prob, self.straight_through)
+            one_hot = nn.functional.one_hot(top_index, per_group)  # (N, G, E/G)
+            aux = self.balance_loss_coef * self.balance_loss(one_hot, probs)
+            return Routing(expert_index, gate.to(x.dtype), aux, probs.reshape(-1, self.num_experts))
+
+
+class NoisyTopKRouter(Router):
     """Noisy top-k gating: H = x W_g + N(0, 1) * softplus(x W_noise) in training; softmax over the top k."""
 
     def __init__(
@@ -189,3 +262,9 @@ class NoisyTopKRouter(nn.Module):
         prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
         prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
         return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)
+
+
+# method.router.type -> router class (a new router: its class above, and one line here)
+ROUTERS = Registry(
+    "router type", {"switch": SwitchRouter, "group_top1": GroupTop1Router, "noisy_top_k": NoisyTopKRouter}
+)

@@ -209,7 +209,7 @@ def generate_samples(
                 min_new_tokens=0,
                 pad_token_id=pad,
                 eos_token_id=end,
-                use_cache=not needs_full_sequence(model),  # causal MEO routes on the whole prefix
+                use_cache=not needs_full_sequence(model),  # some expert layers declare they need the whole prefix
             )
             for row in generated[:, 1:].tolist():
                 if end is not None and end in row:

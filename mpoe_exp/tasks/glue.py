@@ -104,7 +104,7 @@ class GlueTask(_GlueSplits):
                 max_new_tokens=self.cfg.max_target_length,
                 do_sample=False,
                 num_beams=1,
-                use_cache=not needs_full_sequence(model),  # causal MEO routes on the whole prefix
+                use_cache=not needs_full_sequence(model),  # some expert layers declare they need the whole prefix
             )
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             for i, text in zip(indices, texts):

@@ -1,0 +1,131 @@
+"""Expert-layer kinds: what replaces a dense FFN, what a method config may set for it, and what it needs from the
+model around it.
+
+- `ExpertLayer`: the base class of every module that replaces a dense FFN. A layer declares what it needs from the
+  backbone as class (or instance) attributes, and the backbone and generation code read only these, never a
+  method's name:
+  - `uses_token_mask`: before each call of the encoder (T5's encoder stack, BertModel) the model hands the
+    encoder's attention mask (B, S) to the layer's `token_mask` (mpoe_exp/models.py);
+  - `needs_full_sequence`: generation re-runs the whole prefix at each step instead of using the KV cache.
+- `LayerKind`: one kind of layer (a method's `layer` key): the function that builds it from a dense FFN's weights
+  (or empty-shaped) and what its method config may hold: its expert kinds, router types, own keys (rules of
+  mpoe_exp/rules.py), router keys it sets itself, and relations between keys. mpoe_exp/schema.py reads the method
+  keys from here, so a config key a kind does not take is refused before a run starts.
+- `LAYER_KINDS`: the registry, `method.layer` -> LayerKind. A new kind is its module and one line:
+  `LAYER_KINDS["name"] = LayerKind(build=..., experts=(...), routers=(...))`.
+- `router_of` and `placement`: what every builder does the same way (the router of `method.router`, the device and
+  dtype the layer is built on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpoe_exp.errors import UserError
+from mpoe_exp.moe.routers import ROUTERS, Router
+from mpoe_exp.registry import Registry
+from mpoe_exp.rules import Rule
+
+
+class ExpertLayer(nn.Module):
+    """A module that replaces a dense FFN: (..., d) -> (..., d); `aux_loss` holds its last forward's weighted
+    auxiliary loss (None if it has none). Declared needs (module docstring): `uses_token_mask`,
+    `needs_full_sequence`."""
+
+    uses_token_mask: bool = False
+    needs_full_sequence: bool = False
+    token_mask: torch.Tensor | None = None  # set by the model when uses_token_mask
+    aux_loss: torch.Tensor | None = None
+
+
+def _no_keys(method: Mapping[str, Any]) -> dict[str, Rule]:
+    return {}
+
+
+def _no_check(method: Mapping[str, Any]) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One `method.layer`: how to build it and which method keys it takes."""
+
+    # build(spec, method, weights=None, biases=None, *, causal, device, dtype) -> ExpertLayer; `weights` {name:
+    # (out, in)} of the dense FFN to upcycle, or None for an empty-shaped layer (dry runs, loading a checkpoint)
+    build: Callable[..., ExpertLayer]
+    experts: tuple[str, ...]  # the method.experts values it takes
+    routers: tuple[str, ...]  # the method.router.type values it takes (names in ROUTERS)
+    keys: Callable[[Mapping[str, Any]], dict[str, Rule]] = _no_keys  # its own method.* keys, given the method
+    fixed_router_keys: tuple[str, ...] = ()  # router constructor parameters it sets itself (not in the config)
+    check: Callable[[Mapping[str, Any]], str | None] = _no_check  # a relation between keys broken, or None
+
+    def refusal(self, name: str, method: Mapping[str, Any]) -> str | None:
+        """Why `method` cannot build this kind (experts, router type, relations), or None."""
+        experts, router = method.get("experts"), (method.get("router") or {}).get("type")
+        if experts not in self.experts:
+            return f"method.layer={name} takes method.experts {' or '.join(self.experts)}, not {experts}"
+        if router not in self.routers:
+            return f"method.layer={name} takes method.router.type {' or '.join(self.routers)}, not {router}"
+        return self.check(method)
+
+
+LAYER_KINDS = Registry("expert layer kind (method.layer)")
+
+
+def kind_of(method: Mapping[str, Any]) -> tuple[str, LayerKind]:
+    name = method.get("layer", "moe")
+    return name, LAYER_KINDS[name]
+
+
+def router_of(method: Mapping[str, Any], d_model: int, device=None, **fixed: Any) -> Router:
+    """The router `method.router` describes (its type and constructor keywords), plus the keywords the layer fixes."""
+    settings = {k: v for k, v in dict(method["router"]).items() if k != "type"}
+    with torch.device(device or "cpu"):
+        return ROUTERS[method["router"]["type"]](d_model, method["num_experts"], **settings, **fixed)
+
+
+def placement(weights: Mapping[str, torch.Tensor] | None, device=None, dtype=None) -> tuple[Any, Any]:
+    """The device and dtype to build on: the dense weights' when upcycling, else the ones asked for."""
+    if weights:
+        any_weight = next(iter(weights.values()))
+        return any_weight.device, any_weight.dtype
+    return device, dtype
+
+
+def build_layer(spec, method, weights=None, biases=None, *, causal=False, device=None, dtype=None) -> ExpertLayer:
+    """The expert layer of `method` (its `layer` key, default "moe") for one FFN; `causal`: the FFN sits in a causal
+    stack (GPT-2, the T5 decoder), where a layer must not mix information across positions forward."""
+    name, kind = kind_of(method)
+    refusal = kind.refusal(name, method)
+    if refusal:
+        raise UserError(refusal)
+    return kind.build(spec, method, weights, biases, causal=causal, device=device, dtype=dtype)
+
+
+def expert_layers(model: nn.Module) -> list[ExpertLayer]:
+    return [m for m in model.modules() if isinstance(m, ExpertLayer)]
+
+
+def needs_full_sequence(model: nn.Module) -> bool:
+    """Whether generation must re-run the whole prefix at each step: some layer of the model declares it."""
+    return any(layer.needs_full_sequence for layer in expert_layers(model))
+
+
+def hand_token_mask_to_layers(encoder: nn.Module | None) -> None:
+    """A pre-hook on `encoder` that gives each call's attention mask to its layers that declare `uses_token_mask`
+    (an FFN sees no mask otherwise); nothing when it has none."""
+    layers = [m for m in expert_layers(encoder) if m.uses_token_mask] if encoder is not None else []
+    if not layers:
+        return
+
+    def hand_over(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        for layer in layers:
+            layer.token_mask = mask
+
+    encoder.register_forward_pre_hook(hand_over, with_kwargs=True)
