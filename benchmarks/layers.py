@@ -1,6 +1,7 @@
 """Expert layers side by side: time, FLOP floor and memory of one FFN layer, d = 768, d_ff = 3072 (T5-base).
 
-    python benchmarks/layers.py [--tokens 1024 4096 16384] [--device cpu|cuda] [--repeats 5] [--out BENCHMARKS.md]
+    python benchmarks/layers.py [--tokens 1024 4096 16384] [--device cpu|cuda] [--precision fp32|bf16]
+                                [--repeats 5] [--out BENCHMARKS.md] [--json results.json]
 
 Layers, all upcycled from the same random dense FFN (ReLU, no bias, as T5 v1.0) and built from the method configs
 of conf/method/: the dense FFN; transformers' `SwitchTransformersSparseMLP` (reference; 8 experts, capacity
@@ -18,7 +19,9 @@ same run. The analytic floor of a layer is its arithmetic, FLOPs = 2 x multiply-
 forward+backward; "floor" is that at the dense FFN's measured FLOP rate, and "/floor" the layer's time over it.
 "counted fwd" is what torch's FLOP counter sees in one forward (matmuls, grouped matmuls included), a check on
 the analytic figure. Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes
-autograd saves for backward (what a checkpoint would not store).
+autograd saves for backward (what a checkpoint would not store). `--precision bf16` runs every layer under bf16
+autocast, as training with train.precision=bf16 does (fp32 weights, bf16 matmuls); the floor is then at the dense
+FFN's bf16 rate. `--json` writes the numbers, for benchmarks/gpu_check.sh's summary.
 
 `--state` also reports the training state (parameters, gradients, AdamW moments) of whole t5-base models per method,
 from the tensors AdamW creates, on the meta device (same shapes and dtypes as on a GPU, no memory needed).
@@ -27,6 +30,8 @@ from the tensors AdamW creates, on the meta device (same shapes and dtypes as on
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import platform
 import statistics
@@ -168,8 +173,20 @@ def saved_for_backward_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (as train.precision=bf16), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def measure(
-    layers: dict[str, nn.Module], tokens: int, device: torch.device, repeats: int, seq_len: int = 512
+    layers: dict[str, nn.Module],
+    tokens: int,
+    device: torch.device,
+    repeats: int,
+    seq_len: int = 512,
+    precision: str = "fp32",
 ) -> dict[str, dict]:
     torch.manual_seed(1)
     seq_len = min(seq_len, tokens)
@@ -181,14 +198,17 @@ def measure(
     def forward(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
             layer.train()
-            layer(x.clone())
+            with autocast(device, precision):
+                layer(x.clone())
 
         return run
 
     def forward_backward(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
             layer.train()
-            layer(x.clone()).sum().backward()  # clone: the reference jitters its input in place
+            with autocast(device, precision):
+                out = layer(x.clone())  # clone: the reference jitters its input in place
+            out.float().sum().backward()
             for p in layer.parameters():
                 p.grad = None
             x.grad = None
@@ -198,7 +218,7 @@ def measure(
     def evaluation(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
             layer.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, precision):
                 layer(x)
 
         return run
@@ -219,12 +239,27 @@ def measure(
             results[name][kind] = statistics.median(times[name][1:])  # the first run warms up
     for name, layer in layers.items():
         layer.train()
-        if device.type != "cuda":
-            results[name]["saved_bytes"] = saved_for_backward_bytes(layer, x)
+        with autocast(device, precision):
+            if device.type != "cuda":
+                results[name]["saved_bytes"] = saved_for_backward_bytes(layer, x)
+            results[name]["counted_fwd"] = counted_forward_flops(layer, x)
         results[name]["flops_fb"] = 3 * forward_flops(name, layer, tokens, sequences)
         results[name]["flops_fwd"] = forward_flops(name, layer, tokens, sequences)
-        results[name]["counted_fwd"] = counted_forward_flops(layer, x)
     return results
+
+
+def ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per layer: forward+backward time over the dense FFN's, and over the layer's floor (at the dense FFN's rate)."""
+    dense = results["dense"]
+    rate = dense["flops_fb"] / dense["forward_backward"]
+    return {
+        name: {
+            "x_dense": r["forward_backward"] / dense["forward_backward"],
+            "x_floor": r["forward_backward"] / (r["flops_fb"] / rate),
+            "fwd_bwd_ms": r["forward_backward"] * 1e3,
+        }
+        for name, r in results.items()
+    }
 
 
 def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
@@ -284,14 +319,14 @@ def state_table(methods: tuple[str, ...] = ("dense", "switch", "mpoe", "mpoe++")
     return "\n".join(lines)
 
 
-def machine(device: torch.device) -> str:
+def machine(device: torch.device, precision: str = "fp32") -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), platform.processor())  # fmt: skip
         what = f"{cpu}, {torch.get_num_threads()} threads"
-    return f"{what}; torch {torch.__version__}, fp32"
+    return f"{what}; torch {torch.__version__}, {precision}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -299,20 +334,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (MEO merges per sequence)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--state", action="store_true", help="also the training state of whole t5-base models")
     parser.add_argument("--out", help="append the tables to this Markdown file")
+    parser.add_argument("--json", help="write the measurements (and ratios) to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     layers = build_layers(device)
-    results = {tokens: measure(layers, tokens, device, args.repeats, args.seq_len) for tokens in args.tokens}
-    text = f"Layer benchmark on {machine(device)}, median of {args.repeats}:\n\n{table(results, device)}\n"
+    results = {
+        tokens: measure(layers, tokens, device, args.repeats, args.seq_len, args.precision) for tokens in args.tokens
+    }
+    where = machine(device, args.precision)
+    text = f"Layer benchmark on {where}, median of {args.repeats}:\n\n{table(results, device)}\n"
     if args.state:
         text += f"\nTraining state (parameters + gradients + AdamW moments, fp32):\n\n{state_table()}\n"
     print(text)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")
+    if args.json:
+        record = {"machine": where, "precision": args.precision, "tokens": {t: ratios(r) for t, r in results.items()}}
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

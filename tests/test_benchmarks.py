@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,37 @@ def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
     assert abs(counted - (dense + merge)) <= 0.1 * (dense + merge)
     vanilla_top2 = 2 * dense  # a top-2 MoE runs two FFNs per token
     assert counted < 0.6 * vanilla_top2
+
+
+def test_gpu_check_parts_run_in_bf16_on_cpu_and_summarize_in_one_table(tmp_path):
+    """benchmarks/gpu_check.sh's parts, on CPU at toy sizes: the bf16 layer benchmark and bf16 training write their
+    JSON, and gpu_summary.py puts them in one table (the GPU itself: see BENCHMARKS.md)."""
+    runs = [
+        ["benchmarks/layers.py", "--device", "cpu", "--precision", "bf16", "--tokens", "64", "--repeats", "1",
+         "--json", str(tmp_path / "layers_bf16.json")],
+        ["benchmarks/train_throughput.py", "--device", "cpu", "--shape", "tiny", "--precision", "bf16", "--steps", "1",
+         "--batch", "2", "--methods", "dense", "switch", "mpoe", "--json", str(tmp_path / "train_bf16.json")],
+    ]  # fmt: skip
+    for args in runs:
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "pytest.txt").write_text("....\n5 passed in 3.2s\n")
+    import gpu_summary
+
+    text = gpu_summary.summary(tmp_path)
+    assert "GPU tests (pytest -m gpu): 5 passed in 3.2s" in text
+    assert "| layers | fp32 | not run |" in text  # a part that did not run says so
+    for name in ("switch", "moe", "mpoe", "mpoe++", "cartesian", "meo"):
+        assert f"| layer {name} | bf16, 64 tokens |" in text
+    for method in ("dense", "switch", "mpoe"):
+        assert f"| training {method} | bf16, tiny, batch 2, 1 steps |" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: no CUDA GPU visible")
