@@ -1,10 +1,12 @@
 """End to end: training tokens per second of a T5 (t5-small's or t5-base's shape, random weights) per method.
 
     python benchmarks/train_throughput.py [--methods dense switch mpoe] [--steps 5] [--batch 8] [--device cpu|cuda]
-                                          [--shape t5-small|t5-base] [--precision fp32|bf16] [--json out.json]
+                                          [--shape t5-small|t5-base] [--precision fp32|bf16] [--grad-accum 1 8]
+                                          [--json out.json]
 
-Each step is what the trainer does: forward with labels, the auxiliary losses, backward, gradient clipping, and the
-optimizer step through the gradient mask (AdamW). Tokens are the source and target tokens of a step (random ids,
+Each step is the trainer's `TrainingStep`: the gradient mask draw, forward with labels and the auxiliary losses,
+backward, over k micro-batches (`--grad-accum`; MPO experts contracted once per optimizer step), gradient clipping and
+the AdamW step. Tokens are the source and target tokens of a step (random ids,
 source length 128, target length 16). The methods alternate step by step after a warm-up step each, so drift on a
 shared machine hits all alike; the table gives the median step time, tokens/s and the ratio to dense, and on CUDA
 the peak memory allocated by each method's steps. `--precision bf16` runs the forward under bf16 autocast, as
@@ -14,7 +16,6 @@ train.precision=bf16 does. Models are built offline from the byte vocabulary of 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -25,7 +26,8 @@ import torch
 from mpoe_exp import compose_config
 from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.models import build_model
-from mpoe_exp.moe import central_parameters, collect_aux_loss
+from mpoe_exp.moe import central_parameters
+from mpoe_exp.training import TrainingStep
 
 
 def t5_shape(d_model: int, d_ff: int, heads: int, layers: int) -> list[str]:
@@ -45,7 +47,7 @@ SHAPES = {
 
 
 class Run:
-    """One method's model, optimizer and gradient mask."""
+    """One method's model and the trainer's optimizer step (TrainingStep: gradient mask, accumulation, clipping)."""
 
     def __init__(self, method: str, device: torch.device, shape: str = "t5-small", precision: str = "fp32"):
         cfg = compose_config([*SHAPES[shape], f"method={method}"])
@@ -53,23 +55,24 @@ class Run:
         self.model, _ = build_model(cfg)
         self.model.to(device).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
         prob = cfg.method.get("gradient_mask_prob", 0.0) if cfg.method.experts == "mpo" else 0.0
-        self.mask = CentralGradientMask(central_parameters(self.model), prob, seed=0)
+        self.step_fn = TrainingStep(
+            self.model,
+            optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            torch.amp.GradScaler(device.type, enabled=False),
+            CentralGradientMask(central_parameters(self.model), prob, seed=0),
+            grad_clip=1.0,
+            precision=precision,
+            device=device,
+            encoder_decoder=True,
+        )
         self.vocab = cfg.model.architecture.vocab_size
-        self.device, self.precision = device, precision
 
-    def step(self, batch: dict[str, torch.Tensor]) -> None:
-        bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else None
-        with bf16 or contextlib.nullcontext():
-            loss = self.model(**batch).loss
-            aux = collect_aux_loss(self.model)
-            if aux is not None:
-                loss = loss + aux
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.mask.step(self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """One optimizer step over the micro-batches (k of them: gradient accumulation)."""
+        self.step_fn(self.model, micro_batches, lambda model, batch: model(**batch).loss)
 
 
 def make_batch(batch: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -88,42 +91,45 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-small")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--grad-accum", type=int, nargs="+", default=[1], help="micro-batches per optimizer step")
     parser.add_argument("--json", help="write the measurements to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     runs = {m: Run(m, device, args.shape, args.precision) for m in args.methods}
     batch = make_batch(args.batch, next(iter(runs.values())).vocab, device)
-    tokens = batch["input_ids"].numel() + batch["labels"].numel()
-    times: dict[str, list[float]] = {m: [] for m in runs}
-    peaks: dict[str, float] = {}
+    tokens = batch["input_ids"].numel() + batch["labels"].numel()  # per micro-batch
+    settings = [(m, k) for k in args.grad_accum for m in runs]
+    times: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
+    peaks: dict[tuple[str, int], float] = {}
     for _ in range(args.steps + 1):
-        for method, run in runs.items():
+        for method, k in settings:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            run.step(batch)
+            runs[method].step([batch] * k)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-                peaks[method] = max(peaks.get(method, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
-            times[method].append(time.perf_counter() - start)
-    dense = statistics.median(times["dense"][1:]) if "dense" in times else None
+                peaks[method, k] = max(peaks.get((method, k), 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+            times[method, k].append(time.perf_counter() - start)
     lines = [
-        f"Training throughput, {args.shape} shape, batch {args.batch} x (128 + 16) tokens, {device}, "
-        f"{args.precision}, median of {args.steps} steps:",
+        f"Training throughput, {args.shape} shape, micro-batch {args.batch} x (128 + 16) tokens, k micro-batches per "
+        f"optimizer step, {device}, {args.precision}, median of {args.steps} steps:",
         "",
-        "| method | step ms | tokens/s | x dense time | peak GB |",
-        "|---|---:|---:|---:|---:|",
+        "| method | k | step ms | tokens/s | time per token x dense (same k) | peak GB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     record: dict[str, dict] = {}
-    for method, values in times.items():
-        step = statistics.median(values[1:])
+    for method, k in settings:
+        step = statistics.median(times[method, k][1:])
+        dense = statistics.median(times["dense", k][1:]) if "dense" in runs else None
         ratio = step / dense if dense else None
-        peak = peaks.get(method)
-        record[method] = {"step_ms": step * 1e3, "tokens_per_s": tokens / step, "x_dense": ratio, "peak_gb": peak}
+        peak = peaks.get((method, k))
+        name = method if len(args.grad_accum) == 1 else f"{method} k={k}"
+        record[name] = {"step_ms": step * 1e3, "tokens_per_s": k * tokens / step, "x_dense": ratio, "peak_gb": peak}
         shown_ratio = f"{ratio:.2f}" if ratio else "-"
         shown_peak = f"{peak:.1f}" if peak is not None else "-"
-        lines.append(f"| {method} | {step * 1e3:.0f} | {tokens / step:,.0f} | {shown_ratio} | {shown_peak} |")
+        lines.append(f"| {method} | {k} | {step * 1e3:.0f} | {k * tokens / step:,.0f} | {shown_ratio} | {shown_peak} |")
     text = "\n".join(lines)
     print(text)
     if args.json:

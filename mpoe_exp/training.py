@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from mpoe_exp.errors import UserError
 from mpoe_exp.gradient_mask import CentralGradientMask
-from mpoe_exp.moe import central_parameters, collect_aux_loss
+from mpoe_exp.moe import MPOExperts, central_parameters, collect_aux_loss
 from mpoe_exp.tasks.protocol import Task
 
 LAST, BEST = "last.pt", "best.pt"
@@ -346,6 +346,12 @@ class TrainingStep:
         self, forward_model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFunction
     ) -> tuple[list[float], int]:
         """Backward of the mean loss over the micro-batches; (their losses, the tokens they hold)."""
+        with one_contraction_per_step(self.model, self.device, self.precision, forward_model, len(micro_batches)):
+            return self._accumulate(forward_model, micro_batches, loss_fn)
+
+    def _accumulate(
+        self, forward_model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFunction
+    ) -> tuple[list[float], int]:
         losses, tokens = [], 0
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -370,6 +376,28 @@ class TrainingStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return self.scaler.get_scale() >= scale
+
+
+@contextlib.contextmanager
+def one_contraction_per_step(
+    model: torch.nn.Module, device: torch.device, precision: str, forward_model: torch.nn.Module, micro_batches: int
+) -> Iterator[None]:
+    """With gradient accumulation, every MPO expert matrix is contracted once per optimizer step, not once per
+    micro-batch, and its gradient goes back through the contraction once (`MPOExperts.begin_step`). Not under
+    DistributedDataParallel, whose reducer expects every parameter's gradient from each micro-batch's backward."""
+    distributed = isinstance(forward_model, torch.nn.parallel.DistributedDataParallel)
+    experts = [m for m in model.modules() if isinstance(m, MPOExperts)] if micro_batches > 1 and not distributed else []
+    with autocast(device, precision):  # contracted as the forward would (in the autocast dtype)
+        for e in experts:
+            e.begin_step()
+    try:
+        yield
+    except BaseException:
+        for e in experts:
+            e.end_step(backward=False)
+        raise
+    for e in experts:
+        e.end_step()
 
 
 # --- the trainer ------------------------------------------------------------------------------------------------

@@ -79,7 +79,18 @@ def test_training_throughput_benchmark_runs():
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert text.returncode == 0, text.stderr[-3000:]
-    assert "| dense |" in text.stdout and "| switch |" in text.stdout and "tokens/s" in text.stdout
+    assert "| dense | 1 |" in text.stdout and "| switch | 1 |" in text.stdout and "tokens/s" in text.stdout
+
+
+def test_training_throughput_with_gradient_accumulation():
+    text = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--shape", "tiny", "--steps", "1", "--batch", "2",
+         "--methods", "dense", "mpoe", "--grad-accum", "1", "3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    for row in ("| dense | 1 |", "| mpoe | 1 |", "| dense | 3 |", "| mpoe | 3 |"):
+        assert row in text.stdout
 
 
 def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():

@@ -108,6 +108,7 @@ class MPOExperts(nn.Module):
         self.spec, self.num_experts, self.share_central = spec, num_experts, share_central
         self.cache_in_eval = cache_in_eval
         self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None  # (parameter versions, matrices)
+        self._step: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None  # (contracted, leaves)
         self.factorizations = {n: (tuple(r), tuple(c)) for n, (r, c) in factorizations.items()}
         self.max_bond = max_bond
         kw = {"device": device, "dtype": dtype}
@@ -176,6 +177,8 @@ class MPOExperts(nn.Module):
         once per set of weights and then cost nothing, as a Switch layer's stored matrices. With autograd the cache
         is dropped, so it holds no memory while training.
         """
+        if self._step is not None and torch.is_grad_enabled():  # inside one_contraction_per_step
+            return dict(self._step[1]), dict(self.biases)
         if torch.is_grad_enabled() or not self.cache_in_eval:
             self._cache = None
             return self._contract(), dict(self.biases)
@@ -183,6 +186,28 @@ class MPOExperts(nn.Module):
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._contract())
         return dict(self._cache[1]), dict(self.biases)
+
+    def begin_step(self) -> None:
+        """Contract every matrix once for an optimizer step of several micro-batches: their forwards get detached
+        copies (leaves) that collect the micro-batches' gradients, and `end_step` sends the sum back through the
+        contraction once. The gradients are those of contracting per micro-batch (the contraction is the same
+        function of the same weights within a step); the work is done once instead of k times."""
+        contracted = self._contract()
+        leaves = {n: w.detach().requires_grad_(w.requires_grad) for n, w in contracted.items()}
+        self._step = (contracted, leaves)
+
+    def end_step(self, backward: bool = True) -> None:
+        """One backward through the contraction with the gradients the step's micro-batches left on the copies
+        (`backward=False`: drop them, after a failed step)."""
+        if self._step is None:
+            return
+        contracted, leaves = self._step
+        self._step = None
+        if not backward:
+            return
+        pairs = [(contracted[n], leaf.grad) for n, leaf in leaves.items() if leaf.grad is not None]
+        if pairs and pairs[0][0].requires_grad:
+            torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
 
     def _contract(self) -> dict[str, torch.Tensor]:
         return {n: mpo.contract(self.local_tensors(n), *self.factorizations[n]) for n in self.spec.matrix_names}
