@@ -164,14 +164,25 @@ def _who(row: Row) -> str:
     return f"{row.model}/{row.method}" + (f" (ran {', '.join(row.ran_models)})" if stand_ins else "")
 
 
+def _has_paper_values(table: Table) -> bool:
+    return any(r.params_paper is not None or any(c.paper is not None for c in r.cells) for r in table.rows)
+
+
+def _lines_per_row(table: Table) -> int:
+    """Three lines per row (ours, paper, ours − paper), or one for a table the paper does not have."""
+    return 3 if _has_paper_values(table) else 1
+
+
 def _lines(table: Table) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the wide layout (three lines per paper row), as plain strings."""
+    """Header and body of the wide layout (`_lines_per_row` lines per row), as plain strings."""
     header = ["Row", "Model/method", ""] + table.columns + [PARAMS_COLUMN]
     body = []
     for row in table.rows:
         who = [row.label, _who(row)]
         paper_params = "" if row.params_paper is None else f"{row.params_paper:g}"
         body.append(who + ["ours"] + [format_ours(c) for c in row.cells] + [_params_ours(row)])
+        if _lines_per_row(table) == 1:
+            continue
         body.append(["", "", "paper"] + [_num(c.paper) for c in row.cells] + [paper_params])
         body.append(
             ["", "", "ours − paper"] + [_num(c.diff, sign=True) for c in row.cells] + [_num(row.params_diff, 1, True)]
@@ -236,7 +247,7 @@ def render_latex(table: Table) -> str:
         r"\midrule",
     ]
     for i, line in enumerate(body):
-        if i and i % 3 == 0:
+        if i and i % _lines_per_row(table) == 0 and _lines_per_row(table) > 1:
             out.append(r"\midrule")
         out.append(" & ".join(_tex(x) for x in line) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]

@@ -281,5 +281,6 @@ def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
     assert all(r["status"] == "ok" for r in rows), rows
     md = (runs / "real_minilm" / "tables" / "real_minilm.md").read_text()
     assert "| missing" not in md and "200 s per run" in md  # mean wall time of seeds 1-3: 100, 200, 300 s
+    assert "| paper |" not in md and md.count("| ours |") == len(methods)  # no paper values: one line per row
     assert {r["wall_time_s"] for r in rows if r["column"] == "SST-2"} == {"200.0"}
     assert "real_minilm" not in tables.TABLE_NAMES and "table1_nlu" in tables.TABLE_NAMES
