@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from mpoe_exp.errors import UserError
+from mpoe_exp.registry import Registry
 from mpoe_exp.tasks import text_data
 from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.generation import (
@@ -98,13 +99,12 @@ class LanguageModelingTask(Task):
         return result
 
 
-TASK_TYPES = {
-    "glue": GlueTask,
-    "lm": LanguageModelingTask,
-    "glue_multitask": MultiTaskGlue,
-    "generation": GenerationTask,
-}
-ENCODER_TASK_TYPES = {"glue": GlueClassificationTask}  # what an encoder (model.family bert) runs a task type as
+TASK_TYPES = Registry(
+    "task type (task.type)",
+    {"glue": GlueTask, "lm": LanguageModelingTask, "glue_multitask": MultiTaskGlue, "generation": GenerationTask},
+)
+# what an encoder (model.family bert) runs a task type as
+ENCODER_TASK_TYPES = Registry("task type on an encoder", {"glue": GlueClassificationTask})
 
 
 def build_task(cfg: DictConfig, tokenizer) -> Task:
