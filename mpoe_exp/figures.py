@@ -86,13 +86,14 @@ def curves_figures(selections: dict[GroupKey, Selection], experiment: str, out_d
                 history = run.get("history") or []
                 metric = run["main_metric"]
                 steps = [h["step"] for h in history]
-                label = f"{sel.key[2]} ({len(sel.runs)} seeds)" if j == 0 else None
+                label = f"{sel.key[2]} ({len(sel.runs)} seed{'s' if len(sel.runs) != 1 else ''})" if j == 0 else None
                 loss_ax.plot(steps, [h["loss"] for h in history], color=colour, lw=1, alpha=0.8, label=label)
                 values = [h["validation"].get(metric) for h in history]
                 metric_ax.plot(steps, values, color=colour, lw=1, alpha=0.8, marker=".", label=label)
         ran = sorted({str(r["model"]) for sel in sels for r in sel.runs} - {model})
         who = f"{model} (ran {', '.join(ran)})" if ran else model
-        loss_ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{who} on {task}: training loss")
+        title = f"{who} on {task}: training loss"
+        loss_ax.set(xlabel="optimizer step", ylabel="training loss (aux losses included)", title=title)
         metric_ax.set(xlabel="optimizer step", ylabel=f"validation {metric}", title=f"validation {metric}")
         for ax in (loss_ax, metric_ax):
             ax.grid(True, alpha=0.3)
