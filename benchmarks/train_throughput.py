@@ -49,8 +49,16 @@ SHAPES = {
 class Run:
     """One method's model and the trainer's optimizer step (TrainingStep: gradient mask, accumulation, clipping)."""
 
-    def __init__(self, method: str, device: torch.device, shape: str = "t5-small", precision: str = "fp32"):
-        cfg = compose_config([*SHAPES[shape], f"method={method}"])
+    def __init__(
+        self,
+        method: str,
+        device: torch.device,
+        shape: str = "t5-small",
+        precision: str = "fp32",
+        overrides: list[str] | None = None,
+    ):
+        overrides = [o for o in overrides or [] if method != "dense" or not o.lstrip("+").startswith("method.")]
+        cfg = compose_config([*SHAPES[shape], f"method={method}", *overrides])
         torch.manual_seed(0)
         self.model, _ = build_model(cfg)
         self.model.to(device).train()

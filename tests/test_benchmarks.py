@@ -146,3 +146,15 @@ def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: no CUDA GPU visible")
+
+
+def test_training_memory_benchmark_measures_each_method_in_its_own_process():
+    text = subprocess.run(
+        [sys.executable, "benchmarks/train_memory.py", "--shape", "tiny", "--batch", "2", "--steps", "1",
+         "--methods", "switch", "mpoe", "--set", "++method.recompute=true"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    assert "++method.recompute=true" in text.stdout
+    rows = [line for line in text.stdout.splitlines() if line.startswith(("| switch |", "| mpoe |"))]
+    assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00"  # switch's peak over itself

@@ -1,0 +1,129 @@
+"""Peak memory of training steps per method: the process's resident memory while it trains, beside the training
+state (parameters, gradients, AdamW moments) that a parameter count alone predicts.
+
+    python benchmarks/train_memory.py [--shape t5-base] [--batch 32] [--steps 2] [--methods dense switch mpoe mpoe++]
+                                      [--set ++method.recompute=true ...]
+
+Each method runs in a fresh process (peaks are per process): it builds the model (random weights, offline), takes
+one warm-up step, then --steps steps of the trainer's TrainingStep on a batch of --batch sequences of 128 source and
+16 target tokens, while a thread samples the resident set size (/proc/self/statm) every 5 ms. The table gives the
+peak over the training steps less the resident size just before them ("step peak": what training adds on top of
+the model), the training state measured after the steps, and ratios to switch. On CPU the resident set is what
+a GPU's allocator would hold (activations, saved tensors, materialized expert matrices, gradients, moments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
+
+
+class PeakSampler(threading.Thread):
+    """The largest resident set size seen while running, sampled every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.running = interval, rss_bytes(), True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self.running = False
+        self.join()
+        return max(self.peak, rss_bytes())
+
+
+def child(method: str, shape: str, batch: int, steps: int, overrides: list[str]) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_throughput import Run, make_batch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run = Run(method, torch.device("cpu"), shape, overrides=overrides)
+    micro = make_batch(batch, run.vocab, torch.device("cpu"))
+    run.step([micro])  # warm-up: AdamW creates its moments here
+    before = rss_bytes()
+    sampler = PeakSampler()
+    sampler.start()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run.step([micro])
+    seconds = (time.perf_counter() - start) / steps
+    peak = sampler.stop()
+    optimizer = run.step_fn.optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    size = sum(p.numel() * p.element_size() for p in params)
+    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    return {
+        "method": method,
+        "peak_gb": peak / 1e9,
+        "step_peak_gb": (peak - before) / 1e9,
+        "state_gb": (2 * size + moments) / 1e9,
+        "step_s": seconds,
+    }
+
+
+def table(results: list[dict], shape: str, batch: int, overrides: list[str]) -> str:
+    switch = next((r for r in results if r["method"] == "switch"), None)
+    lines = [
+        f"Training memory, {shape} shape, batch {batch} x (128 + 16) tokens, CPU, fp32"
+        + (f", {' '.join(overrides)}" if overrides else "")
+        + ":",
+        "",
+        "| method | peak RSS GB | step peak GB | training state GB | peak x switch | s/step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        ratio = f"{r['peak_gb'] / switch['peak_gb']:.2f}" if switch else "-"
+        lines.append(
+            f"| {r['method']} | {r['peak_gb']:.2f} | {r['step_peak_gb']:.2f} | {r['state_gb']:.2f} | {ratio} | "
+            f"{r['step_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="t5-base")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["dense", "switch", "mpoe", "mpoe++"])
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="config overrides for every method but dense (++method.recompute=true)"
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.shape, args.batch, args.steps, args.set)))
+        return ""
+    results = []
+    for method in args.methods:
+        command = [sys.executable, __file__, "--child", method, "--shape", args.shape, "--batch", str(args.batch)]
+        command += ["--steps", str(args.steps), "--set", *args.set]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    text = table(results, args.shape, args.batch, args.set)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
