@@ -139,6 +139,19 @@ def test_validation_perplexity_is_mean_nll_over_predicted_tokens(tiny_model):
     assert result["perplexity"] == pytest.approx(math.exp(total / result["tokens"]), rel=1e-5)
 
 
+def test_perplexity_evaluation_builds_no_autograd_graph_even_with_gradients_enabled(tiny_model):
+    """A task's evaluate is self-contained: called outside torch.no_grad it must not keep activations for backward."""
+    import warnings
+
+    cfg = compose_config(["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", "task.max_length=24"])
+    model, tokenizer = tiny_model
+    task = build_task(cfg, tokenizer)
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # float() of a tensor that requires grad warns
+        result = task.evaluate(model, "validation", 4, "cpu")
+    assert result["tokens"] > 0
+
+
 def test_sample_scores_are_metrics_bleu_of_the_decoded_samples(tiny_model):
     model, tokenizer = tiny_model
     cfg = sampling_cfg()

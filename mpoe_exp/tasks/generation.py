@@ -72,6 +72,7 @@ def causal_lm_loss(model, batch: dict, label_smoothing: float) -> torch.Tensor:
     return token_loss(logits[:, :-1], batch["labels"][:, 1:], label_smoothing)
 
 
+@torch.no_grad()
 def causal_lm_nll(
     model, features: Sequence[dict], collate: Callable[[list[dict]], dict], batch_size: int, device
 ) -> tuple[float, int]:
