@@ -64,6 +64,9 @@ NOT_IN_IDENTITY = (
     "train.log_every",
     "train.eval_batch_size",
     "train.checkpoint_every",
+    # memory against time, same numbers (tests/test_run_identity.py trains with each and compares)
+    "method.recompute",
+    "method.mpo.cache_in_eval",
 )
 HASH_DIGITS = 8
 

@@ -43,6 +43,26 @@ def test_outputs_seed_and_logging_are_not_part_of_the_identity(override):
     assert results.config_hash(compose_config(BASE)) == results.config_hash(compose_config([*BASE, override]))
 
 
+MEMORY_ONLY = ["method.recompute=false", "method.recompute=true", "method.mpo.cache_in_eval=false"]
+
+
+@pytest.mark.parametrize("override", MEMORY_ONLY)
+def test_memory_and_time_trades_are_not_part_of_the_identity(override):
+    """Recomputing in backward and caching in evaluation trade memory for time; the run's numbers stay the same
+    (next test), so a run made with either setting is the same run."""
+    assert results.config_hash(compose_config(BASE)) == results.config_hash(compose_config([*BASE, override]))
+
+
+def test_memory_and_time_trades_give_the_same_numbers(tmp_path):
+    quick = [*BASE, "train.max_steps=4", "train.eval_every=2", "train.batch_size=8", "method.gradient_mask_prob=0.5"]
+    found = []
+    for i, override in enumerate(MEMORY_ONLY):
+        cfg = compose_config([*quick, override, f"runs_dir={tmp_path / str(i)}"])
+        result = json.loads((run(cfg) / results.RESULTS_FILE).read_text())
+        found.append((result["history"], result["validation"], result["test"], result["central_updates"]))
+    assert found[1] == found[0] and found[2] == found[0]
+
+
 def test_identity_does_not_depend_on_where_the_package_is_installed():
     ident = results.identity(compose_config(BASE))
     assert ident["data_dir"] == "<demo_data>/glue"
