@@ -14,8 +14,8 @@ install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU m
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
 
-test:  ## the default test run (CPU, offline, about 20 minutes on 2 cores)
-	$(PYTHON) -m pytest -m "not slow" -q
+test:  ## the default test run (CPU, offline, one test process per core; about 10 minutes on 2 cores)
+	$(PYTHON) -m pytest -m "not slow" -q -n auto --dist worksteal
 
 test-all:  ## every test, slow ones included
 	$(PYTHON) -m pytest -q
