@@ -102,12 +102,18 @@ class MergedExpertsFeedForward(RoutedLayer):
         return self.output_dropout(out).reshape(shape)
 
     def _per_sequence(self, x: torch.Tensor, routing: Routing, matrices: Mapping, biases: Mapping) -> torch.Tensor:
-        """One merged FFN per sequence: W_b = sum_j g_bj W_{e_bj} (k |W| multiply-adds), then x_b W_b^T."""
+        """One merged FFN per sequence: W_b = sum_j g_bj W_{e_bj}, then x_b W_b^T.
+
+        The merge is one matmul of the (B, E) gate matrix (zero where an expert is not chosen) with the (E, |W|)
+        stacked experts: it reads every expert once and writes each merged matrix once, and its backward is two
+        such matmuls. (Gathering the chosen experts first copies B k matrices and its backward scatters them back,
+        3-5x slower on CPU.)"""
         index, gate = routing.expert_index, routing.gate  # (B, k)
+        gates = torch.zeros(index.shape[0], self.num_experts, dtype=gate.dtype, device=gate.device)
+        gates = gates.scatter(1, index, gate)  # (B, E): g_bj at e_bj, 0 elsewhere
 
         def merged(stack: torch.Tensor) -> torch.Tensor:  # (E, ...) -> (B, ...)
-            chosen = stack.reshape(stack.shape[0], -1).index_select(0, index.reshape(-1))  # (B k, numel)
-            out = torch.bmm(gate[:, None, :].to(stack.dtype), chosen.view(*index.shape, -1))  # (B, 1, numel)
+            out = gates.to(stack.dtype) @ stack.reshape(stack.shape[0], -1)  # (B, numel)
             return out.view(index.shape[0], *stack.shape[1:])
 
         def linear(h: torch.Tensor, name: str) -> torch.Tensor:
