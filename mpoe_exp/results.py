@@ -4,7 +4,8 @@ Layout (derived from the config, never from the clock):
 
     <runs_dir>/<experiment>/<model>[-as-<table_model>]/<method>[-<ablation>]/<task>/<hparams>/seed=<seed>/
         results.json          written once, atomically, when the run finishes (or fails: status "failed")
-        checkpoints/last.pt   model + optimizer + scheduler + gradient mask + RNG state, for resuming
+        checkpoints/last.pt   model + optimizer + scheduler + gradient mask + RNG state, for resuming (deleted
+                              once results.json says finished)
         checkpoints/best.pt   model weights at the best validation score
         train.log
 
@@ -33,17 +34,21 @@ results.json (schema_version 1):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp.config import DEMO_DATA_DIR, method_label
+from mpoe_exp.errors import UserError
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -135,19 +140,34 @@ def run_dir(cfg: DictConfig) -> Path:
     )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: never half-written."""
+@contextlib.contextmanager
+def atomic_replace(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; when the block ends without error the file written there replaces
+    `path` in one rename, so `path` is never half-written. A write that fails for lack of space (an OSError, or
+    torch's zip writer's "unexpected pos") is a UserError naming the file and the space left; `path` is unchanged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "inline_container" in str(err)):
+            free = shutil.disk_usage(path.parent).free / 1e9
+            raise UserError(
+                f"could not write {path} ({err}); {free:.2f} GB free on its disk. What was written before is "
+                "kept: free some space and run the same command again to resume"
+            ) from err
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through `atomic_replace`, fsynced before the rename."""
+    with atomic_replace(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_results(directory: Path, results: dict[str, Any]) -> Path:

@@ -17,7 +17,14 @@ def run(cfg: DictConfig) -> Path:
     """Run (or resume, or skip if finished) the experiment of `cfg`; returns its run directory."""
     from mpoe_exp.loggers import WANDB_RUN_ID_FILE, NullLogger, make_logger
     from mpoe_exp.tasks.tasks import build_task
-    from mpoe_exp.training import Trainer, TrainingDiverged, resolve_device, seed_everything, setup_distributed
+    from mpoe_exp.training import (
+        LAST,
+        Trainer,
+        TrainingDiverged,
+        resolve_device,
+        seed_everything,
+        setup_distributed,
+    )
 
     directory = results.run_dir(cfg)
     digest = results.config_hash(cfg)
@@ -95,6 +102,8 @@ def run(cfg: DictConfig) -> Path:
             "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
         },
     )
+    # the resume checkpoint (weights, optimizer moments, RNG) is never read once the run has finished
+    (directory / "checkpoints" / LAST).unlink(missing_ok=True)
     logger.finish({"test": test_metrics, "best_validation": best["validation"], "best_step": state.best_step})
     print(f"results: {path}")
     print(f"  validation {describe_metric(task, best['validation'], 'validation')} (best of step {state.best_step})")

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 from mpoe_exp.errors import UserError
 from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.moe import MPOExperts, central_parameters, collect_aux_loss
+from mpoe_exp.results import atomic_replace
 from mpoe_exp.tasks.protocol import Task
 
 LAST, BEST = "last.pt", "best.pt"
@@ -199,15 +199,10 @@ def processed_tokens(batch: dict[str, torch.Tensor], encoder_decoder: bool) -> i
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """torch.save through `results.atomic_replace`: a crash never leaves a half-written `path`, a full disk is one
+    message and the previous checkpoint stays."""
+    with atomic_replace(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def remove_temporary_checkpoints(directory: Path) -> list[Path]:

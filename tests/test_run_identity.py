@@ -145,15 +145,15 @@ def test_make_tables_lists_runs_that_fit_no_row(tmp_path, capsys):
     assert "table_model=" in out
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch):
     import torch
+    from test_runner import killed_in_the_final_test_evaluation
 
     cfg = compose_config([*QUICK, f"runs_dir={tmp_path}", "train.checkpoint_every=1"])
-    directory = run(cfg)
+    directory = killed_in_the_final_test_evaluation(cfg, monkeypatch)  # the next start resumes
     last = directory / "checkpoints" / "last.pt"
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["config_hash"] == results.config_hash(cfg)
-    (directory / results.RESULTS_FILE).unlink()  # as if killed before the end: the next start resumes
     checkpoint["config_hash"] = "f" * 64
     torch.save(checkpoint, last)
     with pytest.raises(UserError, match="saved by another config.*force=true"):

@@ -298,3 +298,75 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         assert (
             abs(a["validation"]["perplexity"] - b["validation"]["perplexity"]) <= 1e-4 * a["validation"]["perplexity"]
         )
+
+
+def killed_in_the_final_test_evaluation(cfg, monkeypatch) -> Path:
+    """Run `cfg` as if the process died during its final test evaluation: trained, resume checkpoint written at
+    the last step, no results.json. Returns the run directory."""
+    from mpoe_exp.training import Trainer
+
+    original = Trainer.evaluate
+
+    class Killed(BaseException):
+        pass
+
+    def evaluate(self, split):
+        if split == "test":
+            raise Killed
+        return original(self, split)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "evaluate", evaluate)
+        with pytest.raises(Killed):
+            run(cfg)
+    directory = run_dir(cfg)
+    assert not (directory / RESULTS_FILE).exists()
+    return directory
+
+
+def test_a_finished_run_drops_its_resume_checkpoint_and_keeps_the_best_weights(tmp_path, monkeypatch):
+    """last.pt (weights, optimizer moments, RNG) exists only to resume: once results.json says finished it is never
+    read again, and a sweep of finished runs would otherwise keep one per run (84 real_minilm runs: 28 GB)."""
+    import torch
+
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2"])
+    directory = killed_in_the_final_test_evaluation(cfg, monkeypatch)
+    assert torch.load(directory / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == 4
+    run(cfg)  # resumes at the last step: only the test evaluation is left
+    assert json.loads((directory / RESULTS_FILE).read_text())["status"] == "finished"
+    assert (directory / "checkpoints" / "best.pt").is_file()
+    assert not (directory / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 34496 vs 34390"),  # torch, disk full
+        OSError(28, "No space left on device"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_message_and_keeps_the_last_good_one(
+    tmp_path, monkeypatch, failure
+):
+    import torch
+
+    from mpoe_exp import training
+    from mpoe_exp.errors import UserError
+
+    cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.max_steps=6", "train.checkpoint_every=2"])
+    original, saved = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        if "last.pt" in str(path) and len(saved) == 2:  # the third resume checkpoint: the disk is full
+            Path(path).write_bytes(b"half")
+            raise failure
+        saved.append(path) if "last.pt" in str(path) else None
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(training.torch, "save", save)
+    with pytest.raises(UserError, match=r"could not write .*last\.pt.*free on its disk.*resume"):
+        run(cfg)
+    checkpoints = run_dir(cfg) / "checkpoints"
+    assert torch.load(checkpoints / "last.pt", weights_only=True)["state"]["step"] == 4
+    assert not list(checkpoints.glob(".*.tmp"))
+    assert not (run_dir(cfg) / RESULTS_FILE).exists()

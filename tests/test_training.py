@@ -198,19 +198,18 @@ def test_elapsed_time_adds_up_across_resumes(tmp_path):
     assert 1000.0 <= resumed.wall_seconds() < 1000.0 + 60
 
 
-def test_results_wall_time_includes_the_time_before_a_resume(tmp_path):
-    from test_runner import LM_RUN
+def test_results_wall_time_includes_the_time_before_a_resume(tmp_path, monkeypatch):
+    from test_runner import LM_RUN, killed_in_the_final_test_evaluation
 
     from mpoe_exp.results import RESULTS_FILE
     from mpoe_exp.runner import run
 
     cfg = compose_config([*LM_RUN, f"runs_dir={tmp_path}", "train.max_steps=2"])
-    directory = run(cfg)
+    directory = killed_in_the_final_test_evaluation(cfg, monkeypatch)
     path = directory / "checkpoints" / LAST
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["state"]["elapsed_seconds"] = 1000.0
     torch.save(checkpoint, path)
-    (directory / RESULTS_FILE).unlink()  # killed during the final test evaluation
     results = json.loads((run(cfg) / RESULTS_FILE).read_text())
     assert 1000.0 <= results["wall_time_s"] < 1000.0 + 120
 
