@@ -13,9 +13,10 @@ has (same run directory) are not counted twice. Per training example:
 
 with N_enc / N_dec / N_body the non-embedding parameters a token passes through (one expert per layer for switch,
 mpoe, mpoe++, which therefore cost what the dense model costs per token; two for top-2 moe), L the padded
-sequence lengths of conf/paper/cost.yaml, d V the output projection. MPO methods add, per micro-batch, the
+sequence lengths of conf/paper/cost.yaml, d V the output projection. MPO methods add, per optimizer step, the
 reconstruction of every expert matrix: 2 x 3 (forward and backward) x experts x mpo.contraction_macs per matrix
-and layer. Not included: evaluation, sampling, routers, data loading. The throughput (--tflops) is an assumption:
+and layer (once per step however many micro-batches it has; under DistributedDataParallel with
+train.grad_accum_steps > 1 it is once per micro-batch, which this does not count). Not included: evaluation, sampling, routers, data loading. The throughput (--tflops) is an assumption:
 the default 60 is about 40% of an A100's TF32 peak (the runs are fp32 with TF32 matmuls; precision=bf16 is faster).
 """
 
@@ -120,7 +121,8 @@ def run_cost(cfg: DictConfig, workload: dict) -> tuple[float, float]:
     else:
         micro_batches = math.ceil(examples / train.batch_size) * train.epochs
         examples_seen = examples * train.epochs
-    flops = examples_seen * per_example + micro_batches * _reconstruction_flops(cfg)
+    optimizer_steps = math.ceil(micro_batches / train.grad_accum_steps)  # experts contracted once per step
+    flops = examples_seen * per_example + optimizer_steps * _reconstruction_flops(cfg)
     return examples_seen * tokens_per_example, flops
 
 

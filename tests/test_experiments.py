@@ -172,6 +172,20 @@ def test_run_cost_of_a_dense_gpt2_run_by_hand():
     assert extra == pytest.approx(1000 * 6 * 2 * 768 * 3072 * 12 * 20)
 
 
+def test_mpo_reconstruction_is_charged_once_per_optimizer_step():
+    """With k micro-batches per optimizer step the experts are contracted once per step (MPOExperts.begin_step)."""
+    workload = {"padding": 1.0, "tasks": {"imdb": {"train": 1000, "tokens": 20}}}
+    base = ["model=gpt2", "task=imdb", "train.epochs=1", "train.batch_size=10"]
+    costs = {}
+    for method in ("switch", "mpoe"):
+        for k in (1, 4):
+            costs[method, k] = cost.run_cost(compose_config([*base, f"method={method}", f"train.grad_accum_steps={k}"]),
+                                             workload)[1]  # fmt: skip
+    reconstruction = cost._reconstruction_flops(compose_config([*base, "method=mpoe"]))
+    assert costs["mpoe", 1] - costs["switch", 1] == pytest.approx(100 * reconstruction)  # 100 micro-batches
+    assert costs["mpoe", 4] - costs["switch", 4] == pytest.approx(25 * reconstruction)  # 25 optimizer steps
+
+
 def test_readme_shows_the_estimates_the_command_prints():
     printed = cost.render(cost.estimate(list(cost.PAPER_EXPERIMENTS)), 60.0)
     readme = (ROOT / "README.md").read_text()
