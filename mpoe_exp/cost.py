@@ -17,7 +17,8 @@ sequence lengths of conf/paper/cost.yaml, d V the output projection. MPO methods
 reconstruction of every expert matrix: 2 x 3 (forward and backward) x experts x mpo.contraction_macs per matrix
 and layer (once per step however many micro-batches it has; under DistributedDataParallel with
 train.grad_accum_steps > 1 it is once per micro-batch, which this does not count). Not included: evaluation,
-sampling, routers, data loading. The throughput (--tflops) is an assumption: the default 60 is about 40% of an A100's TF32 peak (the runs are fp32 with TF32 matmuls; precision=bf16 is faster).
+sampling, routers, data loading. The throughput (--tflops) is an assumption: the default 60 is about 40% of an
+A100's TF32 peak (the runs are fp32 with TF32 matmuls; precision=bf16 is faster).
 """
 
 from __future__ import annotations
