@@ -44,11 +44,12 @@ smoke:  ## every table's sweep on tiny models and demo data (CPU, offline, JOBS 
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment smoke
 
 GLUE_DIR ?=
-real-minilm:  ## pre-trained MiniLM on real SST-2 and RTE, every method, 3 seeds (about 3 h on 2 cores; resumable), then its table
+REAL_MINILM = runs_dir=$(RUNS) cpu_threads=1 hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)
+real-minilm:  ## pre-trained MiniLM on real SST-2 and RTE, every method, 3 seeds, JOBS runs at a time (about 2.6 h on 2 cores; resumable), then its table
 	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue (RTE/ and SST-2/ in the GLUE download-script layout)" >&2; exit 2; }
 	@for seed in 1 2 3; do for t in sst2 rte; do \
-	  $(PYTHON) -m mpoe_exp -m experiment=real_minilm_$$t data_dir=$(GLUE_DIR) runs_dir=$(RUNS) seed=$$seed || exit 1; \
-	  $(PYTHON) -m mpoe_exp -m experiment=real_minilm_$$t data_dir=$(GLUE_DIR) runs_dir=$(RUNS) seed=$$seed \
+	  $(PYTHON) -m mpoe_exp -m experiment=real_minilm_$$t data_dir=$(GLUE_DIR) $(REAL_MINILM) seed=$$seed || exit 1; \
+	  $(PYTHON) -m mpoe_exp -m experiment=real_minilm_$$t data_dir=$(GLUE_DIR) $(REAL_MINILM) seed=$$seed \
 	    method=mpoe ablation=no_mask,no_sharing || exit 1; done; done
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment real_minilm
 
