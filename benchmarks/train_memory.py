@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -90,7 +91,10 @@ def table(results: list[dict], shape: str, batch: int, overrides: list[str]) -> 
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        ratio = f"{r['peak_gb'] / switch['peak_gb']:.2f}" if switch else "-"
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | |")
+            continue
+        ratio = f"{r['peak_gb'] / switch['peak_gb']:.2f}" if switch and "peak_gb" in switch else "-"
         lines.append(
             f"| {r['method']} | {r['peak_gb']:.2f} | {r['step_peak_gb']:.2f} | {r['state_gb']:.2f} | {ratio} | "
             f"{r['step_s']:.2f} |"
@@ -117,13 +121,17 @@ def main(argv: list[str] | None = None) -> str:
         command = [sys.executable, __file__, "--child", method, "--shape", args.shape, "--batch", str(args.batch)]
         command += ["--steps", str(args.steps), "--set", *args.set]
         done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if done.returncode == 0:
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            continue
+        print(f"{method} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        killed = -done.returncode == signal.SIGKILL  # what the kernel's out-of-memory killer sends
+        last = (done.stderr.strip().splitlines() or ["?"])[-1][:120]
+        results.append({"method": method, "error": "killed (SIGKILL: out of memory?)" if killed else last})
     text = table(results, args.shape, args.batch, args.set)
     print(text)
     return text
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if "failed:" in main() else 0)

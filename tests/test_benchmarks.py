@@ -158,3 +158,15 @@ def test_training_memory_benchmark_measures_each_method_in_its_own_process():
     assert "++method.recompute=true" in text.stdout
     rows = [line for line in text.stdout.splitlines() if line.startswith(("| switch |", "| mpoe |"))]
     assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00"  # switch's peak over itself
+
+
+def test_training_memory_benchmark_keeps_the_other_rows_when_one_method_fails():
+    text = subprocess.run(
+        [sys.executable, "benchmarks/train_memory.py", "--shape", "tiny", "--batch", "2", "--steps", "1",
+         "--methods", "nonexistent", "switch"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert text.returncode == 1
+    assert any(line.startswith("| switch |") for line in text.stdout.splitlines())
+    failed = [line for line in text.stdout.splitlines() if line.startswith("| nonexistent |")]
+    assert len(failed) == 1 and "failed" in failed[0]
