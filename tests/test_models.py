@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import subprocess
 import sys
 import time
@@ -196,15 +195,41 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def run_cli_with_peak_memory(*args: str) -> tuple[int, str, str, float]:
-    """Exit code, stdout, stderr and this child's own peak RSS in GB (os.wait4: not the max over all children)."""
+# Linux carries the peak RSS of the memory a process replaces at exec into that process's own: a child started
+# straight from a big pytest worker reports the worker's peak. So the command runs under a small Python process
+# that starts it and reports its peak (os.wait4: that child's own, not the max over all children).
+PEAK_WRAPPER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_memory_of(command: list[str]) -> tuple[int, str, str, float]:
+    """Exit code, stdout, stderr and the command's own peak RSS in GB."""
     import tempfile
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "mpoe_exp", *args], stdout=out, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        out.seek(0), err.seek(0)
-        return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode(), usage.ru_maxrss / 1024**2
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_WRAPPER, str(peak), *command], capture_output=True, text=True, cwd=ROOT
+        )
+        return done.returncode, done.stdout, done.stderr, int(peak.read_text()) / 1024**2
+
+
+def run_cli_with_peak_memory(*args: str) -> tuple[int, str, str, float]:
+    return peak_memory_of([sys.executable, "-m", "mpoe_exp", *args])
+
+
+def test_peak_memory_is_the_commands_own_not_the_test_processs():
+    ballast = bytearray(1024**3)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # this process now peaks above 1 GB
+    returncode, _, _, peak_gb = peak_memory_of([sys.executable, "-c", "pass"])
+    del ballast
+    assert returncode == 0 and peak_gb < 0.2
 
 
 def test_dry_run_cli_prints_counts_fast_and_small():
