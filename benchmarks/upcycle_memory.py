@@ -3,7 +3,7 @@
     python benchmarks/upcycle_memory.py [model=t5-base method=mpoe++ ...]
 
 Prints one table row: the dense model's size, the upcycled model's size, and the process's peak resident memory
-(ru_maxrss) over the whole build, which includes the Python/torch runtime (~0.3-0.4 GB). Run it in a fresh process:
+(VmHWM on Linux) over the whole build, which includes the Python/torch runtime (~0.3-0.4 GB). Run it in a fresh process:
 the peak is per process.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,14 @@ from mpoe_exp.models import load_backbone, parameter_report, upcycle
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    """This process's peak resident memory. On Linux VmHWM of /proc/self/status: ru_maxrss would also count the
+    peak of the process that started this one (the kernel carries it over at exec)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB, macOS: bytes (rough)
 
 
 def main(overrides: list[str]) -> dict:

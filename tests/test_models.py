@@ -431,3 +431,14 @@ def test_the_readme_parameter_table_has_every_row():
 @pytest.mark.parametrize("overrides,total", README_COUNTS, ids=lambda x: "-".join(x) if isinstance(x, list) else "")
 def test_readme_parameter_table_row_matches_the_dry_run(overrides, total):
     assert meta_parameter_report(tuple(overrides))["total"] == total
+
+
+def test_upcycling_benchmark_reports_its_own_peak_not_its_parents():
+    ballast = bytearray(1024**3)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # this process now peaks above 1 GB; Linux hands that to ru_maxrss of what it starts
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import upcycle_memory as u; print(u.peak_rss_gb())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    del ballast
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 0.9
