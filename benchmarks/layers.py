@@ -16,7 +16,9 @@ interleaved run by run so that drift on a shared machine hits all of them alike.
 same run. The analytic floor of a layer is its arithmetic, FLOPs = 2 x multiply-adds: the tokens' FFN matmuls
 (2 per choice for top-2) and the router, plus for MPO experts the reconstruction of every expert matrix
 (mpo.contraction_macs) and for MEO the merge (k |W| multiply-adds per matrix and sequence), x 3 for
-forward+backward; "floor" is that at the dense FFN's measured FLOP rate, and "/floor" the layer's time over it.
+forward+backward, plus one more forward of the experts (matrices and FFN) for layers that recompute them in
+backward (method.recompute, the MPO methods' default); "floor" is that at the dense FFN's measured FLOP rate, and
+"/floor" the layer's time over it.
 "counted fwd" is what torch's FLOP counter sees in one forward (matmuls, grouped matmuls included), a check on
 the analytic figure. Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes
 autograd saves for backward (what a checkpoint would not store). `--precision bf16` runs every layer under bf16
@@ -133,6 +135,16 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(a_shape) * b_shape[-1]  # 3D x 3D (or 3D x 2D): batched
 
 
+def backward_flops(name: str, layer: nn.Module, tokens: int, sequences: int = 1) -> float:
+    """FLOPs of the layer's backward: twice its forward, plus, where it recomputes its experts in backward
+    (method.recompute: mpoe's default), their matrices and FFN once more (the router is not recomputed)."""
+    forward = forward_flops(name, layer, tokens, sequences)
+    if not getattr(layer, "recompute", False):
+        return 2 * forward
+    router = 2.0 * tokens * D_MODEL * layer.num_experts
+    return 2 * forward + forward - router
+
+
 def counted_forward_flops(layer: nn.Module, x: torch.Tensor) -> int:
     """FLOPs torch's counter sees in one training-mode forward."""
     with FlopCounterMode(display=False) as counter:
@@ -243,8 +255,8 @@ def measure(
             if device.type != "cuda":
                 results[name]["saved_bytes"] = saved_for_backward_bytes(layer, x)
             results[name]["counted_fwd"] = counted_forward_flops(layer, x)
-        results[name]["flops_fb"] = 3 * forward_flops(name, layer, tokens, sequences)
         results[name]["flops_fwd"] = forward_flops(name, layer, tokens, sequences)
+        results[name]["flops_fb"] = results[name]["flops_fwd"] + backward_flops(name, layer, tokens, sequences)
     return results
 
 

@@ -9,8 +9,11 @@ backward, over k micro-batches (`--grad-accum`; MPO experts contracted once per 
 the AdamW step. Tokens are the source and target tokens of a step (random ids,
 source length 128, target length 16). The methods alternate step by step after a warm-up step each, so drift on a
 shared machine hits all alike; the table gives the median step time, tokens/s and the ratio to dense, and on CUDA
-the peak memory allocated by each method's steps. `--precision bf16` runs the forward under bf16 autocast, as
-train.precision=bf16 does. Models are built offline from the byte vocabulary of tiny-t5 (no download).
+the peak memory allocated by each method's steps. Each warm-up step runs under torch's FLOP counter
+(`torch.utils.flop_counter`, with benchmarks/layers.py's formula for grouped matmuls), so the table also gives the
+arithmetic of a step (forward, backward, recomputation and MPO contraction; not the optimizer) and its ratio to
+dense's: the floor that the measured ratio can be read against. `--precision bf16` runs the forward under bf16
+autocast, as train.precision=bf16 does. Models are built offline from the byte vocabulary of tiny-t5 (no download).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import statistics
 import time
 from pathlib import Path
 
+import layers as _registers_grouped_mm_flops  # noqa: F401
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mpoe_exp import compose_config
 from mpoe_exp.gradient_mask import CentralGradientMask
@@ -109,13 +114,19 @@ def main(argv: list[str] | None = None) -> str:
     settings = [(m, k) for k in args.grad_accum for m in runs]
     times: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
     peaks: dict[tuple[str, int], float] = {}
-    for _ in range(args.steps + 1):
+    flops: dict[tuple[str, int], int] = {}
+    for warm_up in [True] + [False] * args.steps:
         for method, k in settings:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            runs[method].step([batch] * k)
+            if warm_up:  # not timed: counts the step's FLOPs
+                with FlopCounterMode(display=False) as counter:
+                    runs[method].step([batch] * k)
+                flops[method, k] = counter.get_total_flops()
+            else:
+                runs[method].step([batch] * k)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 peaks[method, k] = max(peaks.get((method, k), 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
@@ -124,8 +135,9 @@ def main(argv: list[str] | None = None) -> str:
         f"Training throughput, {args.shape} shape, micro-batch {args.batch} x (128 + 16) tokens, k micro-batches per "
         f"optimizer step, {device}, {args.precision}, median of {args.steps} steps:",
         "",
-        "| method | k | step ms | tokens/s | time per token x dense (same k) | peak GB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | k | step ms | tokens/s | time per token x dense (same k) | GFLOP per token | FLOPs x dense "
+        "| peak GB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     record: dict[str, dict] = {}
     for method, k in settings:
@@ -133,11 +145,19 @@ def main(argv: list[str] | None = None) -> str:
         dense = statistics.median(times["dense", k][1:]) if "dense" in runs else None
         ratio = step / dense if dense else None
         peak = peaks.get((method, k))
+        per_token = flops[method, k] / (k * tokens)
+        flops_ratio = flops[method, k] / flops["dense", k] if "dense" in runs else None
         name = method if len(args.grad_accum) == 1 else f"{method} k={k}"
-        record[name] = {"step_ms": step * 1e3, "tokens_per_s": k * tokens / step, "x_dense": ratio, "peak_gb": peak}
-        shown_ratio = f"{ratio:.2f}" if ratio else "-"
+        record[name] = {
+            "step_ms": step * 1e3, "tokens_per_s": k * tokens / step, "x_dense": ratio, "peak_gb": peak,
+            "flops_per_token": per_token, "flops_x_dense": flops_ratio,
+        }  # fmt: skip
+        shown = [f"{r:.2f}" if r else "-" for r in (ratio, flops_ratio)]
         shown_peak = f"{peak:.1f}" if peak is not None else "-"
-        lines.append(f"| {method} | {k} | {step * 1e3:.0f} | {k * tokens / step:,.0f} | {shown_ratio} | {shown_peak} |")
+        lines.append(
+            f"| {method} | {k} | {step * 1e3:.0f} | {k * tokens / step:,.0f} | {shown[0]} | {per_token / 1e9:.2f} "
+            f"| {shown[1]} | {shown_peak} |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,15 +83,23 @@ def test_training_throughput_benchmark_runs():
     assert "| dense | 1 |" in text.stdout and "| switch | 1 |" in text.stdout and "tokens/s" in text.stdout
 
 
-def test_training_throughput_with_gradient_accumulation():
+def test_training_throughput_with_gradient_accumulation(tmp_path):
+    """Rows per method and k, with the counted FLOPs of a step: dense's per token do not depend on k, mpoe's fall
+    with k (its experts are contracted once per optimizer step) and stay above dense's."""
     text = subprocess.run(
         [sys.executable, "benchmarks/train_throughput.py", "--shape", "tiny", "--steps", "1", "--batch", "2",
-         "--methods", "dense", "mpoe", "--grad-accum", "1", "3"],
+         "--methods", "dense", "mpoe", "--grad-accum", "1", "3", "--json", str(tmp_path / "out.json")],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert text.returncode == 0, text.stderr[-3000:]
     for row in ("| dense | 1 |", "| mpoe | 1 |", "| dense | 3 |", "| mpoe | 3 |"):
         assert row in text.stdout
+    assert "FLOPs x dense" in text.stdout
+    runs = json.loads((tmp_path / "out.json").read_text())["methods"]
+    dense_1, dense_3 = runs["dense k=1"]["flops_per_token"], runs["dense k=3"]["flops_per_token"]
+    assert dense_1 > 0 and dense_3 == pytest.approx(dense_1, rel=1e-6)
+    assert runs["dense k=3"]["flops_x_dense"] == 1.0
+    assert 1.0 < runs["mpoe k=3"]["flops_x_dense"] < runs["mpoe k=1"]["flops_x_dense"]
 
 
 def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
@@ -170,3 +179,22 @@ def test_training_memory_benchmark_keeps_the_other_rows_when_one_method_fails():
     assert any(line.startswith("| switch |") for line in text.stdout.splitlines())
     failed = [line for line in text.stdout.splitlines() if line.startswith("| nonexistent |")]
     assert len(failed) == 1 and "failed" in failed[0]
+
+
+@pytest.mark.parametrize("name", ["switch", "mpoe"])
+def test_analytic_forward_backward_flops_match_the_counter(name):
+    """The floor's arithmetic: forward + backward as torch's FLOP counter sees them, recomputation in backward
+    included for mpoe (method.recompute is its default), within 2%."""
+    from mpoe_exp.moe import FeedForwardSpec, build_layer
+
+    torch.manual_seed(0)
+    weights = {"wi": torch.randn(layers.D_FF, layers.D_MODEL), "wo": torch.randn(layers.D_MODEL, layers.D_FF)}
+    spec = FeedForwardSpec(d_model=layers.D_MODEL, d_ff=layers.D_FF, activation="relu")
+    layer = build_layer(spec, layers.method_config(name), weights, {}).train()
+    assert getattr(layer, "recompute", False) == (name == "mpoe")
+    tokens = 256
+    x = torch.randn(1, tokens, layers.D_MODEL, requires_grad=True)
+    with layers.FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    analytic = layers.forward_flops(name, layer, tokens) + layers.backward_flops(name, layer, tokens)
+    assert counter.get_total_flops() == pytest.approx(analytic, rel=0.02)
