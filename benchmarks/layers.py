@@ -25,6 +25,10 @@ autograd saves for backward (what a checkpoint would not store). `--precision bf
 autocast, as training with train.precision=bf16 does (fp32 weights, bf16 matmuls); the floor is then at the dense
 FFN's bf16 rate. `--json` writes the numbers, for benchmarks/gpu_check.sh's summary.
 
+`--profile LAYER ...` also profiles those layers' forward+backward (torch.profiler, 3 steps after a warm-up) at each
+token count and prints, per layer, its top operators by self time and the share of time in matrix products: where
+a layer's time goes when it is above its floor.
+
 `--state` also reports the training state (parameters, gradients, AdamW moments) of whole t5-base models per method,
 from the tensors AdamW creates, on the meta device (same shapes and dtypes as on a GPU, no memory needed).
 """
@@ -298,6 +302,52 @@ def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
     return "\n".join(lines)
 
 
+# --- profiles ----------------------------------------------------------------------------------------------------
+
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm")
+
+
+def profile_table(
+    layer: nn.Module, name: str, tokens: int, device: torch.device, seq_len: int = 512, top: int = 8
+) -> str:
+    """Top operators of the layer's forward+backward by self time (3 steps after a warm-up), ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seq_len = min(seq_len, tokens)
+    x = torch.randn(tokens // seq_len, seq_len, D_MODEL, device=device, requires_grad=True)
+    if name == REFERENCE:
+        set_reference_capacity(layer, seq_len)
+    layer.train()
+
+    def step() -> None:
+        layer(x.clone()).float().sum().backward()
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+
+    step()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        synchronize(device)
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    self_us = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 3 for e in events}
+    total = sum(self_us.values())
+    in_matmuls = sum(t for k, t in self_us.items() if k in MATMULS)
+    lines = [
+        f"Profile of {name}, {tokens} tokens, forward+backward ({'device' if cuda else 'CPU'} self time, ms per step): "
+        f"{total / 1e3:.1f} ms, {100 * in_matmuls / total:.0f}% in matrix products",
+        "",
+        "| operator | ms | share |",
+        "|---|---:|---:|",
+    ]
+    for key, t in sorted(self_us.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {key} | {t / 1e3:.1f} | {100 * t / total:.0f}% |")
+    return "\n".join(lines)
+
+
 # --- training state of whole models ------------------------------------------------------------------------------
 
 
@@ -349,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--state", action="store_true", help="also the training state of whole t5-base models")
+    parser.add_argument(
+        "--profile", nargs="+", default=[], choices=("dense", REFERENCE, *OURS), help="also profile these layers"
+    )
     parser.add_argument("--out", help="append the tables to this Markdown file")
     parser.add_argument("--json", help="write the measurements (and ratios) to this JSON file")
     args = parser.parse_args(argv)
@@ -359,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     where = machine(device, args.precision)
     text = f"Layer benchmark on {where}, median of {args.repeats}:\n\n{table(results, device)}\n"
+    for tokens in args.tokens:
+        for name in args.profile:
+            text += f"\n{profile_table(layers[name], name, tokens, device, args.seq_len)}\n"
     if args.state:
         text += f"\nTraining state (parameters + gradients + AdamW moments, fp32):\n\n{state_table()}\n"
     print(text)

@@ -20,13 +20,25 @@ import layers  # noqa: E402
 def test_layer_benchmark_prints_every_layer(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run(
-        [sys.executable, "benchmarks/layers.py", "--tokens", "256", "--repeats", "1", "--out", str(out)],
+        [sys.executable, "benchmarks/layers.py", "--tokens", "256", "--repeats", "1", "--out", str(out),
+         "--profile", "mpoe"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("dense", layers.REFERENCE, "switch", "moe", "mpoe", "mpoe++"):
         assert f"| 256 | {name} |" in result.stdout
     assert out.read_text().strip() in result.stdout
+    assert "Profile of mpoe, 256 tokens, forward+backward" in result.stdout and "% in matrix products" in result.stdout
+    assert "| aten::bmm |" in result.stdout  # the contraction's batched products are among its top operators
+
+
+def test_layer_benchmark_refuses_an_unknown_layer_to_profile():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/layers.py", "--tokens", "64", "--profile", "nosuch"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2 and "invalid choice: 'nosuch'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_flop_floor_of_each_layer():
