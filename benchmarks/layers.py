@@ -1,7 +1,7 @@
 """Expert layers side by side: time, FLOP floor and memory of one FFN layer, d = 768, d_ff = 3072 (T5-base).
 
     python benchmarks/layers.py [--tokens 1024 4096 16384] [--device cpu|cuda] [--precision fp32|bf16]
-                                [--repeats 5] [--out BENCHMARKS.md] [--json results.json]
+                                [--repeats 5] [--out BENCHMARKS.md] [--json results.json] [--malloc keep|system]
 
 Layers, all upcycled from the same random dense FFN (ReLU, no bias, as T5 v1.0) and built from the method configs
 of conf/method/: the dense FFN; transformers' `SwitchTransformersSparseMLP` (reference; 8 experts, capacity
@@ -29,6 +29,10 @@ FFN's bf16 rate. `--json` writes the numbers, for benchmarks/gpu_check.sh's summ
 token count and prints, per layer, its top operators by self time and the share of time in matrix products: where
 a layer's time goes when it is above its floor.
 
+On CPU the process's malloc keeps freed memory for reuse, as a training run's does (`cpu_malloc=auto`,
+mpoe_exp/cpu_malloc.py); `--malloc system` measures with glibc's default, which page-faults every tensor above
+32 MB afresh on each use.
+
 `--state` also reports the training state (parameters, gradients, AdamW moments) of whole t5-base models per method,
 from the tensors AdamW creates, on the meta device (same shapes and dtypes as on a GPU, no memory needed).
 """
@@ -50,7 +54,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from mpoe_exp import compose_config, mpo
+from mpoe_exp import compose_config, cpu_malloc, mpo
 from mpoe_exp.moe import FeedForwardSpec, MergedExpertsFeedForward, MPOExperts, build_layer
 
 D_MODEL, D_FF = 768, 3072
@@ -381,14 +385,27 @@ def state_table(methods: tuple[str, ...] = ("dense", "switch", "mpoe", "mpoe++")
     return "\n".join(lines)
 
 
-def machine(device: torch.device, precision: str = "fp32") -> str:
+def machine(device: torch.device, precision: str = "fp32", malloc: str = "system") -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), platform.processor())  # fmt: skip
-        what = f"{cpu}, {torch.get_num_threads()} threads"
+        what = f"{cpu}, {torch.get_num_threads()} threads, malloc {malloc}"
     return f"{what}; torch {torch.__version__}, {precision}"
+
+
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--malloc", choices=("keep", "system"), default="keep",
+        help="on CPU: keep = glibc keeps freed memory, as training does (cpu_malloc=auto); system = glibc's default",
+    )  # fmt: skip
+
+
+def set_malloc(setting: str, device: torch.device) -> str:
+    """The runner's `cpu_malloc` for this process; what was applied ("keep" or "system")."""
+    kept = device.type == "cpu" and setting == "keep" and cpu_malloc.keep_freed_memory()
+    return "keep" if kept else "system"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -404,13 +421,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", help="append the tables to this Markdown file")
     parser.add_argument("--json", help="write the measurements (and ratios) to this JSON file")
+    add_malloc_option(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    malloc = set_malloc(args.malloc, device)
     layers = build_layers(device)
     results = {
         tokens: measure(layers, tokens, device, args.repeats, args.seq_len, args.precision) for tokens in args.tokens
     }
-    where = machine(device, args.precision)
+    where = machine(device, args.precision, malloc)
     text = f"Layer benchmark on {where}, median of {args.repeats}:\n\n{table(results, device)}\n"
     for tokens in args.tokens:
         for name in args.profile:

@@ -2,7 +2,7 @@
 state (parameters, gradients, AdamW moments) that a parameter count alone predicts.
 
     python benchmarks/train_memory.py [--shape t5-base] [--batch 32] [--steps 2] [--methods dense switch mpoe mpoe++]
-                                      [--set ++method.recompute=true ...]
+                                      [--set ++method.recompute=true ...] [--malloc keep|system]
 
 Each method runs in a fresh process (peaks are per process): it builds the model (random weights, offline), takes
 one warm-up step, then --steps steps of the trainer's TrainingStep on a batch of --batch sequences of 128 source and
@@ -10,6 +10,8 @@ one warm-up step, then --steps steps of the trainer's TrainingStep on a batch of
 peak over the training steps less the resident size just before them ("step peak": what training adds on top of
 the model), the training state measured after the steps, and ratios to switch. On CPU the resident set is what
 a GPU's allocator would hold (activations, saved tensors, materialized expert matrices, gradients, moments).
+malloc keeps freed memory as in training (`cpu_malloc=auto`; `--malloc system`: glibc's default, which returns
+large blocks to the kernel as soon as they are freed), so the peak is the one a training run reaches.
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ class PeakSampler(threading.Thread):
         return max(self.peak, rss_bytes())
 
 
-def child(method: str, shape: str, batch: int, steps: int, overrides: list[str]) -> dict:
+def child(method: str, shape: str, batch: int, steps: int, overrides: list[str], malloc: str) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from layers import set_malloc
     from train_throughput import Run, make_batch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    applied = set_malloc(malloc, torch.device("cpu"))
     run = Run(method, torch.device("cpu"), shape, overrides=overrides)
     micro = make_batch(batch, run.vocab, torch.device("cpu"))
     run.step([micro])  # warm-up: AdamW creates its moments here
@@ -77,13 +81,14 @@ def child(method: str, shape: str, batch: int, steps: int, overrides: list[str])
         "step_peak_gb": (peak - before) / 1e9,
         "state_gb": (2 * size + moments) / 1e9,
         "step_s": seconds,
+        "malloc": applied,
     }
 
 
-def table(results: list[dict], shape: str, batch: int, overrides: list[str]) -> str:
+def table(results: list[dict], shape: str, batch: int, overrides: list[str], malloc: str) -> str:
     switch = next((r for r in results if r["method"] == "switch"), None)
     lines = [
-        f"Training memory, {shape} shape, batch {batch} x (128 + 16) tokens, CPU, fp32"
+        f"Training memory, {shape} shape, batch {batch} x (128 + 16) tokens, CPU, fp32, malloc {malloc}"
         + (f", {' '.join(overrides)}" if overrides else "")
         + ":",
         "",
@@ -111,15 +116,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--set", nargs="*", default=[], help="config overrides for every method but dense (++method.recompute=true)"
     )
+    parser.add_argument("--malloc", choices=("keep", "system"), default="keep", help="as in benchmarks/layers.py")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.batch, args.steps, args.set)))
+        print(json.dumps(child(args.child, args.shape, args.batch, args.steps, args.set, args.malloc)))
         return ""
     results = []
     for method in args.methods:
         command = [sys.executable, __file__, "--child", method, "--shape", args.shape, "--batch", str(args.batch)]
-        command += ["--steps", str(args.steps), "--set", *args.set]
+        command += ["--steps", str(args.steps), "--malloc", args.malloc, "--set", *args.set]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> str:
         killed = -done.returncode == signal.SIGKILL  # what the kernel's out-of-memory killer sends
         last = (done.stderr.strip().splitlines() or ["?"])[-1][:120]
         results.append({"method": method, "error": "killed (SIGKILL: out of memory?)" if killed else last})
-    text = table(results, args.shape, args.batch, args.set)
+    applied = next((r["malloc"] for r in results if "malloc" in r), args.malloc)
+    text = table(results, args.shape, args.batch, args.set, applied)
     print(text)
     return text
 

@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--methods dense switch mpoe] [--steps 5] [--batch 8] [--device cpu|cuda]
                                           [--shape t5-small|t5-base] [--precision fp32|bf16] [--grad-accum 1 8]
-                                          [--json out.json]
+                                          [--json out.json] [--malloc keep|system]
 
 Each step is the trainer's `TrainingStep`: the gradient mask draw, forward with labels and the auxiliary losses,
 backward, over k micro-batches (`--grad-accum`; MPO experts contracted once per optimizer step), gradient clipping and
@@ -13,7 +13,8 @@ the peak memory allocated by each method's steps. Each warm-up step runs under t
 (`torch.utils.flop_counter`, with benchmarks/layers.py's formula for grouped matmuls), so the table also gives the
 arithmetic of a step (forward, backward, recomputation and MPO contraction; not the optimizer) and its ratio to
 dense's: the floor that the measured ratio can be read against. `--precision bf16` runs the forward under bf16
-autocast, as train.precision=bf16 does. Models are built offline from the byte vocabulary of tiny-t5 (no download).
+autocast, as train.precision=bf16 does. On CPU, malloc keeps freed memory as in training (`--malloc`, see
+benchmarks/layers.py). Models are built offline from the byte vocabulary of tiny-t5 (no download).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-import layers as _registers_grouped_mm_flops  # noqa: F401
+import layers  # also registers the FLOP formula of grouped matmuls
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -106,8 +107,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--grad-accum", type=int, nargs="+", default=[1], help="micro-batches per optimizer step")
     parser.add_argument("--json", help="write the measurements to this JSON file")
+    layers.add_malloc_option(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    malloc = layers.set_malloc(args.malloc, device)
     runs = {m: Run(m, device, args.shape, args.precision) for m in args.methods}
     batch = make_batch(args.batch, next(iter(runs.values())).vocab, device)
     tokens = batch["input_ids"].numel() + batch["labels"].numel()  # per micro-batch
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> str:
             times[method, k].append(time.perf_counter() - start)
     lines = [
         f"Training throughput, {args.shape} shape, micro-batch {args.batch} x (128 + 16) tokens, k micro-batches per "
-        f"optimizer step, {device}, {args.precision}, median of {args.steps} steps:",
+        f"optimizer step, {layers.machine(device, args.precision, malloc)}, median of {args.steps} steps:",
         "",
         "| method | k | step ms | tokens/s | time per token x dense (same k) | GFLOP per token | FLOPs x dense "
         "| peak GB |",

@@ -64,6 +64,7 @@ NOT_IN_IDENTITY = (
     "dry_run",
     "device",
     "cpu_threads",
+    "cpu_malloc",
     "logger",
     "hydra",  # launcher, sweep directories
     "train.log_every",

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mpoe_exp import cpu_malloc
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -30,6 +32,7 @@ def test_layer_benchmark_prints_every_layer(tmp_path):
     assert out.read_text().strip() in result.stdout
     assert "Profile of mpoe, 256 tokens, forward+backward" in result.stdout and "% in matrix products" in result.stdout
     assert "| aten::bmm |" in result.stdout  # the contraction's batched products are among its top operators
+    assert f"malloc {'keep' if cpu_malloc.is_glibc() else 'system'}" in result.stdout  # as training runs (cpu_malloc)
 
 
 def test_layer_benchmark_refuses_an_unknown_layer_to_profile():
@@ -177,6 +180,7 @@ def test_training_memory_benchmark_measures_each_method_in_its_own_process():
     )  # fmt: skip
     assert text.returncode == 0, text.stderr[-3000:]
     assert "++method.recompute=true" in text.stdout
+    assert f"malloc {'keep' if cpu_malloc.is_glibc() else 'system'}" in text.stdout
     rows = [line for line in text.stdout.splitlines() if line.startswith(("| switch |", "| mpoe |"))]
     assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00"  # switch's peak over itself
 

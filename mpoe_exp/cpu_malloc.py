@@ -1,0 +1,48 @@
+"""Training on CPU: keep freed memory in the process instead of page-faulting large tensors in every step.
+
+glibc's malloc serves each request above its mmap threshold (at most 32 MB) with a fresh mapping from the kernel and
+unmaps it when the block is freed. A training step allocates the same large tensors every time (a t5-base expert
+layer's stacked weight gradients are 75 MB), so every step touches each of their pages for the first time again: one
+page fault per 4 KB, in the kernel, on one core. `keep_freed_memory()` sets glibc's two documented tunables
+(mallopt(3): M_MMAP_MAX = 0 serves every size from the heap, M_TRIM_THRESHOLD = -1 never gives the heap's top back),
+the same as starting the process with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`, but from inside it. The
+cost: the resident size stays at its peak between steps instead of shrinking. BENCHMARKS.md measures both effects.
+
+Not glibc (macOS, musl): nothing changes. PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) does the
+same job by preloading jemalloc or tcmalloc; this needs no extra library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+# glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has mallopt but none of these tunables)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def is_glibc() -> bool:
+    return _libc() is not None
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc to serve every size from its heap and keep freed memory for reuse; False if not glibc."""
+    if not is_glibc():
+        return False
+    libc = _libc()
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
