@@ -1,7 +1,8 @@
 """Expert layers side by side: time, FLOP floor and memory of one FFN layer, d = 768, d_ff = 3072 (T5-base).
 
     python benchmarks/layers.py [--tokens 1024 4096 16384] [--device cpu|cuda] [--precision fp32|bf16]
-                                [--repeats 5] [--out BENCHMARKS.md] [--json results.json] [--malloc keep|system]
+                                [--repeats 5] [--warm-up 2] [--out BENCHMARKS.md] [--json results.json]
+                                [--malloc keep|system] [--profile LAYER ...] [--state]
 
 Layers, all upcycled from the same random dense FFN (ReLU, no bias, as T5 v1.0) and built from the method configs
 of conf/method/: the dense FFN; transformers' `SwitchTransformersSparseMLP` (reference; 8 experts, capacity
@@ -11,9 +12,9 @@ top-2 merged per sequence, as in an encoder). Inputs are sequences of --seq-len 
 the reference counts capacity per sequence, ours over the call).
 
 Per layer and token count, in training mode: forward, forward+backward; in evaluation mode (no_grad): forward,
-where MPO experts come from their cache. Each time is the median of --repeats runs after a warm-up, the layers
-interleaved run by run so that drift on a shared machine hits all of them alike. Ratios are to the dense FFN of the
-same run. The analytic floor of a layer is its arithmetic, FLOPs = 2 x multiply-adds: the tokens' FFN matmuls
+where MPO experts come from their cache. Each time is the median of --repeats runs after --warm-up untimed runs,
+the layers interleaved run by run so that drift on a shared machine hits all of them alike. Ratios are to the dense
+FFN of the same run. The analytic floor of a layer is its arithmetic, FLOPs = 2 x multiply-adds: the tokens' FFN matmuls
 (2 per choice for top-2) and the router, plus for MPO experts the reconstruction of every expert matrix
 (mpo.contraction_macs) and for MEO the merge (k |W| multiply-adds per matrix and sequence), x 3 for
 forward+backward, plus one more forward of the experts (matrices and FFN) for layers that recompute them in
@@ -25,9 +26,9 @@ autograd saves for backward (what a checkpoint would not store). `--precision bf
 autocast, as training with train.precision=bf16 does (fp32 weights, bf16 matmuls); the floor is then at the dense
 FFN's bf16 rate. `--json` writes the numbers, for benchmarks/gpu_check.sh's summary.
 
-`--profile LAYER ...` also profiles those layers' forward+backward (torch.profiler, 3 steps after a warm-up) at each
-token count and prints, per layer, its top operators by self time and the share of time in matrix products: where
-a layer's time goes when it is above its floor.
+`--profile LAYER ...` also profiles those layers' forward+backward (torch.profiler, 3 steps after 2 warm-up
+steps) at each token count and prints, per layer, its top operators by self time and the share of time in matrix
+products: where a layer's time goes when it is above its floor.
 
 On CPU the process's malloc keeps freed memory for reuse, as a training run's does (`cpu_malloc=auto`,
 mpoe_exp/cpu_malloc.py); `--malloc system` measures with glibc's default, which page-faults every tensor above
@@ -207,6 +208,7 @@ def measure(
     repeats: int,
     seq_len: int = 512,
     precision: str = "fp32",
+    warm_up: int = 2,
 ) -> dict[str, dict]:
     torch.manual_seed(1)
     seq_len = min(seq_len, tokens)
@@ -246,9 +248,9 @@ def measure(
     results: dict[str, dict] = {name: {} for name in layers}
     for kind, make in (("forward", forward), ("forward_backward", forward_backward), ("eval", evaluation)):
         times: dict[str, list[float]] = {name: [] for name in layers}
-        for run in range(repeats + 1):
+        for run in range(warm_up + repeats):
             for name, layer in layers.items():
-                if device.type == "cuda" and kind == "forward_backward" and run == repeats:
+                if device.type == "cuda" and kind == "forward_backward" and run == warm_up + repeats - 1:
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
                     times[name].append(timed(make(layer), device))
@@ -256,7 +258,7 @@ def measure(
                 else:
                     times[name].append(timed(make(layer), device))
         for name in layers:
-            results[name][kind] = statistics.median(times[name][1:])  # the first run warms up
+            results[name][kind] = statistics.median(times[name][warm_up:])
     for name, layer in layers.items():
         layer.train()
         with autocast(device, precision):
@@ -314,7 +316,7 @@ MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grou
 def profile_table(
     layer: nn.Module, name: str, tokens: int, device: torch.device, seq_len: int = 512, top: int = 8
 ) -> str:
-    """Top operators of the layer's forward+backward by self time (3 steps after a warm-up), ms per step."""
+    """Top operators of the layer's forward+backward by self time (3 steps after 2 warm-up steps), ms per step."""
     from torch.profiler import ProfilerActivity, profile
 
     seq_len = min(seq_len, tokens)
@@ -329,6 +331,7 @@ def profile_table(
             p.grad = None
         x.grad = None
 
+    step()
     step()
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -415,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--warm-up", type=int, default=2, help="untimed runs first (a kept heap grows to its size over a few steps)"
+    )
     parser.add_argument("--state", action="store_true", help="also the training state of whole t5-base models")
     parser.add_argument(
         "--profile", nargs="+", default=[], choices=("dense", REFERENCE, *OURS), help="also profile these layers"
@@ -427,10 +433,12 @@ def main(argv: list[str] | None = None) -> None:
     malloc = set_malloc(args.malloc, device)
     layers = build_layers(device)
     results = {
-        tokens: measure(layers, tokens, device, args.repeats, args.seq_len, args.precision) for tokens in args.tokens
+        tokens: measure(layers, tokens, device, args.repeats, args.seq_len, args.precision, args.warm_up)
+        for tokens in args.tokens
     }
     where = machine(device, args.precision, malloc)
-    text = f"Layer benchmark on {where}, median of {args.repeats}:\n\n{table(results, device)}\n"
+    text = f"Layer benchmark on {where}, median of {args.repeats} after {args.warm_up} warm-up runs:\n\n"
+    text += f"{table(results, device)}\n"
     for tokens in args.tokens:
         for name in args.profile:
             text += f"\n{profile_table(layers[name], name, tokens, device, args.seq_len)}\n"
