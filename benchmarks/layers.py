@@ -27,12 +27,12 @@ autocast, as training with train.precision=bf16 does (fp32 weights, bf16 matmuls
 FFN's bf16 rate. `--json` writes the numbers, for benchmarks/gpu_check.sh's summary.
 
 `--profile LAYER ...` also profiles those layers' forward+backward (torch.profiler, 3 steps after 2 warm-up
-steps) at each token count and prints, per layer, its top operators by self time and the share of time in matrix
-products: where a layer's time goes when it is above its floor.
+steps) at each token count and prints, per layer, its top operators by self time, the share of time in matrix
+products and the rate at which they run: where a layer's time goes when it is above its floor.
 
-On CPU the process's malloc keeps freed memory for reuse, as a training run's does (`cpu_malloc=auto`,
-mpoe_exp/cpu_malloc.py); `--malloc system` measures with glibc's default, which page-faults every tensor above
-32 MB afresh on each use.
+On CPU, `--malloc keep` has glibc keep freed memory for reuse, as training with `cpu_malloc=keep` does
+(mpoe_exp/cpu_malloc.py); the default, `system`, is glibc's own policy, which page-faults every tensor above 32 MB
+afresh on each use.
 
 `--state` also reports the training state (parameters, gradients, AdamW moments) of whole t5-base models per method,
 from the tensors AdamW creates, on the meta device (same shapes and dtypes as on a GPU, no memory needed).
@@ -316,7 +316,8 @@ MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grou
 def profile_table(
     layer: nn.Module, name: str, tokens: int, device: torch.device, seq_len: int = 512, top: int = 8
 ) -> str:
-    """Top operators of the layer's forward+backward by self time (3 steps after 2 warm-up steps), ms per step."""
+    """Top operators of the layer's forward+backward by self time (3 steps after 2 warm-up steps), ms per step, and
+    the rate of its matrix products (FLOPs counted in the first warm-up step over their time)."""
     from torch.profiler import ProfilerActivity, profile
 
     seq_len = min(seq_len, tokens)
@@ -331,7 +332,8 @@ def profile_table(
             p.grad = None
         x.grad = None
 
-    step()
+    with FlopCounterMode(display=False) as counter:  # the first warm-up step counts the matrix products' FLOPs
+        step()
     step()
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -345,7 +347,8 @@ def profile_table(
     in_matmuls = sum(t for k, t in self_us.items() if k in MATMULS)
     lines = [
         f"Profile of {name}, {tokens} tokens, forward+backward ({'device' if cuda else 'CPU'} self time, ms per step): "
-        f"{total / 1e3:.1f} ms, {100 * in_matmuls / total:.0f}% in matrix products",
+        f"{total / 1e3:.1f} ms, {100 * in_matmuls / total:.0f}% in matrix products, which run at "
+        f"{counter.get_total_flops() / in_matmuls / 1e3:.0f} GFLOP/s",
         "",
         "| operator | ms | share |",
         "|---|---:|---:|",
@@ -400,13 +403,13 @@ def machine(device: torch.device, precision: str = "fp32", malloc: str = "system
 
 def add_malloc_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--malloc", choices=("keep", "system"), default="keep",
-        help="on CPU: keep = glibc keeps freed memory, as training does (cpu_malloc=auto); system = glibc's default",
+        "--malloc", choices=("system", "keep"), default="system",
+        help="on CPU: system = glibc's default; keep = glibc keeps freed memory, as training with cpu_malloc=keep",
     )  # fmt: skip
 
 
 def set_malloc(setting: str, device: torch.device) -> str:
-    """The runner's `cpu_malloc` for this process; what was applied ("keep" or "system")."""
+    """The runner's `cpu_malloc` for this process; what was applied ("keep" only on CPU with glibc)."""
     kept = device.type == "cpu" and setting == "keep" and cpu_malloc.keep_freed_memory()
     return "keep" if kept else "system"
 

@@ -10,8 +10,8 @@ one warm-up step, then --steps steps of the trainer's TrainingStep on a batch of
 peak over the training steps less the resident size just before them ("step peak": what training adds on top of
 the model), the training state measured after the steps, and ratios to switch. On CPU the resident set is what
 a GPU's allocator would hold (activations, saved tensors, materialized expert matrices, gradients, moments).
-malloc keeps freed memory as in training (`cpu_malloc=auto`; `--malloc system`: glibc's default, which returns
-large blocks to the kernel as soon as they are freed), so the peak is the one a training run reaches.
+`--malloc keep` measures training with `cpu_malloc=keep` (glibc keeps freed memory for reuse, so the resident size
+never shrinks); the default is glibc's own policy, which returns blocks above 32 MB to the kernel when freed.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--set", nargs="*", default=[], help="config overrides for every method but dense (++method.recompute=true)"
     )
-    parser.add_argument("--malloc", choices=("keep", "system"), default="keep", help="as in benchmarks/layers.py")
+    parser.add_argument("--malloc", choices=("system", "keep"), default="system", help="as in benchmarks/layers.py")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

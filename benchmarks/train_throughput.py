@@ -13,8 +13,8 @@ the peak memory allocated by each method's steps. Each warm-up step runs under t
 (`torch.utils.flop_counter`, with benchmarks/layers.py's formula for grouped matmuls), so the table also gives the
 arithmetic of a step (forward, backward, recomputation and MPO contraction; not the optimizer) and its ratio to
 dense's: the floor that the measured ratio can be read against. `--precision bf16` runs the forward under bf16
-autocast, as train.precision=bf16 does. On CPU, malloc keeps freed memory as in training (`--malloc`, see
-benchmarks/layers.py). Models are built offline from the byte vocabulary of tiny-t5 (no download).
+autocast, as train.precision=bf16 does. `--malloc keep` has glibc keep freed memory, as `cpu_malloc=keep`
+does (benchmarks/layers.py). Models are built offline from the byte vocabulary of tiny-t5 (no download).
 """
 
 from __future__ import annotations

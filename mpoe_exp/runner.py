@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> Path:
     model, tokenizer = build_model(cfg)
     model.to(device)
     set_cpu_threads(cfg.get("cpu_threads", "auto"), device, model)
-    kept = set_cpu_malloc(cfg.get("cpu_malloc", "auto"), device, model)
+    kept = set_cpu_malloc(cfg.get("cpu_malloc", "system"), device)
     task = build_task(cfg, tokenizer)
     parameters = parameter_report(model)
     logger = make_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
@@ -128,14 +128,10 @@ def set_cpu_threads(setting, device: torch.device, model: torch.nn.Module) -> No
     torch.set_num_threads(int(setting))
 
 
-def set_cpu_malloc(setting: str, device: torch.device, model: torch.nn.Module) -> bool:
+def set_cpu_malloc(setting: str, device: torch.device) -> bool:
     """`cpu_malloc`: "keep" has glibc keep freed memory for reuse (mpoe_exp/cpu_malloc.py), "system" leaves malloc
-    as it is, "auto" keeps for models of SMALL_MODEL_PARAMETERS or more on CPU; True if it was applied."""
-    if device.type != "cpu" or setting == "system":
-        return False
-    if setting == "auto" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
-        return False
-    return cpu_malloc.keep_freed_memory()
+    as it is; True if it was applied (only on CPU, only with glibc)."""
+    return device.type == "cpu" and setting == "keep" and cpu_malloc.keep_freed_memory()
 
 
 def print_plan(
@@ -144,7 +140,7 @@ def print_plan(
     """What a run is about to do, before its progress bar: where, on what, how big, how long."""
     counts = ", ".join(f"{k} {v:,}" for k, v in parameters.items())
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
-    threads += ", malloc keeps freed memory (cpu_malloc)" if kept else ""
+    threads += ", malloc keeps freed memory (cpu_malloc=keep)" if kept else ""
     evaluations = len(trainer.plan.evaluation_steps())
     print(f"run: {directory} (config {digest[:12]})")
     print(f"  model {cfg.model.name}, method {method_label(cfg)}, task {cfg.task.name}, seed {cfg.seed}")

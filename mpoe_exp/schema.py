@@ -247,7 +247,7 @@ CONFIG: Table = {
     "force": boolean(),
     "device": DEVICE,
     "cpu_threads": CPU_THREADS,
-    "cpu_malloc": choice("auto", "keep", "system", optional=True),
+    "cpu_malloc": choice("system", "keep", optional=True),
     "train": Section(TRAIN),
     "model": Section(MODEL),
     "method": Section(_method_section),

@@ -47,7 +47,7 @@ BAD = [
     (["force=yes"], "force", "true or false"),
     (["device=gpu"], "device", "auto, cpu, cuda or cuda:N"),
     (["cpu_threads=0"], "cpu_threads", "auto or an integer >= 1"),
-    (["cpu_malloc=jemalloc"], "cpu_malloc", "one of auto, keep, system"),
+    (["cpu_malloc=jemalloc"], "cpu_malloc", "one of system, keep"),
     (["data_dir=7"], "data_dir", "a non-empty string"),
     (["+datadir=x"], "datadir", "data_dir"),
     # method: keys a router or layer would ignore, or that its constructor would choke on
