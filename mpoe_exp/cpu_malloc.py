@@ -9,7 +9,7 @@ the process with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>` would, but f
 
 It is off by default because it trades memory for that time: the heap fragments and never shrinks, so the resident
 size is the high-water mark of every step so far. BENCHMARKS.md measures both sides (t5-base mpoe, batch 32: a
-step 22% faster, peak memory 40% higher; mpoe++ no longer fits in 24 GB).
+step takes 32% less time, its peak memory is 46% higher, and mpoe++ no longer fits in 24 GB).
 
 Not glibc (macOS, musl): nothing changes. PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) attacks the same
 cost by preloading jemalloc or tcmalloc; this needs no extra library.
