@@ -3,6 +3,7 @@ state (parameters, gradients, AdamW moments) that a parameter count alone predic
 
     python benchmarks/train_memory.py [--shape t5-base] [--batch 32] [--steps 2] [--methods dense switch mpoe mpoe++]
                                       [--set ++method.recompute=true ...] [--malloc keep|system]
+                                      [--adamw fused|foreach]
 
 Each method runs in a fresh process (peaks are per process): it builds the model (random weights, offline), takes
 one warm-up step, then --steps steps of the trainer's TrainingStep on a batch of --batch sequences of 128 source and
@@ -12,6 +13,7 @@ the model), the training state measured after the steps, and ratios to switch. O
 a GPU's allocator would hold (activations, saved tensors, materialized expert matrices, gradients, moments).
 `--malloc keep` measures training with `cpu_malloc=keep` (glibc keeps freed memory for reuse, so the resident size
 never shrinks); the default is glibc's own policy, which returns blocks above 32 MB to the kernel when freed.
+`--adamw foreach` steps with torch's default AdamW instead of the trainer's fused one.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class PeakSampler(threading.Thread):
         return max(self.peak, rss_bytes())
 
 
-def child(method: str, shape: str, batch: int, steps: int, overrides: list[str], malloc: str) -> dict:
+def child(method: str, shape: str, batch: int, steps: int, overrides: list[str], malloc: str, optimizer: str) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,7 +62,7 @@ def child(method: str, shape: str, batch: int, steps: int, overrides: list[str],
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     applied = set_malloc(malloc, torch.device("cpu"))
-    run = Run(method, torch.device("cpu"), shape, overrides=overrides)
+    run = Run(method, torch.device("cpu"), shape, overrides=overrides, optimizer=optimizer)
     micro = make_batch(batch, run.vocab, torch.device("cpu"))
     run.step([micro])  # warm-up: AdamW creates its moments here
     before = rss_bytes()
@@ -71,10 +73,10 @@ def child(method: str, shape: str, batch: int, steps: int, overrides: list[str],
         run.step([micro])
     seconds = (time.perf_counter() - start) / steps
     peak = sampler.stop()
-    optimizer = run.step_fn.optimizer
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    adam = run.step_fn.optimizer
+    params = [p for group in adam.param_groups for p in group["params"]]
     size = sum(p.numel() * p.element_size() for p in params)
-    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    moments = sum(t.numel() * t.element_size() for s in adam.state.values() for t in s.values() if t.dim() > 0)
     return {
         "method": method,
         "peak_gb": peak / 1e9,
@@ -85,12 +87,11 @@ def child(method: str, shape: str, batch: int, steps: int, overrides: list[str],
     }
 
 
-def table(results: list[dict], shape: str, batch: int, overrides: list[str], malloc: str) -> str:
+def table(results: list[dict], shape: str, batch: int, overrides: list[str], malloc: str, optimizer: str) -> str:
     switch = next((r for r in results if r["method"] == "switch"), None)
     lines = [
-        f"Training memory, {shape} shape, batch {batch} x (128 + 16) tokens, CPU, fp32, malloc {malloc}"
-        + (f", {' '.join(overrides)}" if overrides else "")
-        + ":",
+        f"Training memory, {shape} shape, batch {batch} x (128 + 16) tokens, CPU, fp32, {optimizer} AdamW, "
+        f"malloc {malloc}" + (f", {' '.join(overrides)}" if overrides else "") + ":",
         "",
         "| method | peak RSS GB | step peak GB | training state GB | peak x switch | s/step |",
         "|---|---:|---:|---:|---:|---:|",
@@ -117,15 +118,16 @@ def main(argv: list[str] | None = None) -> str:
         "--set", nargs="*", default=[], help="config overrides for every method but dense (++method.recompute=true)"
     )
     parser.add_argument("--malloc", choices=("system", "keep"), default="system", help="as in benchmarks/layers.py")
+    parser.add_argument("--adamw", choices=("fused", "foreach"), default="fused", help="as in train_throughput.py")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.batch, args.steps, args.set, args.malloc)))
+        print(json.dumps(child(args.child, args.shape, args.batch, args.steps, args.set, args.malloc, args.adamw)))
         return ""
     results = []
     for method in args.methods:
         command = [sys.executable, __file__, "--child", method, "--shape", args.shape, "--batch", str(args.batch)]
-        command += ["--steps", str(args.steps), "--malloc", args.malloc, "--set", *args.set]
+        command += ["--steps", str(args.steps), "--malloc", args.malloc, "--adamw", args.adamw, "--set", *args.set]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> str:
         last = (done.stderr.strip().splitlines() or ["?"])[-1][:120]
         results.append({"method": method, "error": "killed (SIGKILL: out of memory?)" if killed else last})
     applied = next((r["malloc"] for r in results if "malloc" in r), args.malloc)
-    text = table(results, args.shape, args.batch, args.set, applied)
+    text = table(results, args.shape, args.batch, args.set, applied, args.adamw)
     print(text)
     return text
 

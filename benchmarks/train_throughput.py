@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--methods dense switch mpoe] [--steps 5] [--batch 8] [--device cpu|cuda]
                                           [--shape t5-small|t5-base] [--precision fp32|bf16] [--grad-accum 1 8]
-                                          [--json out.json] [--malloc keep|system]
+                                          [--json out.json] [--malloc keep|system] [--adamw fused|foreach]
 
 Each step is the trainer's `TrainingStep`: the gradient mask draw, forward with labels and the auxiliary losses,
 backward, over k micro-batches (`--grad-accum`; MPO experts contracted once per optimizer step), gradient clipping and
@@ -14,7 +14,8 @@ the peak memory allocated by each method's steps. Each warm-up step runs under t
 arithmetic of a step (forward, backward, recomputation and MPO contraction; not the optimizer) and its ratio to
 dense's: the floor that the measured ratio can be read against. `--precision bf16` runs the forward under bf16
 autocast, as train.precision=bf16 does. `--malloc keep` has glibc keep freed memory, as `cpu_malloc=keep`
-does (benchmarks/layers.py). Models are built offline from the byte vocabulary of tiny-t5 (no download).
+does (benchmarks/layers.py). `--adamw foreach` steps with torch's default AdamW instead of the trainer's fused one.
+Models are built offline from the byte vocabulary of tiny-t5 (no download).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from mpoe_exp import compose_config
 from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.models import build_model
 from mpoe_exp.moe import central_parameters
-from mpoe_exp.training import TrainingStep
+from mpoe_exp.training import TrainingStep, adamw
 
 
 def t5_shape(d_model: int, d_ff: int, heads: int, layers: int) -> list[str]:
@@ -62,6 +63,7 @@ class Run:
         shape: str = "t5-small",
         precision: str = "fp32",
         overrides: list[str] | None = None,
+        optimizer: str = "fused",
     ):
         overrides = [o for o in overrides or [] if method != "dense" or not o.lstrip("+").startswith("method.")]
         cfg = compose_config([*SHAPES[shape], f"method={method}", *overrides])
@@ -69,7 +71,10 @@ class Run:
         self.model, _ = build_model(cfg)
         self.model.to(device).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        if optimizer == "fused":  # the trainer's
+            optimizer = adamw(params, lr=1e-4)
+        else:  # torch's default implementation
+            optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=optimizer == "foreach")
         prob = cfg.method.get("gradient_mask_prob", 0.0) if cfg.method.experts == "mpo" else 0.0
         self.step_fn = TrainingStep(
             self.model,
@@ -87,6 +92,15 @@ class Run:
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
         """One optimizer step over the micro-batches (k of them: gradient accumulation)."""
         self.step_fn(self.model, micro_batches, lambda model, batch: model(**batch).loss)
+
+
+def add_adamw_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adamw",
+        choices=("fused", "foreach"),
+        default="fused",
+        help="fused: the trainer's AdamW (mpoe_exp.training.adamw); foreach: torch's default, for comparison",
+    )
 
 
 def make_batch(batch: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -108,10 +122,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--grad-accum", type=int, nargs="+", default=[1], help="micro-batches per optimizer step")
     parser.add_argument("--json", help="write the measurements to this JSON file")
     layers.add_malloc_option(parser)
+    add_adamw_option(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     malloc = layers.set_malloc(args.malloc, device)
-    runs = {m: Run(m, device, args.shape, args.precision) for m in args.methods}
+    runs = {m: Run(m, device, args.shape, args.precision, optimizer=args.adamw) for m in args.methods}
     batch = make_batch(args.batch, next(iter(runs.values())).vocab, device)
     tokens = batch["input_ids"].numel() + batch["labels"].numel()  # per micro-batch
     settings = [(m, k) for k in args.grad_accum for m in runs]
@@ -136,7 +151,8 @@ def main(argv: list[str] | None = None) -> str:
             times[method, k].append(time.perf_counter() - start)
     lines = [
         f"Training throughput, {args.shape} shape, micro-batch {args.batch} x (128 + 16) tokens, k micro-batches per "
-        f"optimizer step, {layers.machine(device, args.precision, malloc)}, median of {args.steps} steps:",
+        f"optimizer step, {args.adamw} AdamW, {layers.machine(device, args.precision, malloc)}, "
+        f"median of {args.steps} steps:",
         "",
         "| method | k | step ms | tokens/s | time per token x dense (same k) | GFLOP per token | FLOPs x dense "
         "| peak GB |",

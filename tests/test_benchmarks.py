@@ -120,6 +120,16 @@ def test_training_throughput_with_gradient_accumulation(tmp_path):
     assert 1.0 < runs["mpoe k=3"]["flops_x_dense"] < runs["mpoe k=1"]["flops_x_dense"]
 
 
+@pytest.mark.parametrize("choice", ["fused", "foreach"])
+def test_training_benchmarks_step_with_the_trainers_adamw_or_torchs_default(choice):
+    """--adamw fused (the default) is the trainer's optimizer, mpoe_exp.training.adamw; foreach is torch's default."""
+    from train_throughput import Run
+
+    defaults = Run("dense", torch.device("cpu"), "tiny", optimizer=choice).step_fn.optimizer.defaults
+    assert defaults["fused"] is (True if choice == "fused" else None)
+    assert defaults["foreach"] is (True if choice == "foreach" else None)
+
+
 def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
     """Issue 6: at k = 2, MEO's counted forward FLOPs are within 10% of one dense FFN plus merging the matrices."""
     from mpoe_exp.moe import FeedForwardSpec, build_layer
@@ -178,11 +188,11 @@ def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
 def test_training_memory_benchmark_measures_each_method_in_its_own_process():
     text = subprocess.run(
         [sys.executable, "benchmarks/train_memory.py", "--shape", "tiny", "--batch", "2", "--steps", "1",
-         "--methods", "switch", "mpoe", "--malloc", "keep", "--set", "++method.recompute=true"],
+         "--methods", "switch", "mpoe", "--malloc", "keep", "--adamw", "foreach", "--set", "++method.recompute=true"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert text.returncode == 0, text.stderr[-3000:]
-    assert "++method.recompute=true" in text.stdout
+    assert "++method.recompute=true" in text.stdout and "foreach AdamW" in text.stdout
     assert f"malloc {'keep' if cpu_malloc.is_glibc() else 'system'}" in text.stdout
     rows = [line for line in text.stdout.splitlines() if line.startswith(("| switch |", "| mpoe |"))]
     assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00"  # switch's peak over itself

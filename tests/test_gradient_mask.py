@@ -508,13 +508,15 @@ def mpoe_method():
     return compose_config(["method=mpoe"]).method
 
 
-def one_layer_step(method_cfg, prob: float, seed: int, scaler=None):
-    """A TrainingStep over OneMPOLayer with AdamW (weight decay), clipping, and the given GradScaler."""
+def one_layer_step(method_cfg, prob: float, seed: int, scaler=None, fused: bool = False):
+    """A TrainingStep over OneMPOLayer with AdamW (weight decay; torch's default, or the trainer's fused one),
+    clipping, and the given GradScaler."""
     from mpoe_exp.moe import central_parameters
-    from mpoe_exp.training import TrainingStep
+    from mpoe_exp.training import TrainingStep, adamw
 
     model = OneMPOLayer(method_cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    make = adamw if fused else torch.optim.AdamW
+    optimizer = make(model.parameters(), lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     mask = CentralGradientMask(central_parameters(model), prob, seed=seed)
@@ -545,10 +547,12 @@ def overflowing_loss(loss: torch.Tensor, overflow: bool) -> torch.Tensor:
     return loss * (1e38 / loss.detach()) if overflow else loss
 
 
-def test_steps_the_fp16_scaler_skips_are_not_central_updates_and_keep_their_draw(mpoe_method):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_steps_the_fp16_scaler_skips_are_not_central_updates_and_keep_their_draw(mpoe_method, fused):
     """Overflowing steps (inf gradients) apply nothing and are not counted; the applied updates follow the mask's
-    Bernoulli sequence exactly, as if the skipped steps had not happened."""
-    step, model = one_layer_step(mpoe_method, 0.5, seed=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    Bernoulli sequence exactly, as if the skipped steps had not happened. A fused AdamW skips inside its kernel."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    step, model = one_layer_step(mpoe_method, 0.5, seed=4, scaler=scaler, fused=fused)
     task = RegressionTask()
     batch = task.collate(task.features[:4])
     overflow_at = {1, 2, 5, 9}

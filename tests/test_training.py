@@ -347,3 +347,31 @@ def test_trainer_with_accumulation_applies_the_gradients_of_one_contraction_per_
     assert first_once.keys() == first_each.keys()
     for name, grad in first_once.items():
         torch.testing.assert_close(grad, first_each[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_trainer_steps_with_fused_adamw(tmp_path):
+    """One pass over each parameter: foreach AdamW took 4x the time and a temporary copy of every parameter."""
+    trainer, _ = tiny_trainer(tmp_path)
+    assert trainer.optimizer.defaults["fused"] is True
+
+
+def test_fused_adamw_moves_parameters_as_the_foreach_one():
+    """The project's AdamW (fused) against torch's default (foreach): weight decay, a parameter without gradient
+    on some steps (the gradient mask's centrals), the same parameters after every step."""
+    from mpoe_exp.training import adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32), torch.randn(8, 8)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(6)]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    torchs = [torch.nn.Parameter(p.clone()) for p in start]
+    optimizers = [adamw(ours, lr=1e-2, eps=1e-6, weight_decay=0.1)]
+    optimizers.append(torch.optim.AdamW(torchs, lr=1e-2, eps=1e-6, weight_decay=0.1, foreach=True))
+    for step, step_grads in enumerate(grads):
+        for params, optimizer in zip((ours, torchs), optimizers):
+            for i, (p, g) in enumerate(zip(params, step_grads)):
+                p.grad = None if i == 2 and step % 2 else g.clone()
+            optimizer.step()
+        for a, b in zip(ours, torchs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours[2], start[2])
