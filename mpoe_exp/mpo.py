@@ -184,8 +184,9 @@ def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shap
     without it are broadcast (a shared central tensor, multiplied with all experts' rows in one matmul).
 
     Order: the chains left and right of the centre first (small), their row and column indices regrouped while
-    they are small, then the central tensor from whichever side is cheaper (`_centre_costs`): ~ |W| * (r_{c-1} +
-    r_c) multiply-adds per matrix (`contraction_macs`; docs/method.md, 'Cost model of GPU hours'). Last, one permute
+    they are small, then the central tensor from whichever side is cheaper forward + backward (`_centre_costs`; with
+    a frozen central, on a masked step of the gradient mask, the backward skips a product): ~ |W| * (r_{c-1} + r_c)
+    multiply-adds forward per matrix (`contraction_macs`; docs/method.md, 'Cost model of GPU hours'). Last, one permute
     of W-sized data, of 6 grouped dimensions:
     (I_left, J_left, i_c, j_c, I_right, J_right) -> (I_left, i_c, I_right, J_left, j_c, J_right).
     """
@@ -201,7 +202,8 @@ def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shap
     right = _group_rows_cols(
         _chain_right(stacked[centre + 1 :], central), row_shape[centre + 1 :], col_shape[centre + 1 :]
     )
-    left_first, right_first = _centre_costs(rows_left * cols_left, central.shape[1:], rows_right * cols_right)
+    grads = [torch.is_grad_enabled() and any(t.requires_grad for t in part) for part in (left, central, right)]
+    left_first, right_first = _centre_costs(rows_left * cols_left, central.shape[1:], rows_right * cols_right, grads)
     if left_first <= right_first:
         if central.shape[0] == 1:  # shared: every expert's left rows times the one central tensor
             central_matrix = central.reshape(r_prev, i_c * j_c * r_next)
@@ -219,12 +221,21 @@ def contract(tensors: Sequence[torch.Tensor], row_shape: Sequence[int], col_shap
     return matrix if batched else matrix[0]
 
 
-def _centre_costs(p_left: int, central_shape: Sequence[int], p_right: int) -> tuple[int, int]:
+def _centre_costs(
+    p_left: int, central_shape: Sequence[int], p_right: int, grads: tuple[bool, bool, bool] = (False, False, False)
+) -> tuple[int, int]:
     """Multiply-adds of bringing in the central tensor (r_prev, i_c, j_c, r_next) between a left chain of p_left
-    entries per bond and a right chain of p_right: (left first, right first), for one expert."""
+    entries per bond and a right chain of p_right: (left first, right first), for one expert. The forward's two
+    products, plus, for `grads` = which of (left chain, central, right chain) need a gradient, the backward's:
+    each product's backward costs what it did forward, once per input that needs a gradient."""
     r_prev, i_c, j_c, r_next = central_shape
-    left_first = p_left * r_prev * i_c * j_c * r_next + p_left * i_c * j_c * r_next * p_right
-    right_first = r_prev * i_c * j_c * r_next * p_right + p_left * r_prev * i_c * j_c * p_right
+    g_left, g_central, g_right = grads
+    left_central = p_left * r_prev * i_c * j_c * r_next  # (left central), then x right
+    then_right = p_left * i_c * j_c * r_next * p_right
+    left_first = left_central * (1 + g_left + g_central) + then_right * (1 + (g_left or g_central) + g_right)
+    central_right = r_prev * i_c * j_c * r_next * p_right  # (central right), then left x
+    then_left = p_left * r_prev * i_c * j_c * p_right
+    right_first = central_right * (1 + g_central + g_right) + then_left * (1 + g_left + (g_central or g_right))
     return left_first, right_first
 
 

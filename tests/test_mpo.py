@@ -666,23 +666,57 @@ def test_contraction_macs_counts_what_contract_does(shape, m, transpose):
     assert counter.get_total_flops() == 2 * 8 * mpo.contraction_macs(rows, cols)
 
 
-def test_contract_gradients_equal_an_einsum_chain():
-    """The regrouped, batched contraction and its backward against one einsum, shared and per-expert centrals."""
+@pytest.mark.parametrize("reverse", [False, True], ids=["bonds-36-12", "bonds-12-36"])
+@pytest.mark.parametrize("central", ["shared", "per-expert", "frozen"])
+def test_contract_gradients_equal_an_einsum_chain(reverse, central):
+    """The regrouped, batched contraction and its backward against one einsum: shared, per-expert and frozen
+    (shared, without gradient) centrals; the factors reversed swap the bonds around the centre, so that a frozen
+    central is brought in from the left in one case and from the right in the other."""
     g = torch.Generator().manual_seed(0)
     rows, cols = (2, 3, 2, 2, 3), (3, 2, 2, 1, 2)
+    if reverse:
+        rows, cols = rows[::-1], cols[::-1]
     shapes = mpo.tensor_shapes(rows, cols)
-    for shared in (True, False):
-        tensors = [
-            torch.randn(s if (k == 2 and shared) else (3, *s), generator=g, dtype=torch.float64, requires_grad=True)
-            for k, s in enumerate(shapes)
-        ]
-        got = mpo.contract(tensors, rows, cols)
-        expanded = [t if t.dim() == 5 else t.expand(3, *t.shape) for t in tensors]
-        full = torch.einsum("eaibB,eBjcC,eCkdD,eDlfF,eFmgG->eijklmbcdfg", *[t for t in expanded])
-        want = full.reshape(3, 2 * 3 * 2 * 2 * 3, 3 * 2 * 2 * 1 * 2)
-        torch.testing.assert_close(got, want)
-        probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
-        for a, b in zip(
-            torch.autograd.grad((got * probe).sum(), tensors), torch.autograd.grad((want * probe).sum(), tensors)
-        ):
-            torch.testing.assert_close(a, b)
+    tensors = [
+        torch.randn(s if (k == 2 and central != "per-expert") else (3, *s), generator=g, dtype=torch.float64)
+        for k, s in enumerate(shapes)
+    ]
+    for k, t in enumerate(tensors):
+        t.requires_grad_(k != 2 or central != "frozen")
+    got = mpo.contract(tensors, rows, cols)
+    expanded = [t if t.dim() == 5 else t.expand(3, *t.shape) for t in tensors]
+    full = torch.einsum("eaibB,eBjcC,eCkdD,eDlfF,eFmgG->eijklmbcdfg", *[t for t in expanded])
+    want = full.reshape(3, math.prod(rows), math.prod(cols))
+    torch.testing.assert_close(got, want)
+    probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    trainable = [t for t in tensors if t.requires_grad]
+    for a, b in zip(
+        torch.autograd.grad((got * probe).sum(), trainable), torch.autograd.grad((want * probe).sum(), trainable)
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def contraction_flops(rows, cols, central_grad: bool, experts: int = 8) -> int:
+    """FLOPs torch counts in `contract` forward + backward over an expert stack with a shared central (meta)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shapes = mpo.tensor_shapes(rows, cols)
+    centre = len(shapes) // 2
+    tensors = [
+        torch.empty(s if k == centre else (experts, *s), device="meta", requires_grad=k != centre or central_grad)
+        for k, s in enumerate(shapes)
+    ]
+    with FlopCounterMode(display=False) as counter:
+        mpo.contract(tensors, rows, cols).sum().backward()
+    return counter.get_total_flops()
+
+
+def test_a_frozen_central_is_brought_in_from_the_side_cheapest_for_backward():
+    """On a masked step the centrals take no gradient, so the backward skips one of its products; the order is chosen
+    for forward + backward. T5-base's (3072, 768) at m = 5: bonds 192 and 384 around the centre, so either order costs
+    |W| (192 + 384) multiply-adds forward and |W| (2 x 192 + 2 x 384) backward; with the central frozen the backward
+    costs |W| (2 x 384 + 192) from the left and |W| (2 x 192 + 384) from the right."""
+    rows, cols = mpo.KNOWN_FACTORIZATIONS[(3072, 768)][5]
+    assert mpo.bond_dims(rows, cols)[2:4] == [192, 384]
+    ratio = contraction_flops(rows, cols, central_grad=False) / contraction_flops(rows, cols, central_grad=True)
+    assert ratio == pytest.approx((576 + 768) / (3 * 576), rel=0.01)
