@@ -130,6 +130,17 @@ def test_training_benchmarks_step_with_the_trainers_adamw_or_torchs_default(choi
     assert defaults["foreach"] is (True if choice == "foreach" else None)
 
 
+def test_adamw_benchmark_times_the_trainers_optimizer_against_torchs():
+    text = subprocess.run(
+        [sys.executable, "benchmarks/adamw.py", "--millions", "3", "--repeats", "1", "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in text.stdout.splitlines()[4:]}
+    assert set(rows) == {"fused", "foreach", "loop"} and rows["fused"] == "1.00"
+    assert "2M parameters (1 x 3072 x 768)" in text.stdout
+
+
 def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
     """Issue 6: at k = 2, MEO's counted forward FLOPs are within 10% of one dense FFN plus merging the matrices."""
     from mpoe_exp.moe import FeedForwardSpec, build_layer
