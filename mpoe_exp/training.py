@@ -312,9 +312,10 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def adamw(params, lr: float, eps: float = 1e-8, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """torch's AdamW, fused where the parameters' device has the fused kernel (CPU, CUDA): one pass over each
-    parameter. torch's default (foreach) chains list operations instead; on a 2-core CPU it took 4x the time and
-    held a temporary copy of every parameter (BENCHMARKS.md, 'Optimizer step'). Same update up to rounding (tested).
-    Parameters without a gradient in a step (the centrals on a masked step) are left alone, as by any AdamW."""
+    parameter. torch's default (foreach) chains list operations instead, with temporaries the size of the
+    parameters: several times slower on a 2-core CPU (`benchmarks/adamw.py`; BENCHMARKS.md, 'Optimizer step').
+    Same update up to rounding (tested). Parameters without a gradient in a step (the centrals on a masked step)
+    are left alone, as by any AdamW."""
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=fused or None)
