@@ -315,10 +315,24 @@ def adamw(params, lr: float, eps: float = 1e-8, weight_decay: float = 0.01) -> t
     parameter. torch's default (foreach) chains list operations instead, with temporaries the size of the
     parameters: several times slower on a 2-core CPU (`benchmarks/adamw.py`; BENCHMARKS.md, 'Optimizer step').
     Same update up to rounding (tested). Parameters without a gradient in a step (the centrals on a masked step)
-    are left alone, as by any AdamW."""
+    are left alone, as by any AdamW.
+
+    The fused kernel writes the parameters without moving their version counters (torch 2.13), so anything keyed
+    by `_version` (MPOE's evaluation cache of contracted matrices, `MPOExperts.materialize`) would not see the step:
+    a step hook moves them."""
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    if fused:
+        optimizer.register_step_post_hook(_count_the_update)
+    return optimizer
+
+
+def _count_the_update(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Move the version counters of the parameters a fused step wrote (those with a gradient)."""
+    torch.autograd.graph.increment_version(
+        [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    )
 
 
 @dataclass

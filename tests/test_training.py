@@ -375,3 +375,78 @@ def test_fused_adamw_moves_parameters_as_the_foreach_one():
         for a, b in zip(ours, torchs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(ours[2], start[2])
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_with_accumulation_expert_weight_gradients_add_up_in_place(recompute):
+    """Within an optimizer step of k micro-batches, each micro-batch's backward adds its experts' weight gradients
+    into the step's buffers in place, expert by expert: it allocates no (E, out, in) gradient stack per matrix to
+    add afterwards (on CPU that allocation, page-faulted anew per micro-batch under glibc's default allocator, made
+    the experts' weight gradient cost several times the dense FFN's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mpoe_exp import build_model, compose_config
+    from mpoe_exp.moe import MPOExperts
+    from mpoe_exp.training import one_contraction_per_step
+
+    cpu = torch.device("cpu")
+    model, _ = build_model(compose_config(["model=tiny-t5", "method=mpoe", f"method.recompute={recompute}"]))
+    model.train()
+    experts = [m for m in model.modules() if isinstance(m, MPOExperts)]
+    stack_bytes = min(
+        e.num_experts * math.prod(e.spec.matrix_shape(n)) * 4 for e in experts for n in e.spec.matrix_names
+    )
+    first, second = seq2seq_batches(2)
+    with one_contraction_per_step(model, cpu, "fp32", model, 2):
+        model(**first).loss.backward()
+        loss = model(**second).loss
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss.backward()
+    large = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= stack_bytes]
+    assert not large, large
+    assert all(p.grad is not None for e in experts for p in e.auxiliary.parameters())
+
+
+def test_evaluation_after_a_fused_adamw_step_sees_the_new_weights():
+    """MPOE's evaluation cache is keyed by the tensors' version counters, which torch's fused AdamW kernel does not
+    move (torch 2.13, CPU); the project's AdamW moves them, so evaluation never reuses matrices from before a step."""
+    from mpoe_exp import mpo
+    from mpoe_exp.moe import FeedForwardSpec, MPOExperts
+    from mpoe_exp.training import adamw
+
+    torch.manual_seed(0)
+    spec = FeedForwardSpec(d_model=8, d_ff=16, activation="relu")
+    weights = {"wi": torch.randn(16, 8), "wo": torch.randn(8, 16)}
+    factorizations = {"wi": mpo.factorization(16, 8, 3), "wo": mpo.factorization(8, 16, 3)}
+    experts = MPOExperts.from_dense(spec, 2, weights, {}, factorizations)
+    optimizer = adamw(experts.parameters(), lr=0.1)
+    with torch.no_grad():
+        before = experts.materialize()[0]["wi"].clone()  # cached
+    for p in experts.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    with torch.no_grad():
+        after = experts.materialize()[0]["wi"]
+        fresh = mpo.contract(experts.local_tensors("wi"), *factorizations["wi"])
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, fresh)
+
+
+def test_training_with_accumulation_drops_the_evaluation_cache():
+    """The cache of contracted matrices that evaluation fills holds no memory while training, with gradient
+    accumulation (one contraction per step) as without it."""
+    from mpoe_exp import build_model, compose_config
+    from mpoe_exp.moe import MPOExperts
+    from mpoe_exp.training import one_contraction_per_step
+
+    model, _ = build_model(compose_config(["model=tiny-t5", "method=mpoe"]))
+    batch = seq2seq_batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    experts = [m for m in model.modules() if isinstance(m, MPOExperts)]
+    assert all(e._cache is not None for e in experts)
+    model.train()
+    with one_contraction_per_step(model, torch.device("cpu"), "fp32", model, 2):
+        model(**batch).loss.backward()
+        assert all(e._cache is None for e in experts)

@@ -22,6 +22,10 @@ from torch import nn
 
 from mpoe_exp import mpo
 
+# The attribute that marks a matrix whose weight gradient the experts' grouped matmul adds into its preallocated
+# .grad in place (`MPOExperts.begin_step`'s copies, for an optimizer step of several micro-batches).
+GRADIENT_IN_PLACE = "gradient_in_place"
+
 
 @dataclass(frozen=True)
 class FeedForwardSpec:
@@ -177,10 +181,10 @@ class MPOExperts(nn.Module):
         once per set of weights and then cost nothing, as a Switch layer's stored matrices. With autograd the cache
         is dropped, so it holds no memory while training.
         """
-        if self._step is not None and torch.is_grad_enabled():  # inside one_contraction_per_step
-            return dict(self._step[1]), dict(self.biases)
         if torch.is_grad_enabled() or not self.cache_in_eval:
             self._cache = None
+            if self._step is not None and torch.is_grad_enabled():  # inside one_contraction_per_step
+                return dict(self._step[1]), dict(self.biases)
             return self._contract(), dict(self.biases)
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
@@ -189,11 +193,16 @@ class MPOExperts(nn.Module):
 
     def begin_step(self) -> None:
         """Contract every matrix once for an optimizer step of several micro-batches: their forwards get detached
-        copies (leaves) that collect the micro-batches' gradients, and `end_step` sends the sum back through the
-        contraction once. The gradients are those of contracting per micro-batch (the contraction is the same
-        function of the same weights within a step); the work is done once instead of k times."""
+        copies (leaves) that collect the micro-batches' gradients, added in place into buffers allocated here, and
+        `end_step` sends the sum back through the contraction once. The gradients are those of contracting per
+        micro-batch (the contraction is the same function of the same weights within a step); the work is done once
+        instead of k times."""
         contracted = self._contract()
         leaves = {n: w.detach().requires_grad_(w.requires_grad) for n, w in contracted.items()}
+        for leaf in leaves.values():
+            if leaf.requires_grad:  # the micro-batches add their gradients in place (layer.grouped_mm)
+                leaf.grad = torch.zeros_like(leaf)
+                setattr(leaf, GRADIENT_IN_PLACE, True)
         self._step = (contracted, leaves)
 
     def end_step(self, backward: bool = True) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from mpoe_exp import mpo
-from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec, MPOExperts
+from mpoe_exp.moe.experts import GRADIENT_IN_PLACE, DenseExperts, FeedForwardSpec, MPOExperts
 from mpoe_exp.moe.kinds import ExpertLayer, placement, router_of
 from mpoe_exp.moe.routers import DROPPED, ROUTERS, Routing
 from mpoe_exp.registry import Registry
@@ -52,14 +52,45 @@ def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, 
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = torch.promote_types(rows.dtype, weight.dtype)
+    if weight.dtype == dtype and getattr(weight, GRADIENT_IN_PLACE, False) and torch.is_grad_enabled():
+        return _GradientInPlace.apply(rows.to(dtype), weight, offsets, counts)
     rows, weight = rows.to(dtype), weight.to(dtype)
+    out = _grouped_product(rows, weight, offsets, counts)
+    if out.requires_grad and _has_grouped_mm(rows, weight):  # its CPU backward refuses stride-0 gradients (.sum())
+        out.register_hook(lambda grad: grad.contiguous())
+    return out
+
+
+def _grouped_product(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list[int]):
     if _has_grouped_mm(rows, weight):
-        out = torch.nn.functional.grouped_mm(rows, weight.transpose(1, 2), offs=offsets)
-        if out.requires_grad:  # its CPU backward refuses stride-0 gradients (e.g. from .sum())
-            out.register_hook(lambda grad: grad.contiguous())
-        return out
-    parts = [chunk @ w.t() for chunk, w in zip(rows.split(counts), weight.unbind(0))]
-    return torch.cat(parts)
+        return torch.nn.functional.grouped_mm(rows, weight.transpose(1, 2), offs=offsets)
+    return torch.cat([chunk @ w.t() for chunk, w in zip(rows.split(counts), weight.unbind(0))])
+
+
+class _GradientInPlace(torch.autograd.Function):
+    """`grouped_mm` whose backward adds each expert's weight gradient (grad_e^T @ rows_e) into weight.grad[e] in
+    place and returns none for the weight. Autograd would instead allocate the whole (E, out, in) gradient of every
+    micro-batch and then add it to .grad: the traffic of 2 E full matrices per matrix and micro-batch, into memory
+    that on CPU is fresh, page-faulted anew each time. For `MPOExperts.begin_step`'s copies, leaves whose .grad
+    holds the sum over an optimizer step's micro-batches."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, offsets, counts):
+        ctx.save_for_backward(rows, offsets)
+        ctx.weight, ctx.counts = weight, counts  # a leaf: kept as itself, .grad included (a saved copy has none)
+        return _grouped_product(rows, weight, offsets, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows, offsets), weight = ctx.saved_tensors, ctx.weight
+        grad = grad.contiguous()
+        grad_rows = None
+        if ctx.needs_input_grad[0]:  # grad (M, out) times each expert's (out, in)
+            grad_rows = _grouped_product(grad, weight.transpose(1, 2), offsets, ctx.counts)
+        for buffer, grad_e, rows_e in zip(weight.grad, grad.split(ctx.counts), rows.split(ctx.counts)):
+            if rows_e.shape[0]:
+                buffer.addmm_(grad_e.t(), rows_e)
+        return grad_rows, None, None, None
 
 
 def grouped_feed_forward(
