@@ -144,6 +144,12 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(a_shape) * b_shape[-1]  # 3D x 3D (or 3D x 2D): batched
 
 
+@register_flop_formula(torch.ops.aten.addmm_)
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Nor for addmm_, with which the experts add their weight gradients in place under gradient accumulation."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def backward_flops(name: str, layer: nn.Module, tokens: int, sequences: int = 1) -> float:
     """FLOPs of the layer's backward: twice its forward, plus, where it recomputes its experts in backward
     (method.recompute: mpoe's default), their matrices and FFN once more (the router is not recomputed)."""
@@ -310,7 +316,7 @@ def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
 
 # --- profiles ----------------------------------------------------------------------------------------------------
 
-MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm")
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::_grouped_mm")
 
 
 def profile_table(

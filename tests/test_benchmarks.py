@@ -141,6 +141,29 @@ def test_adamw_benchmark_times_the_trainers_optimizer_against_torchs():
     assert "2M parameters (1 x 3072 x 768)" in text.stdout
 
 
+def test_counted_flops_of_expert_weight_gradients_added_in_place_are_those_of_autograds():
+    """With gradient accumulation the experts add their weight gradients in place (addmm_, which torch's FLOP
+    counter has no formula for); the benchmark's counter sees the same arithmetic as autograd's grouped backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mpoe_exp.moe.experts import GRADIENT_IN_PLACE
+    from mpoe_exp.moe.layer import grouped_mm
+
+    counts = [10, 20, 0, 34]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    rows = torch.randn(sum(counts), 32, requires_grad=True)
+    flops = []
+    for in_place in (False, True):
+        weight = torch.randn(4, 48, 32, requires_grad=True)
+        if in_place:
+            weight.grad = torch.zeros_like(weight)
+            setattr(weight, GRADIENT_IN_PLACE, True)
+        with FlopCounterMode(display=False) as counter:
+            grouped_mm(rows, weight, offsets, counts).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] == 3 * 2 * sum(counts) * 32 * 48
+
+
 def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
     """Issue 6: at k = 2, MEO's counted forward FLOPs are within 10% of one dense FFN plus merging the matrices."""
     from mpoe_exp.moe import FeedForwardSpec, build_layer
