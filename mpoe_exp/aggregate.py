@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mpoe_exp.results import RESULTS_FILE, identity
+from mpoe_exp.results import RESULTS_FILE, configured_identity
 
 REQUIRED_KEYS = ("status", "experiment", "model", "method_label", "task", "seed", "hparams")
 FINISHED_KEYS = ("main_metric", "greater_is_better", "validation", "test")
@@ -174,7 +174,7 @@ def _shown_setting(chosen: dict[str, Any], settings: list[dict[str, Any]]) -> di
     flats = []
     for run in [chosen, *settings]:
         config = run.get("config")
-        flats.append(_flat(identity(OmegaConf.create(config))) if isinstance(config, dict) else {})
+        flats.append(_flat(configured_identity(OmegaConf.create(config))) if isinstance(config, dict) else {})
     keys = sorted({k for f in flats for k in f} - _HPARAM_KEYS)
     differing = [k for k in keys if len({f.get(k) for f in flats[1:]}) > 1]
     return {**chosen["hparams"], **{k: json.loads(flats[0][k]) if k in flats[0] else None for k in differing}}

@@ -140,6 +140,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"ablation={cfg.ablation.name} only applies to MPO methods (mpoe, mpoe++), not method={method.name}"
         )
     check_config(cfg)
+    check_model_path_is_read(cfg.model)
     if method.experts == "none":
         return
     layer_name, kind = kind_of(method)
@@ -161,6 +162,18 @@ def validate_config(cfg: DictConfig) -> None:
             except ValueError as err:
                 where = f"model={cfg.model.name} method={method.name} method.mpo.num_tensors={method.mpo.num_tensors}"
                 raise UserError(f"{where}: {err}") from None
+
+
+def check_model_path_is_read(model_cfg: DictConfig) -> None:
+    """Refuse `model.path` on a model that reads no model files: it would be ignored."""
+    from mpoe_exp.fingerprints import reads_model_files
+
+    if model_cfg.get("path") and not reads_model_files(model_cfg):
+        raise UserError(
+            f"model.path={model_cfg.path} is not used: model={model_cfg.name} has random weights "
+            f"(model.pretrained=false) and the byte-level tokenizer (model.tokenizer=byte); drop model.path, or set "
+            f"model.pretrained=true to load the weights from it"
+        )
 
 
 def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:

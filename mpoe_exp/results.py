@@ -47,52 +47,84 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mpoe_exp.config import DEMO_DATA_DIR, method_label
+from mpoe_exp.config import method_label
 from mpoe_exp.errors import UserError
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 
 
-# Config keys that never change a run's numbers: left out of its identity (dotted paths; a prefix covers its subtree).
-NOT_IN_IDENTITY = (
-    "seed",  # its own directory level
-    "runs_dir",
-    "experiment_name",
-    "table_model",  # where the results go and which table row they fill
-    "force",
-    "dry_run",
-    "device",
-    "cpu_threads",
-    "cpu_malloc",
-    "logger",
-    "hydra",  # launcher, sweep directories
-    "train.log_every",
-    "train.eval_batch_size",
-    "train.checkpoint_every",
-    # memory against time, same numbers (tests/test_run_identity.py trains with each and compares)
-    "method.recompute",
-    "method.mpo.cache_in_eval",
-)
+# Config keys left out of a run's identity, each with the reason (a dotted path; a prefix covers its subtree).
+# tests/test_run_identity.py lists every key of every config file against this table and shows, for each key left
+# out, that changing it leaves the numbers unchanged.
+NOT_IN_IDENTITY: dict[str, str] = {
+    "seed": "its own directory level (seed=<s>): the seeds of one setting are its repeats",
+    "runs_dir": "where the results go",
+    "experiment_name": "where the results go",
+    "table_model": "which table row the results fill",
+    "force": "whether a finished run is run again",
+    "dry_run": "a dry run trains nothing",
+    "device": "the hardware: another device gives the same run up to rounding",
+    "cpu_threads": "the hardware's use: the same run up to rounding",
+    "cpu_malloc": "the allocator's policy: memory against time, same numbers",
+    "logger": "where the metrics are also sent",
+    "hydra": "the launcher and its sweep folders",
+    "train.log_every": "how often the progress bar shows the loss",
+    "train.checkpoint_every": "how often a resume checkpoint is written (a resumed run gives the same numbers)",
+    "method.recompute": "memory against time: backward recomputes what it would otherwise keep, same numbers",
+    "method.mpo.cache_in_eval": "memory against time: evaluation contracts the experts once, same numbers",
+    "data_dir": "a path: the run's identity holds the fingerprint of the data files read instead",
+    "task.data_dir": "a path: the run's identity holds the fingerprint of the data files read instead",
+    "task.hub_path": "in the data fingerprint ({'hub': ...}) when the data comes from the hub, unused otherwise",
+    "model.path": "a path: the run's identity holds the fingerprint of the model files read instead",
+    "model.package": "in the model files' fingerprint: the installed package's folder is read",
+    "model.hub_id": "in the model files' fingerprint ({'hub': ...}) when the model comes from the hub",
+}
+# Left out unless a router limits the experts' capacity in evaluation: then which tokens share a forward call
+# decides which are dropped, and the evaluation batch size changes the numbers.
+EVAL_BATCH_SIZE = "train.eval_batch_size"
 HASH_DIGITS = 8
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config less `NOT_IN_IDENTITY`; the bundled demo data's folder is written `<demo_data>`, so a run
-    keeps its identity wherever the package is installed."""
+def _capacity_limited_in_evaluation(tree: Any) -> bool:
+    """Whether any capacity_factor_eval in the (method) tree is set."""
+    if isinstance(tree, dict):
+        return tree.get("capacity_factor_eval") is not None or any(
+            _capacity_limited_in_evaluation(v) for v in tree.values()
+        )
+    return False
+
+
+def configured_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config less the keys `NOT_IN_IDENTITY` leaves out: the part of a run's identity that is read from
+    the config alone (no file is opened; the tables compare settings with it)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
+    left_out = set(NOT_IN_IDENTITY)
+    if not _capacity_limited_in_evaluation(tree.get("method")):
+        left_out.add(EVAL_BATCH_SIZE)
 
     def prune(node: Any, path: str) -> Any:
         if isinstance(node, dict):
             keys = {k: f"{path}.{k}" if path else str(k) for k in node}
-            return {k: prune(v, keys[k]) for k, v in node.items() if keys[k] not in NOT_IN_IDENTITY}
+            return {k: prune(v, keys[k]) for k, v in node.items() if keys[k] not in left_out}
         if isinstance(node, list):
             return [prune(v, path) for v in node]
-        if isinstance(node, str):
-            return node.replace(str(DEMO_DATA_DIR), "<demo_data>")
         return node
 
     return prune(tree, "")
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that can change a run's numbers: `configured_identity` plus fingerprints of the data and model
+    files the run reads (mpoe_exp/fingerprints.py), so that how a path is spelled, or where the files lie, does not
+    matter and new files at an old path are a new run."""
+    from mpoe_exp.fingerprints import data_fingerprint, model_files_fingerprint
+
+    return {
+        **configured_identity(cfg),
+        "data_fingerprint": data_fingerprint(cfg),
+        "model_files_fingerprint": model_files_fingerprint(cfg),
+    }
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -67,6 +67,7 @@ def run(cfg: DictConfig) -> Path:
         "seed": cfg.seed,
         "hparams": results.hparams(cfg),
         "config_hash": digest,
+        **{k: v for k, v in results.identity(cfg).items() if k.endswith("_fingerprint")},
         "main_metric": task.main_metric,
         "greater_is_better": task.greater_is_better,
         "split_sizes": task.split_sizes,

@@ -323,20 +323,21 @@ def _load_hub(task: str, hub_path: str) -> Splits:
     return _official_from_dataset_dict(task, dataset_dict, f"hub dataset {hub_path!r} ({task})")
 
 
-def _load_official(task: str, data_dir: str | Path | None, hub_path: str) -> Splits:
-    """The official splits of one task from the first source that has them (module docstring)."""
-    if data_dir is None:
-        return _load_hub(task, hub_path)
+def source_folder(task: str, data_dir: str | Path) -> Path:
+    """The folder a task's official splits are read from under `data_dir` (module docstring): the TSV folder of the
+    GLUE download-script layout, or a save_to_disk DatasetDict at <data_dir>/<task> or <data_dir>. Its files are
+    what a run reads (and what its identity fingerprints)."""
+    task = _task_name(task)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"data_dir {str(data_dir)!r} is not a directory. " + _HOW_TO_GET_DATA)
     layout = _TSV_LAYOUTS[task]
     tsv_directory = root / layout.directory
     if any((tsv_directory / name).is_file() for name in layout.files.values()):
-        return _load_tsv(task, tsv_directory)
+        return tsv_directory
     for candidate in (root / task, root):
         if (candidate / "dataset_dict.json").is_file():
-            return _load_saved(task, candidate)
+            return candidate
         if (candidate / "state.json").is_file():  # save_to_disk of a single split
             raise UserError(
                 f"{candidate} is a save_to_disk folder of a single Dataset; GLUE {task} needs the DatasetDict with "
@@ -348,6 +349,16 @@ def _load_official(task: str, data_dir: str | Path | None, hub_path: str) -> Spl
         f"no GLUE {task} data under data_dir {str(root)!r}: expected the TSV files {expected} (GLUE download-script "
         f"layout), or a save_to_disk DatasetDict at {root / task} or {root}. " + _HOW_TO_GET_DATA
     )
+
+
+def _load_official(task: str, data_dir: str | Path | None, hub_path: str) -> Splits:
+    """The official splits of one task from the first source that has them (module docstring)."""
+    if data_dir is None:
+        return _load_hub(task, hub_path)
+    folder = source_folder(task, data_dir)
+    if any((folder / name).is_file() for name in _TSV_LAYOUTS[task].files.values()):
+        return _load_tsv(task, folder)
+    return _load_saved(task, folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
