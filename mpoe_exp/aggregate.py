@@ -13,7 +13,16 @@ Aggregation, per (experiment, model, method[-ablation], task):
     number of seeds n. With one seed there is no standard deviation: it is left blank. Fewer than 3 seeds is marked
     with a dagger and "(n=...)", never hidden.
 
-The table data model (`Table` of `Row`s of `Cell`s) is here too, so that tables.py and figures.py both read it.
+Paired comparisons (`paired`): one row's test metric minus another's, seed by seed, over the seeds both rows ran
+(each row at its own selected setting), with the mean and a 95% t-interval (scipy.stats.t, n - 1 degrees of freedom;
+none with one seed).
+
+Routing telemetry (`routing_load`): the expert load of each routed layer at a run's best checkpoint (the history
+entry whose step is `best_step`; its "routing" key, written for models with routed expert layers), averaged over
+the selected setting's seeds.
+
+The table data model (`Table` of `Row`s of `Cell`s, its `Comparison`s) is here too, so that tables.py and
+figures.py both read it.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
+from scipy import stats
 
 from mpoe_exp.results import RESULTS_FILE, configured_identity
 
@@ -129,6 +139,10 @@ class Selection:
         std = float(np.std(values, ddof=1)) if len(values) > 1 else None
         return Stat(float(np.mean(values)), std, len(values))
 
+    def values_by_seed(self, metric: str) -> dict[Any, float]:
+        """Test `metric` per seed of the selected setting (runs without a numeric value left out)."""
+        return {r["seed"]: float(r["test"][metric]) for r in self.runs if _is_number(r["test"].get(metric))}
+
     def wall_seconds(self) -> float | None:
         """Mean wall time per run of the selected setting (results' wall_time_s: training, evaluation, test)."""
         times = [r.get("wall_time_s") for r in self.runs]
@@ -211,6 +225,95 @@ def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
     return selections
 
 
+def _seed_order(seed: Any) -> tuple:
+    return (0, seed, "") if _is_number(seed) else (1, 0, str(seed))
+
+
+@dataclass
+class Paired:
+    """Per-seed differences (left minus right) over the seeds both sides have, and their t-interval."""
+
+    seeds: list[Any]
+    differences: list[float]
+    confidence: float = 0.95
+
+    @property
+    def n(self) -> int:
+        return len(self.differences)
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.differences)) if self.differences else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The t-interval of the mean difference (n - 1 degrees of freedom); None with fewer than two seeds."""
+        if self.n < 2:
+            return None
+        mean, sem = float(np.mean(self.differences)), float(stats.sem(self.differences))
+        if sem == 0.0:  # every seed the same difference: scipy would give nan
+            return mean, mean
+        low, high = stats.t.interval(self.confidence, self.n - 1, loc=mean, scale=sem)
+        return float(low), float(high)
+
+
+def paired(left: list[dict[Any, float]], right: list[dict[Any, float]]) -> Paired:
+    """Left minus right per seed, averaged over the parts (one per column; an average column's tasks): only the
+    seeds present in every part of both sides."""
+    common = set.intersection(*(set(values) for values in [*left, *right]))
+    seeds = sorted(common, key=_seed_order)
+    diffs = [float(np.mean([lv[s] - rv[s] for lv, rv in zip(left, right)])) for s in seeds]
+    return Paired(seeds, diffs)
+
+
+def best_routing(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The routing telemetry of the run's best checkpoint (the history entry whose step is best_step), or None."""
+    if run.get("best_step") is None:
+        return None
+    for entry in run.get("history") or []:
+        if isinstance(entry, dict) and entry.get("step") == run["best_step"]:
+            routing = entry.get("routing")
+            return routing if isinstance(routing, dict) and routing else None
+    return None
+
+
+def _has_load(layer: Any) -> bool:
+    load = layer.get("load") if isinstance(layer, dict) else None
+    return isinstance(load, list) and bool(load) and all(map(_is_number, load))
+
+
+@dataclass
+class RoutingLoad:
+    """Expert load of one selection: load[layer, expert], the mean over `seeds` (NaN where no seed has a value)."""
+
+    layers: list[str]
+    load: np.ndarray  # (layers, experts)
+    seeds: list[Any]
+
+
+def routing_load(sel: Selection) -> RoutingLoad | None:
+    """The fraction of token choices per layer and expert at the best checkpoint, averaged over the selected
+    setting's seeds; None when no run of it has routing telemetry (dense models, older results files)."""
+    per_run: list[tuple[Any, dict[str, list[float]]]] = []
+    for run in sel.runs:
+        routing = best_routing(run)
+        loads = {str(name): layer["load"] for name, layer in (routing or {}).items() if _has_load(layer)}
+        if loads:
+            per_run.append((run["seed"], loads))
+    if not per_run:
+        return None
+    layers = list(dict.fromkeys(name for _, loads in per_run for name in loads))  # module order, first seen
+    experts = max(len(load) for _, loads in per_run for load in loads.values())
+    stack = np.full((len(per_run), len(layers), experts), np.nan)
+    for i, (_, loads) in enumerate(per_run):
+        for j, name in enumerate(layers):
+            if name in loads:
+                stack[i, j, : len(loads[name])] = loads[name]
+    counts = np.sum(~np.isnan(stack), axis=0)
+    mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
+    return RoutingLoad(layers, mean, sorted((seed for seed, _ in per_run), key=_seed_order))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,6 +358,25 @@ class Row:
 
 
 @dataclass
+class PairedCell:
+    column: str
+    task: str | None
+    metric: str | None  # None for an average column
+    paired: Paired | None = None
+    status: str = "ok"  # ok | n=1: no interval | no common seed | missing: <row label> has no runs
+
+
+@dataclass
+class Comparison:
+    """One `LEFT - RIGHT` entry of a table's `comparisons`: a PairedCell per column of the table."""
+
+    text: str
+    left: Row
+    right: Row
+    cells: list[PairedCell] = field(default_factory=list)
+
+
+@dataclass
 class Table:
     name: str
     title: str
@@ -262,3 +384,4 @@ class Table:
     columns: list[str]
     rows: list[Row]
     figure_column: str | None = None  # plotted against parameters (figures.params_figure)
+    comparisons: list[Comparison] = field(default_factory=list)

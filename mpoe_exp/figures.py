@@ -5,6 +5,9 @@
   MPOE sits at the score of the big MoE models with a fraction of their parameters.
 - `curves_<model>_<task>.png`: training loss and the validation main metric against the optimizer step, one colour
   per method, one thin line per seed, for the hyperparameter setting `make tables` selected.
+- `routing_<model>_<method>_<task>.png`: the experts' load, a heatmap of routed layers x experts (the fraction of
+  token choices each expert got in the best checkpoint's validation pass), averaged over the selected setting's
+  seeds; only for runs with routing telemetry (not dense models, not older results files).
 
 Reads only what aggregate.py aggregated from results.json files; Matplotlib with the Agg backend (no display).
 """
@@ -17,11 +20,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mpoe_exp.aggregate import GroupKey, Selection, Table  # noqa: E402
+from mpoe_exp.aggregate import GroupKey, Selection, Table, routing_load  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -99,4 +103,34 @@ def curves_figures(selections: dict[GroupKey, Selection], experiment: str, out_d
             ax.grid(True, alpha=0.3)
         metric_ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / f"curves_{model}_{task}.png"))
+    return written
+
+
+def routing_figures(selections: dict[GroupKey, Selection], experiment: str, out_dir: Path) -> list[Path]:
+    """One heatmap (layers x experts, fraction of token choices) per model/method/task with routing telemetry."""
+    written = []
+    for key, sel in sorted(selections.items()):
+        routing = routing_load(sel) if key[0] == experiment else None
+        if routing is None:
+            continue
+        _, model, method, task = key
+        n_layers, n_experts = routing.load.shape
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * n_experts + 4), max(2.5, 0.3 * n_layers + 1.5)))
+        image = ax.imshow(routing.load, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+        if n_layers * n_experts <= 256:  # small enough to print each value
+            bright = 0.6 * np.nanmax(routing.load)
+            for (i, j), value in np.ndenumerate(routing.load):
+                if np.isfinite(value):
+                    colour = "k" if value > bright else "w"
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour)
+        ax.set_xticks(range(n_experts))
+        ax.set_yticks(range(n_layers), routing.layers, fontsize=7)
+        ax.set_xlabel("expert")
+        ran = sorted({str(r["model"]) for r in sel.runs} - {model})
+        who = f"{model}/{method}" + (f" (ran {', '.join(ran)})" if ran else "")
+        seeds = f"{len(routing.seeds)} seed{'s' if len(routing.seeds) != 1 else ''}"
+        ax.set_title(f"{who} on {task}: expert load at the best checkpoint (mean of {seeds}; "
+                     f"uniform = 1/{n_experts} = {1 / n_experts:.3f})", fontsize=9)  # fmt: skip
+        fig.colorbar(image, ax=ax, label="fraction of token choices")
+        written.append(_save(fig, out_dir / f"routing_{model}_{method}_{task}.png"))
     return written

@@ -22,6 +22,20 @@ paper's Tables 1-4: table1_nlu, table1_nlg, table2, table3, table4) for every ot
   * "#To (M)" is our results' parameters.total in millions (a range "a-b" if the row's tasks differ) beside the
     paper's; reference rows (model null, e.g. Hyperformer) show the paper's values only ("n/a").
 Metrics are used as results store them: GLUE and BLEU already x100, perplexity as is.
+
+Paired comparisons (<table>_comparisons.{md,tex,csv} beside the table, for a table with `comparisons:` in
+conf/paper/tables.yaml). Each comparison is a string "LEFT - RIGHT", the two sides separated by " - " (spaces
+around the hyphen: labels such as mpoe-no_mask have hyphens of their own). A side is a row's `method` label
+(method[-ablation], e.g. mpoe, mpoe++, mpoe-no_mask), or model/method where the table has that method for several
+models (Table 1: t5-large/mpoe, t5-base/mpoe); a side without a model takes the other side's, so
+"t5-base/mpoe - dense" compares t5-base's two rows. A side must name exactly one row, not a reference row; anything
+else is an error when the YAML is loaded. For every column: LEFT's test metric minus RIGHT's, seed by seed over the
+seeds both rows ran, each row at its own selected setting (the very runs of its table cell); their mean, the 95%
+t-interval (none with n = 1) and n. An average column (Table 1's Avg) pairs the per-seed mean over its tasks, over
+the seeds both rows ran on every task.
+
+Routing figures: `routing_<model>_<method>_<task>.png`, expert load per layer at the best checkpoint, for every
+selection with routing telemetry (mpoe_exp/figures.py).
 """
 
 from __future__ import annotations
@@ -40,16 +54,20 @@ from omegaconf import OmegaConf
 from mpoe_exp.aggregate import (
     MIN_SEEDS,
     Cell,
+    Comparison,
     GroupKey,
+    PairedCell,
     Row,
     Selection,
     Stat,
     Table,
     hparams_key,
     load_results,
+    paired,
     select,
     table_model,
 )
+from mpoe_exp.errors import UserError
 from mpoe_exp.results import atomic_write_text
 
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "conf" / "paper" / "tables.yaml"
@@ -59,12 +77,45 @@ TABLE_NAMES = tuple(
 )
 DAGGER = "†"
 PARAMS_COLUMN = "#To (M)"
+COMPARISON_SEPARATOR = " - "
 
 
 def load_paper(path: str | Path = PAPER_TABLES) -> dict[str, Any]:
+    """The tables' spec; a comparison that names no row (or several) is a UserError."""
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(spec, dict)
+    for name, table in spec.items():
+        for text in table.get("comparisons") or []:
+            try:
+                comparison_rows(name, table, text)
+            except UserError as err:
+                raise UserError(f"{path}: {err}") from None
     return spec
+
+
+def comparison_rows(name: str, spec: dict[str, Any], text: Any) -> tuple[int, int]:
+    """The indices in spec["rows"] of the rows "LEFT - RIGHT" names (sides: method or model/method)."""
+    parts = str(text).split(COMPARISON_SEPARATOR)
+    if not isinstance(text, str) or len(parts) != 2:
+        raise UserError(f"{name}: comparison {text!r} is not 'LEFT - RIGHT' (sides: method or model/method)")
+    sides = [tuple(p.strip().split("/", 1)) if "/" in p else (None, p.strip()) for p in parts]
+    rows = spec["rows"]
+    found = []
+    for (model, method), (other_model, _) in zip(sides, sides[::-1]):
+        model = model or other_model
+        matches = [i for i, r in enumerate(rows) if r.get("model") is not None and r.get("method") == method
+                   and model in (None, r["model"])]  # fmt: skip
+        who = f"{model}/{method}" if model else method
+        if not matches:
+            have = ", ".join(f"{r['model']}/{r['method']}" for r in rows if r.get("model") is not None)
+            raise UserError(f"{name}: comparison {text!r}: no row is {who} (the rows: {have})")
+        if len(matches) > 1:
+            models = ", ".join(rows[i]["model"] for i in matches)
+            raise UserError(f"{name}: comparison {text!r}: {who} names rows of {models}: write model/{method}")
+        found.append(matches[0])
+    if found[0] == found[1]:
+        raise UserError(f"{name}: comparison {text!r} compares a row with itself")
+    return found[0], found[1]
 
 
 def tables_for(experiment: str, paper: dict[str, Any]) -> list[str]:
@@ -118,7 +169,38 @@ def build_table(name: str, spec: dict[str, Any], selections: dict[GroupKey, Sele
                     cell.status = f"incomplete ({len(present)}/{len(parts)})" if present else "missing"
         row.params_ours = sorted(params)
         rows.append(row)
-    return Table(name, spec.get("title", name), experiment, [c["name"] for c in columns], rows, spec.get("figure"))
+    comparisons = []
+    for text in spec.get("comparisons") or []:
+        left, right = comparison_rows(name, spec, text)
+        comparisons.append(build_comparison(text, rows[left], rows[right], columns))
+    title, names = spec.get("title", name), [c["name"] for c in columns]
+    return Table(name, title, experiment, names, rows, spec.get("figure"), comparisons)
+
+
+def _has_runs(cell: Cell) -> bool:
+    return cell.selection is not None and bool(cell.selection.runs)
+
+
+def _per_seed(row: Row, index: list[int], columns: list[dict[str, Any]]) -> list[dict[Any, float]]:
+    """The row's test metric per seed, for each of the columns `index` (its cells' selections)."""
+    return [row.cells[i].selection.values_by_seed(columns[i]["metric"]) for i in index]
+
+
+def build_comparison(text: str, left: Row, right: Row, columns: list[dict[str, Any]]) -> Comparison:
+    """Per column, left's test metric minus right's, paired by seed, each row's cells as its table selected them."""
+    comparison = Comparison(text, left, right)
+    for k, col in enumerate(columns):
+        cell = PairedCell(col["name"], col.get("task"), col.get("metric"))
+        # the columns paired: this one, or an average column's tasks
+        index = [i for i, c in enumerate(columns) if not c.get("average")] if col.get("average") else [k]
+        absent = [row.label for row in (left, right) if not all(_has_runs(row.cells[i]) for i in index)]
+        if absent:
+            cell.status = f"missing: {' and '.join(absent)} {'have' if len(absent) > 1 else 'has'} no runs"
+        else:
+            cell.paired = paired(_per_seed(left, index, columns), _per_seed(right, index, columns))
+            cell.status = {0: "no common seed", 1: "n=1: no interval"}.get(cell.paired.n, "ok")
+        comparison.cells.append(cell)
+    return comparison
 
 
 def build_tables(
@@ -304,13 +386,117 @@ def render_csv(table: Table) -> str:
     return buf.getvalue()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Paired comparisons
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sides(comparison: Comparison) -> str:
+    left, right = comparison.left, comparison.right
+    return f"{left.label} − {right.label} ({left.model}/{left.method} − {right.model}/{right.method})"
+
+
+def _comparison_lines(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and body: one line per comparison and column (the comparison named on its first line)."""
+    header = ["Comparison", "Column", "n", "Mean", "95% CI", "Per-seed differences (seed: left − right)"]
+    body = []
+    for comparison in table.comparisons:
+        for k, cell in enumerate(comparison.cells):
+            line = [_sides(comparison) if k == 0 else "", cell.column]
+            pair = cell.paired
+            if pair is None:
+                body.append(line + ["0", "", cell.status, ""])
+                continue
+            interval = pair.interval
+            ci = f"[{_num(interval[0], sign=True)}, {_num(interval[1], sign=True)}]" if interval else cell.status
+            diffs = ", ".join(f"{s}: {_num(d, sign=True)}" for s, d in zip(pair.seeds, pair.differences))
+            body.append(line + [str(pair.n), _num(pair.mean, sign=True), ci, diffs])
+    return header, body
+
+
+def _comparison_notes(table: Table) -> list[str]:
+    return [
+        f"Experiment `{table.experiment}`. Left row's TEST metric minus right row's, paired by seed over the seeds "
+        f"both rows ran, each row at its own validation-selected setting (as in {table.name}.md); mean, 95% "
+        "t-interval (scipy.stats.t, n − 1 degrees of freedom; none with n = 1) and n = common seeds. "
+        "An average column pairs each seed's mean over the averaged tasks. For PPL lower is better.",
+    ]
+
+
+def render_comparisons_markdown(table: Table) -> str:
+    header, body = _comparison_lines(table)
+    out = [f"## {table.title}: paired comparisons", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(out + ["", *_comparison_notes(table)]) + "\n"
+
+
+def render_comparisons_latex(table: Table) -> str:
+    header, body = _comparison_lines(table)
+    out = [
+        f"% {table.title}: paired comparisons (experiment {table.experiment}); generated by mpoe_exp.tables",
+        r"% needs \usepackage{booktabs}",
+        r"\begin{tabular}{llrrll}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in header) + r" \\",
+    ]
+    for line in body:
+        if line[0]:
+            out.append(r"\midrule")
+        out.append(" & ".join(_tex(x) for x in line) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out + ["% " + _tex(n) for n in _comparison_notes(table)]) + "\n"
+
+
+COMPARISON_CSV_FIELDS = (
+    "table", "comparison", "left_label", "left_model", "left_method", "right_label", "right_model", "right_method",
+    "column", "task", "metric", "n", "mean", "ci_low", "ci_high", "seeds", "differences", "status",
+)  # fmt: skip
+
+
+def render_comparisons_csv(table: Table) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COMPARISON_CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for comparison in table.comparisons:
+        left, right = comparison.left, comparison.right
+        base = {"table": table.name, "comparison": comparison.text, "left_label": left.label, "left_model": left.model,
+                "left_method": left.method, "right_label": right.label, "right_model": right.model,
+                "right_method": right.method}  # fmt: skip
+        for cell in comparison.cells:
+            pair = cell.paired
+            interval = pair.interval if pair is not None else None
+            writer.writerow(
+                {
+                    **base,
+                    "column": cell.column,
+                    "task": cell.task or "",
+                    "metric": cell.metric or "average",
+                    "n": pair.n if pair is not None else 0,
+                    "mean": _num(pair.mean, 4) if pair is not None else "",
+                    "ci_low": _num(interval[0], 4) if interval else "",
+                    "ci_high": _num(interval[1], 4) if interval else "",
+                    "seeds": " ".join(str(seed) for seed in pair.seeds) if pair is not None else "",
+                    "differences": " ".join(_num(d, 4) for d in pair.differences) if pair is not None else "",
+                    "status": cell.status,
+                }
+            )
+    return buf.getvalue()
+
+
 def write_tables(tables: list[Table], out_dir: Path) -> list[Path]:
+    """Each table as <name>.{md,tex,csv}, and its paired comparisons (if any) as <name>_comparisons.{md,tex,csv}."""
+    renderers = (("md", render_markdown), ("tex", render_latex), ("csv", render_csv))
+    comparison_renderers = (
+        ("md", render_comparisons_markdown), ("tex", render_comparisons_latex), ("csv", render_comparisons_csv),
+    )  # fmt: skip
     written = []
     for table in tables:
-        for ext, render in (("md", render_markdown), ("tex", render_latex), ("csv", render_csv)):
-            path = out_dir / f"{table.name}.{ext}"
-            atomic_write_text(path, render(table))
-            written.append(path)
+        outputs = [(f"{table.name}.{ext}", render) for ext, render in renderers]
+        if table.comparisons:
+            outputs += [(f"{table.name}_comparisons.{ext}", render) for ext, render in comparison_renderers]
+        for filename, render in outputs:
+            atomic_write_text(out_dir / filename, render(table))
+            written.append(out_dir / filename)
     return written
 
 
@@ -362,11 +548,13 @@ def make_tables(
 
 
 def write_figures(tables: list[Table], selections: dict[GroupKey, Selection], experiment: str, out_dir: Path):
-    """PNG figures (mpoe_exp/figures.py): each table's headline column against parameters, training curves."""
+    """PNG figures (mpoe_exp/figures.py): each table's headline column against parameters, training curves, the
+    experts' load."""
     from mpoe_exp import figures  # Matplotlib only when figures are drawn
 
     written = [figures.params_figure(t, t.figure_column, out_dir) for t in tables if t.figure_column]
-    return [p for p in written if p is not None] + figures.curves_figures(selections, experiment, out_dir)
+    written = [p for p in written if p is not None] + figures.curves_figures(selections, experiment, out_dir)
+    return written + figures.routing_figures(selections, experiment, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.runs_dir).is_dir():
         print(f"error: {args.runs_dir}: no such directory", file=sys.stderr)
         return 2
-    written, problems, n_failed, unplaced = make_tables(args.runs_dir, args.experiment, args.paper)
+    try:
+        written, problems, n_failed, unplaced = make_tables(args.runs_dir, args.experiment, args.paper)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not written:
         print(f"no results.json under {args.runs_dir}: nothing to tabulate")
     for exp, paths in written.items():

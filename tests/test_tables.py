@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from mpoe_exp import tables
+from mpoe_exp import aggregate, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP = "paper"
@@ -35,6 +36,7 @@ def write_run(
     table_model: str | None = None,
     experiment: str = EXP,
     wall_time_s: float | None = None,
+    extra: dict | None = None,
 ) -> Path:
     hp = {"lr": lr, "bs": 32, "ep": 3, "steps": None}
     model_dir = f"{model}-as-{table_model}" if table_model else model
@@ -62,6 +64,7 @@ def write_run(
         record.update(validation=validation, test=test)
     else:
         record["error"] = "loss diverged"
+    record.update(extra or {})
     path = directory / "results.json"
     path.write_text(json.dumps(record))
     return path
@@ -274,7 +277,8 @@ def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
     write_run(runs, "gpt2", "mpoe", "wikitext2", 1, 1e-4, {"perplexity": 20.0}, {"perplexity": 21.0})
     written, problems, n_failed, unplaced = tables.make_tables(runs)
     assert not problems and not unplaced and n_failed == 0
-    assert sorted(p.name for p in written["real_minilm"] if p.suffix == ".md") == ["real_minilm.md"]
+    markdown = sorted(p.name for p in written["real_minilm"] if p.suffix == ".md")
+    assert markdown == ["real_minilm.md", "real_minilm_comparisons.md"]
     assert "real_minilm.md" not in {p.name for p in written[EXP]} and "table3.md" in {p.name for p in written[EXP]}
     rows = list(csv.DictReader((runs / "real_minilm" / "tables" / "real_minilm.csv").open()))
     assert len(rows) == len(methods) * 3  # SST-2, RTE, #To (M)
@@ -284,3 +288,179 @@ def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
     assert "| paper |" not in md and md.count("| ours |") == len(methods)  # no paper values: one line per row
     assert {r["wall_time_s"] for r in rows if r["column"] == "SST-2"} == {"200.0"}
     assert "real_minilm" not in tables.TABLE_NAMES and "table1_nlu" in tables.TABLE_NAMES
+
+
+# --- paired comparisons ----------------------------------------------------------------------------------------------
+
+
+def _csv_rows(path: Path) -> dict[tuple[str, str], dict]:
+    return {(r["comparison"], r["column"]): r for r in csv.DictReader(path.open())}
+
+
+def test_paired_comparisons_match_scipy_with_a_seed_missing_from_one_row(tmp_path: Path):
+    """Table 3's comparisons: per-seed differences over the seeds both rows ran, each row at its own selected
+    learning rate; mean and 95% interval as scipy's paired t-test gives them; n = 1 has no interval."""
+    runs = tmp_path / "runs"
+    mpoe = {1: 21.0, 2: 22.5, 3: 23.0, 4: 24.0}  # seed 4 only here
+    no_mask = {1: 22.0, 2: 22.0, 3: 25.5, 5: 30.0}  # seed 5 only here
+    for seed, ppl in mpoe.items():
+        write_run(
+            runs, "gpt2", "mpoe", "wikitext2", seed, 1e-4, {"perplexity": 20.0}, {"perplexity": ppl, "bleu2": 28.0}
+        )
+        write_run(runs, "gpt2", "mpoe", "wikitext2", seed, 1e-3, {"perplexity": 25.0}, {"perplexity": 1.0, "bleu2": 1})
+    for seed, ppl in no_mask.items():  # selected at its own learning rate (3e-4), not mpoe's
+        write_run(runs, "gpt2", "mpoe-no_mask", "wikitext2", seed, 3e-4, {"perplexity": 19.0},
+                  {"perplexity": ppl, "bleu2": 29.0 + seed})  # fmt: skip
+        write_run(runs, "gpt2", "mpoe-no_mask", "wikitext2", seed, 1e-4, {"perplexity": 30.0},
+                  {"perplexity": 99.0, "bleu2": 0.0})  # fmt: skip
+    write_run(runs, "gpt2", "moe", "wikitext2", 2, 1e-4, {"perplexity": 20.0}, {"perplexity": 20.0, "bleu2": 27.0})
+    written, problems, _, _ = tables.make_tables(runs)
+    assert not problems
+    out = runs / EXP / "tables"
+    assert {out / f"table3_comparisons.{ext}" for ext in ("md", "tex", "csv")} <= set(written[EXP])
+    rows = _csv_rows(out / "table3_comparisons.csv")
+
+    ppl = rows[("mpoe-no_mask - mpoe", "PPL")]
+    common = [1, 2, 3]
+    left, right = [no_mask[s] for s in common], [mpoe[s] for s in common]
+    ci = stats.ttest_rel(left, right).confidence_interval(0.95)
+    assert ppl["n"] == "3" and ppl["seeds"] == "1 2 3" and ppl["status"] == "ok"
+    assert [float(d) for d in ppl["differences"].split()] == pytest.approx(np.subtract(left, right))
+    assert float(ppl["mean"]) == pytest.approx(np.mean(np.subtract(left, right)), abs=1e-4)
+    assert float(ppl["ci_low"]) == pytest.approx(ci.low, abs=1e-4)
+    assert float(ppl["ci_high"]) == pytest.approx(ci.high, abs=1e-4)
+    assert (ppl["left_label"], ppl["right_label"], ppl["metric"]) == ("w/o GM", "+MPOE", "perplexity")
+    b2 = rows[("mpoe-no_mask - mpoe", "B2")]
+    assert [float(d) for d in b2["differences"].split()] == pytest.approx([2.0, 3.0, 4.0])  # 29 + seed - 28
+
+    one = rows[("mpoe - moe", "PPL")]  # moe ran seed 2 only
+    assert one["n"] == "1" and one["seeds"] == "2" and float(one["mean"]) == pytest.approx(2.5)
+    assert one["ci_low"] == one["ci_high"] == "" and one["status"] == "n=1: no interval"
+    absent = rows[("mpoe-no_sharing - mpoe", "PPL")]
+    assert absent["n"] == "0" and absent["status"] == "missing: w/o PS has no runs"
+
+    md = (out / "table3_comparisons.md").read_text()
+    interval = f"[{ci.low:+.2f}, {ci.high:+.2f}]"
+    assert f"| w/o GM − +MPOE (gpt2/mpoe-no_mask − gpt2/mpoe) | PPL | 3 | +1.00 | {interval} |" in md
+    assert "| 1: +1.00, 2: -0.50, 3: +2.50 |" in md
+    assert "| B4 | 0 |  | no common seed |" in md  # no run has bleu4
+    assert "| PPL | 1 | +2.50 | n=1: no interval | 2: +2.50 |" in md
+    tex = (out / "table3_comparisons.tex").read_text()
+    assert r"\toprule" in tex and tex.count(r"\midrule") == 3 and "mpoe-no\\_mask" in tex
+    t4 = _csv_rows(out / "table4_comparisons.csv")  # the m = 3 row did not run
+    assert t4[("mpoe-m3 - mpoe", "PPL")]["status"] == "missing: MPOE (m=3) has no runs"
+
+
+MINI_TABLE = """
+mini:
+  title: Mini
+  columns:
+    - {name: RTE, task: rte, metric: accuracy}
+    - {name: CoLA, task: cola, metric: mcc}
+    - {name: Avg, average: true}
+  rows:
+    - {label: Base, model: t5-base, method: dense, extra: true}
+    - {label: Base MPOE, model: t5-base, method: mpoe, extra: true}
+    - {label: Large, model: t5-large, method: dense, extra: true}
+    - {label: Large MPOE, model: t5-large, method: mpoe, extra: true}
+    - {label: Hyper, model: null, method: null}
+  comparisons: [COMPARISONS]
+"""
+
+
+def test_comparisons_name_the_model_and_pair_an_average_column_per_seed(tmp_path: Path):
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(MINI_TABLE.replace("COMPARISONS", '"t5-base/mpoe - dense", "t5-large/mpoe - t5-base/mpoe"'))
+    runs = tmp_path / "runs"
+    values = {("dense", "rte"): [70, 72, 71], ("dense", "cola"): [50, 55, 52],
+              ("mpoe", "rte"): [74, 73, 76], ("mpoe", "cola"): [60, 58]}  # mpoe/cola: no seed 3  # fmt: skip
+    for (method, task), tests in values.items():
+        metric = "accuracy" if task == "rte" else "mcc"
+        for seed, value in enumerate(tests, start=1):
+            write_run(runs, "t5-base", method, task, seed, 1e-4, {metric: 1.0}, {metric: float(value)},
+                      main_metric=metric, greater_is_better=True)  # fmt: skip
+    written, _, _, _ = tables.make_tables(runs, paper_path=paper)
+    rows = _csv_rows(runs / EXP / "tables" / "mini_comparisons.csv")
+    rte = rows[("t5-base/mpoe - dense", "RTE")]
+    assert rte["n"] == "3" and (rte["left_model"], rte["right_method"]) == ("t5-base", "dense")
+    avg = rows[("t5-base/mpoe - dense", "Avg")]  # per seed, the mean over RTE and CoLA: seeds 1 and 2 only
+    left = [np.mean([74, 60]), np.mean([73, 58])]
+    right = [np.mean([70, 50]), np.mean([72, 55])]
+    ci = stats.t.interval(0.95, 1, loc=np.mean(np.subtract(left, right)), scale=stats.sem(np.subtract(left, right)))
+    assert avg["n"] == "2" and avg["seeds"] == "1 2" and avg["metric"] == "average"
+    assert float(avg["mean"]) == pytest.approx(np.mean(np.subtract(left, right)), abs=1e-4)
+    assert (float(avg["ci_low"]), float(avg["ci_high"])) == pytest.approx(ci, abs=1e-4)
+    assert rows[("t5-large/mpoe - t5-base/mpoe", "RTE")]["status"] == "missing: Large MPOE has no runs"
+
+
+@pytest.mark.parametrize(
+    ("comparison", "message"),
+    [
+        ('"mpoe - dense"', "mpoe names rows of t5-base, t5-large: write model/mpoe"),
+        ('"t5-base/mpoe - foo"', "no row is t5-base/foo"),
+        ('"t5-base/mpoe-dense"', "is not 'LEFT - RIGHT'"),
+        ('"t5-base/mpoe - t5-base/mpoe"', "compares a row with itself"),
+        ('"t5-base/mpoe - null"', "no row is t5-base/null"),
+    ],
+)
+def test_a_comparison_that_names_no_single_row_is_a_one_line_error(tmp_path, capsys, comparison, message):
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(MINI_TABLE.replace("COMPARISONS", comparison))
+    write_run(tmp_path / "runs", "t5-base", "dense", "rte", 1, 1e-4, {"accuracy": 1.0}, {"accuracy": 1.0})
+    assert tables.main([str(tmp_path / "runs"), "--paper", str(paper)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {paper}: mini: comparison ") and message in err and len(err.splitlines()) == 1
+
+
+def test_the_papers_comparisons_name_rows_of_their_tables():
+    paper = tables.load_paper()  # raises on a comparison that names no single row
+    assert "mpoe-no_mask - mpoe" in paper["table3"]["comparisons"]
+    for name in tables.TABLE_NAMES:
+        assert paper[name].get("comparisons"), name
+
+
+# --- routing telemetry -----------------------------------------------------------------------------------------------
+
+
+def _history(loads_by_step: dict[int, dict[str, list[float]] | None]) -> list[dict]:
+    history = []
+    for step, loads in loads_by_step.items():
+        entry = {"step": step, "loss": 3.0, "validation": {"perplexity": 20.0}}
+        if loads is not None:
+            entry["routing"] = {name: {"load": load, "entropy": 1.0, "dropped": 0.0} for name, load in loads.items()}
+        history.append(entry)
+    return history
+
+
+def test_routing_heatmap_averages_the_best_checkpoints_load_over_seeds(tmp_path: Path):
+    """The load of the history entry at best_step (not another evaluation's), the selected setting only, layers in
+    module order; runs without telemetry (an older mpoe record, dense) are skipped."""
+    runs = tmp_path / "runs"
+    best = {1: {"h.2.mlp": [0.1, 0.2, 0.3, 0.4], "h.10.mlp": [0.25, 0.25, 0.25, 0.25]},
+            2: {"h.2.mlp": [0.3, 0.2, 0.1, 0.4], "h.10.mlp": [0.5, 0.5, 0.0, 0.0]}}  # fmt: skip
+    other = {"h.2.mlp": [1.0, 0.0, 0.0, 0.0], "h.10.mlp": [1.0, 0.0, 0.0, 0.0]}
+    for seed in (1, 2):
+        extra = {"best_step": 20, "history": _history({10: other, 20: best[seed], 30: other})}
+        write_run(
+            runs, "gpt2", "mpoe", "wikitext2", seed, 1e-4, {"perplexity": 20.0}, {"perplexity": 21.0}, extra=extra
+        )
+        worse = {"best_step": 10, "history": _history({10: other})}  # the setting validation does not select
+        write_run(
+            runs, "gpt2", "mpoe", "wikitext2", seed, 1e-3, {"perplexity": 25.0}, {"perplexity": 21.0}, extra=worse
+        )
+    old = {"best_step": 20, "history": _history({20: None})}  # written before the telemetry
+    write_run(runs, "gpt2", "mpoe", "wikitext2", 3, 1e-4, {"perplexity": 20.0}, {"perplexity": 21.0}, extra=old)
+    write_run(runs, "gpt2", "dense", "wikitext2", 1, 1e-4, {"perplexity": 20.0}, {"perplexity": 21.0}, extra=old)
+
+    records, _ = tables.load_results(runs)
+    selections = tables.select(records)
+    load = aggregate.routing_load(selections[(EXP, "gpt2", "mpoe", "wikitext2")])
+    assert load.layers == ["h.2.mlp", "h.10.mlp"] and load.seeds == [1, 2]
+    assert load.load == pytest.approx(np.mean([list(best[s].values()) for s in (1, 2)], axis=0))
+    assert aggregate.routing_load(selections[(EXP, "gpt2", "dense", "wikitext2")]) is None
+
+    written, problems, _, _ = tables.make_tables(runs)
+    assert not problems
+    figure = runs / EXP / "tables" / "routing_gpt2_mpoe_wikitext2.png"
+    assert figure in written[EXP] and figure.stat().st_size > 1000
+    assert [p.name for p in (runs / EXP / "tables").glob("routing_*")] == [figure.name]  # none for dense
