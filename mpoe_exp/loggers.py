@@ -4,6 +4,14 @@ W&B runs are grouped by experiment/model/method/task with one run per seed; the 
 starts and kept in its directory (`wandb_run_id`), so a resumed run continues the same W&B run and a run started
 again with force=true (which deletes the file) gets a new one. `logger.wandb.mode=offline` writes under the run
 directory and needs no network (`wandb sync` uploads it later).
+
+A logger opens its run in `resume(step)`, which the trainer calls once it knows where training continues: 0 on a
+fresh start, the resume checkpoint's step on a resume. A W&B run that an earlier process of the same run directory
+started is rewound to that step (`resume_from="<id>?_step=<step>"`, W&B's rewind), so the evaluations a killed
+process logged past its last checkpoint are replaced by the resumed run's, as in train.log. In offline mode the
+rewind is recorded in the run and applied when `wandb sync` uploads it. When W&B refuses the rewind (a killed run
+that the server has not yet marked crashed, a run it never received) the run is resumed as it stands and only the
+records after its last logged step are sent: by exact resume they equal the ones it has.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ def wandb_run_id(directory: Path) -> str:
 
 
 class NullLogger:
+    def resume(self, step: int) -> None:
+        pass
+
     def log(self, record: dict[str, Any]) -> None:
         pass
 
@@ -40,10 +51,13 @@ class NullLogger:
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """{"validation": {"mcc": 1}} -> {"validation/mcc": 1}; non-numeric leaves are dropped."""
+    """{"validation": {"mcc": 1}} -> {"validation/mcc": 1}; a list's items by index ({"load": [0.5, 0.5]} ->
+    "load/0", "load/1": a routed layer's per-expert numbers); non-numeric leaves are dropped."""
     flat: dict[str, float] = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
+        if isinstance(value, (list, tuple)):
+            value = {str(i): v for i, v in enumerate(value)}
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -57,36 +71,56 @@ class WandbLogger:
             import wandb
         except ImportError:
             raise UserError("logger=wandb needs the wandb package: pip install wandb") from None
+        self.wandb, self.cfg, self.directory, self.parameters = wandb, cfg, directory, parameters
+        self.run = None
+        self.first_step = 0  # records of earlier steps are in the W&B run already
+
+    def resume(self, step: int) -> None:
+        """Open the W&B run to continue after `step`: a new run, or this directory's earlier one rewound to `step`."""
+        wandb, directory = self.wandb, self.directory
+        earlier = (directory / WANDB_RUN_ID_FILE).is_file()
+        run_id = wandb_run_id(directory)
         try:
-            self.run = self._init(wandb, cfg, directory)
+            if earlier:
+                try:
+                    self.run = self._init(resume_from=f"{run_id}?_step={step}")
+                except wandb.errors.Error as err:
+                    print(f"W&B did not rewind run {run_id} to step {step} ({str(err).strip()}); resuming it as is")
+            if self.run is None:
+                self.run = self._init(id=run_id, resume="allow")
         except wandb.errors.Error as err:  # no API key, no network, a bad entity or project
             raise UserError(
                 f"logger=wandb could not start a W&B run: {str(err).strip()} Log in once with `wandb login` (or set "
                 f"WANDB_API_KEY), or log locally with logger.mode=offline (upload later with `wandb sync`), or use "
                 f"logger=none"
             ) from None
-        self.run.summary.update({f"parameters/{k}": v for k, v in parameters.items()})
+        self.first_step = self.run.starting_step
+        self.run.summary.update({f"parameters/{k}": v for k, v in self.parameters.items()})
 
-    @staticmethod
-    def _init(wandb, cfg: DictConfig, directory: Path):
+    def _init(self, **resumption):
+        cfg = self.cfg
         settings = cfg.logger
-        return wandb.init(
+        return self.wandb.init(
             project=settings.project,
             entity=settings.entity,
             mode=settings.mode,
             group=f"{cfg.experiment_name}/{cfg.model.name}/{method_label(cfg)}/{cfg.task.name}",
             name=f"seed={cfg.seed}",
-            id=wandb_run_id(directory),
-            resume="allow",
-            dir=str(directory),
+            dir=str(self.directory),
             config=OmegaConf.to_container(cfg, resolve=True),
             tags=list(settings.tags or []),
+            **resumption,
         )
 
     def log(self, record: dict[str, Any]) -> None:
-        self.run.log(flatten(record), step=record["step"])
+        if self.run is None:
+            raise RuntimeError("WandbLogger.log before resume(step) opened the run")
+        if record["step"] >= self.first_step:
+            self.run.log(flatten(record), step=record["step"])
 
     def finish(self, summary: dict[str, Any]) -> None:
+        if self.run is None:
+            return
         self.run.summary.update(flatten(summary))
         self.run.finish()
 

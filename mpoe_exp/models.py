@@ -118,9 +118,16 @@ def head_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _architecture(model_cfg: DictConfig, head: dict[str, Any]):
+    """The family's transformers config from `architecture` (checked by mpoe_exp/schema.py) and the head's fields."""
     from transformers import BertConfig, GPT2Config, T5Config
 
-    kwargs = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    from mpoe_exp.schema import architecture_defaults
+
+    defaults = architecture_defaults(model_cfg.family)
+    kwargs = {  # `layer_norm_epsilon=1` is 1.0: transformers 5 refuses an int in a float field
+        key: float(value) if isinstance(defaults.get(key), float) and type(value) is int else value
+        for key, value in OmegaConf.to_container(model_cfg.architecture, resolve=True).items()
+    }
     config_class = {"t5": T5Config, "gpt2": GPT2Config, "bert": BertConfig}[model_cfg.family]
     return config_class(**kwargs, **head)
 
@@ -325,8 +332,33 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
         del site, ref, layer
         progress.update()
     progress.close()
-    hand_token_mask_to_layers(getattr(model, "bert", None) or getattr(model, "encoder", None))
+    hand_token_masks(model)
     return model
+
+
+def hand_token_masks(model: nn.Module) -> None:
+    """Hand the expert layers that declare `uses_token_mask` (every routed layer) the token mask of each call they
+    are in (moe/kinds.py), wherever the backbone has padding:
+
+    - BERT, T5's encoder, GPT-2: the call's attention_mask (GPT-2 generating with a KV cache: its last positions);
+    - T5's decoder: the positions that have a target, decoder_attention_mask when given, else labels != -100 (the
+      targets are right-padded with -100 and HF shifts them into the decoder inputs: position t predicts label t).
+      In generation neither is given and every decoder token routes: HF feeds a finished sequence pad tokens, but
+      T5's pad id is also its decoder start token and one the model may emit, so the ids cannot tell padding.
+    """
+    for stack in ("bert", "encoder", "transformer"):
+        hand_token_mask_to_layers(getattr(model, stack, None))
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:  # its mask comes from the model's call: the decoder stack never sees the labels
+        hand_token_mask_to_layers(model, decoder_token_mask, decoder)
+
+
+def decoder_token_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """T5's decoder positions that have a target (`hand_token_masks`), (B, T), or None."""
+    mask, labels = kwargs.get("decoder_attention_mask"), kwargs.get("labels")
+    if mask is None and labels is not None:
+        mask = labels != -100
+    return mask
 
 
 def build_model(cfg: DictConfig, *, meta: bool = False) -> tuple[nn.Module, Any]:

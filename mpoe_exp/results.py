@@ -10,16 +10,20 @@ Layout (derived from the config, never from the clock):
         train.log
 
 The <hparams> level (e.g. `lr=0.0001,bs=32,ep=3,cfg=1a2b3c4d`) is the readable part of the run's identity plus
-the first 8 hex digits of `config_hash(cfg)`: a hash of everything in the resolved config that can change the
-result (all of it but the seed, which has its own level, and the keys in `NOT_IN_IDENTITY`: where outputs go,
-`force`, logging, launching). Two runs that differ in any setting, however deep (`method.gradient_mask_prob`,
-`model.path`, `train.warmup_steps`, ...), so never share a directory, a checkpoint or a "finished" verdict.
+the first 8 hex digits of `config_hash(cfg)`: a hash of everything that can change the result and nothing that
+cannot (`identity`). That is the resolved config less the keys `NOT_IN_IDENTITY` lists, each with its reason (the
+seed has its own level; where outputs go, `force`, logging, launching, memory-for-time trades; data and model paths),
+plus fingerprints of the data and model files the run reads (mpoe_exp/fingerprints.py), so that a path spelled two
+ways is one run and new files at an old path are a new run. Two runs that differ in any setting, however deep
+(`method.gradient_mask_prob`, `train.warmup_steps`, the weights in `model.path`, ...), never share a directory, a
+checkpoint or a "finished" verdict.
 
 results.json (schema_version 1):
     status            "finished" | "failed"
     experiment, model, method, ablation, task, seed, hparams
     table_model       the paper's model the run stands in for in `make tables` (the model itself unless set)
     config_hash       sha256 of the run's identity (`config_hash`); checkpoints carry it too
+    data_fingerprint, model_files_fingerprint   what the identity holds of the files read (mpoe_exp/fingerprints.py)
     main_metric       name of the task's selection metric; greater_is_better
     validation        metrics of the best checkpoint on the validation split (selection uses only these)
     test              metrics of that checkpoint on the test split: numbers, except in generation and WikiText-2
@@ -28,7 +32,8 @@ results.json (schema_version 1):
     best_step, steps  optimizer step of the best checkpoint; steps trained
     parameters        total, trainable (and router / expert_shared / expert_specific for expert methods)
     central_updates   optimizer steps that updated the central tensors (gradient mask)
-    history           [{"step", "loss", "validation": {...}}] one entry per evaluation
+    history           [{"step", "loss", "validation": {...}}] one entry per evaluation; with routed expert layers
+                      also "routing": {layer: {load, entropy, dropped[, aux_drift]}} (mpoe_exp/moe/telemetry.py)
     wall_time_s, tokens_per_second, code_version, library_versions, config (the resolved config), error
 """
 

@@ -110,6 +110,10 @@ def run(cfg: DictConfig) -> Path:
     print(f"results: {path}")
     print(f"  validation {describe_metric(task, best['validation'], 'validation')} (best of step {state.best_step})")
     print(f"  test       {describe_metric(task, test_metrics, 'test')}")
+    from mpoe_exp.moe import routing_summary
+
+    for line in routing_summary(best.get("routing")):  # the best checkpoint's evaluation, for routed layers
+        print(f"  {line}")
     return directory
 
 

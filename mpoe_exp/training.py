@@ -53,8 +53,8 @@ from tqdm.auto import tqdm
 
 from mpoe_exp.errors import UserError
 from mpoe_exp.gradient_mask import CentralGradientMask
-from mpoe_exp.moe import MPOExperts, central_parameters, collect_aux_loss
-from mpoe_exp.results import atomic_replace
+from mpoe_exp.moe import MPOExperts, central_parameters, collect_aux_loss, reset_routing_stats, routing_stats
+from mpoe_exp.results import atomic_replace, atomic_write_text
 from mpoe_exp.tasks.protocol import Task
 
 LAST, BEST = "last.pt", "best.pt"
@@ -205,12 +205,56 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def remove_temporary_checkpoints(directory: Path) -> list[Path]:
-    """Delete the temporary files of `atomic_torch_save` writes that were killed mid-write; returns them."""
-    stale = [p for name in (LAST, BEST) for p in Path(directory).glob(f".{name}.*.tmp")]
+def remove_temporary_files(*directories: Path) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files that `results.atomic_replace` writes killed mid-write left (checkpoints,
+    results.json, train.log) in `directories` (not below them); returns them."""
+    stale = [p for directory in directories for p in Path(directory).glob(".?*.*.tmp") if p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def truncate_log(path: Path, step: int) -> int:
+    """Cut a JSON-lines log back to its records of steps <= `step` (and drop a line a kill cut short), rewriting it
+    atomically when anything goes; returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def unparsable_count(metrics: dict[str, Any]) -> float | None:
+    """Predictions that could not be parsed: "unparsable", or the sum of "<task>/unparsable" (multi-task GLUE);
+    None when the metrics count none (classifiers, language models)."""
+    if "unparsable" in metrics:
+        return metrics["unparsable"]
+    counts = [v for k, v in metrics.items() if k.endswith("/unparsable")]
+    return sum(counts) if counts else None
+
+
+def replaces_best(
+    metrics: dict[str, Any], best: dict[str, Any] | None, main_metric: str, greater_is_better: bool
+) -> bool:
+    """Whether validation `metrics` make a better checkpoint than the `best` so far (see `Trainer`): a better main
+    metric; on a tie fewer unparsable predictions; on a tie of both the later checkpoint. NaN never wins."""
+    if best is None:
+        return True
+    value, incumbent = metrics[main_metric], best[main_metric]
+    if math.isnan(value) or math.isnan(incumbent):
+        return not math.isnan(value)
+    if value != incumbent:
+        return value > incumbent if greater_is_better else value < incumbent
+    return (unparsable_count(metrics) or 0) <= (unparsable_count(best) or 0)
 
 
 # --- the plan: steps, evaluations, checkpoints ------------------------------------------------------------------
@@ -278,6 +322,11 @@ def plan_steps(num_examples: int, train_cfg: DictConfig) -> StepPlan:
         value = train_cfg.get(key)
         if value is not None and value < 1:
             raise UserError(f"train.{key} must be a positive number of steps, got {value}")
+    if train_cfg.batch_size > num_examples:  # the global batch: each of several processes takes a share of it
+        raise UserError(
+            f"train.batch_size={train_cfg.batch_size} is more than the {num_examples} training examples: a batch "
+            f"holds at most the whole training split; set train.batch_size <= {num_examples}"
+        )
     micro_batches = math.ceil(num_examples / train_cfg.batch_size)
     steps_per_epoch = math.ceil(micro_batches / train_cfg.grad_accum_steps)
     total = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
@@ -427,7 +476,19 @@ def one_contraction_per_step(
 
 
 class Trainer:
-    """Trains `model` on `task` as `train_cfg` says, writing checkpoints under `run_dir/checkpoints`."""
+    """Trains `model` on `task` as `train_cfg` says, writing checkpoints under `run_dir/checkpoints`.
+
+    Checkpoint selection (best.pt, `replaces_best`): an evaluation replaces the best so far when its main validation
+    metric is strictly better; on an equal metric, when it has fewer unparsable predictions (T5 on GLUE counts them:
+    MCC 0 with 60 of 60 predictions unparsable does not tie with MCC 0 and 0 of 60); on equal counts too, the later
+    checkpoint wins. Validation then gives no reason to prefer the earlier one, and the later one has trained longer
+    to the same score; ties are common on GLUE's small validation sets, and the earliest of them is usually the
+    least trained model. A NaN metric never replaces a number.
+
+    On resume (and on a fresh start) train.log and the logger continue after the checkpoint's step: the evaluations
+    a killed process logged past its last checkpoint are dropped and made again (`continue_history`), so a resumed
+    run's history equals an uninterrupted one's.
+    """
 
     def __init__(
         self,
@@ -514,8 +575,9 @@ class Trainer:
         )
 
     def try_resume(self) -> bool:
+        """Load last.pt if there is one (True); first delete the temporary files killed writes left."""
         if self.dist.is_main:
-            remove_temporary_checkpoints(self.checkpoints)
+            remove_temporary_files(self.log_path.parent, self.checkpoints)
         path = self.checkpoints / LAST
         if not path.is_file():
             return False
@@ -582,6 +644,15 @@ class Trainer:
                 break
         return taken
 
+    def continue_history(self) -> None:
+        """train.log and the logger continue after the resumed step (0 on a fresh start): what a killed process
+        logged past its last checkpoint goes, as the resumed run evaluates those steps again."""
+        if not self.dist.is_main:
+            return
+        truncate_log(self.log_path, self.state.step)
+        if self.logger is not None:
+            self.logger.resume(self.state.step)
+
     def log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
@@ -598,6 +669,7 @@ class Trainer:
 
     def fit(self) -> TrainState:
         resumed = self.try_resume()
+        self.continue_history()
         self._clock = (self.state.elapsed_seconds, time.perf_counter())
         self.model.train()
         state, plan = self.state, self.plan
@@ -656,6 +728,14 @@ class Trainer:
         torch.distributed.all_reduce(total)
         return int(total.item())
 
+    def best_validation(self) -> dict[str, Any] | None:
+        """The validation metrics of the best checkpoint so far (None before the first evaluation)."""
+        state = self.state
+        if state.best_step is None:
+            return None
+        found = [h["validation"] for h in state.history if h["step"] == state.best_step]
+        return found[-1] if found else {self.task.main_metric: state.best_metric}
+
     def evaluate_validation(self) -> None:
         """Validation metrics into the history (and train.log, the logger); best.pt when they improve."""
         state = self.state
@@ -665,11 +745,11 @@ class Trainer:
             torch.distributed.all_reduce(loss)
             train_loss = loss.item() / self.dist.world_size
         state.running_loss, state.running_batches = 0.0, 0
+        reset_routing_stats(self.model)  # where the routed layers send the validation pass's tokens (moe/telemetry.py)
         metrics = self.evaluate("validation")
+        routing = routing_stats(self.model)
         value = metrics[self.task.main_metric]
-        better = state.best_metric is None or (
-            value > state.best_metric if self.task.greater_is_better else value < state.best_metric
-        )
+        better = replaces_best(metrics, self.best_validation(), self.task.main_metric, self.task.greater_is_better)
         record = {
             "step": state.step,
             "loss": train_loss,
@@ -677,6 +757,8 @@ class Trainer:
             "central_updates": self.mask.central_updates,
             "tokens": state.tokens,
         }
+        if routing:  # models with routed expert layers
+            record["routing"] = routing
         state.history.append(record)
         self.log(record)
         if self.progress is not None and self.dist.is_main:

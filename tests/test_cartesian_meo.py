@@ -223,6 +223,8 @@ def test_upcycled_models_equal_the_dense_model_at_initialization(model, name):
         batch["labels"] = torch.randint(3, 200, (3, 4))
     with torch.no_grad():
         want, got = dense(**batch).logits, upcycled(**batch).logits
+    if model == "tiny-gpt2":  # padding is routed nowhere: the logits there are not the dense model's
+        want, got = want[mask.bool()], got[mask.bool()]
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 

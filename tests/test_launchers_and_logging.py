@@ -71,6 +71,8 @@ def test_slurm_launcher_config_composes():
 class FakeWandbRun:
     def __init__(self, **kwargs):
         self.init_kwargs, self.logged, self.summary, self.finished = kwargs, [], {}, False
+        rewound_to = kwargs.get("resume_from", "?_step=-1").split("?_step=")[1]
+        self.starting_step = int(rewound_to) + 1  # as W&B: the first step after the rewind, 0 for a new run
 
     def log(self, data, step):
         self.logged.append((step, data))
@@ -117,10 +119,61 @@ def test_force_starts_a_new_wandb_run_and_a_fresh_train_log(tmp_path, monkeypatc
     (directory / RESULTS_FILE).unlink()  # a run that did not finish: resuming continues its W&B run
     run(compose_config(args))
     run(compose_config([*args, "force=true"]))
-    first, resumed, forced = (fake.init_kwargs["id"] for fake in runs)
-    assert resumed == first and forced != first
+    first, resumed, forced = (fake.init_kwargs for fake in runs)
+    assert resumed["resume_from"] == f"{first['id']}?_step=0"  # it had no resume checkpoint: rewound to the start
+    assert forced["id"] != first["id"] and "resume_from" not in forced
     log = [json.loads(line) for line in (directory / "train.log").read_text().splitlines()]
     assert [record["step"] for record in log] == [2, 4]  # only the forced run's evaluations
+
+
+def test_a_resumed_run_rewinds_its_wandb_run_to_the_resume_checkpoint(tmp_path, monkeypatch):
+    import wandb
+
+    from mpoe_exp.loggers import WandbLogger
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeWandbRun(**kw)) or runs[-1])
+    cfg = compose_config(["experiment=quickstart", "logger=wandb", f"runs_dir={tmp_path}"])
+    first = WandbLogger(cfg, tmp_path, {"total": 10})
+    first.resume(0)
+    for step in (2, 4, 6):
+        first.log({"step": step, "loss": 1.0})
+    # killed after the evaluation of step 6; its resume checkpoint is step 4's
+    resumed = WandbLogger(cfg, tmp_path, {"total": 10})
+    resumed.resume(4)
+    for step in (6, 8):
+        resumed.log({"step": step, "loss": 0.5})
+    assert runs[0].init_kwargs["resume"] == "allow"
+    assert runs[1].init_kwargs["resume_from"] == f"{runs[0].init_kwargs['id']}?_step=4"
+    assert "resume" not in runs[1].init_kwargs and "id" not in runs[1].init_kwargs  # W&B takes one of the three
+    assert [step for step, _ in runs[1].logged] == [6, 8]
+    assert runs[1].summary["parameters/total"] == 10
+
+
+def test_a_refused_rewind_resumes_the_wandb_run_and_sends_only_new_steps(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from mpoe_exp.loggers import WANDB_RUN_ID_FILE, WandbLogger
+
+    runs = []
+
+    def init(**kw):
+        if "resume_from" in kw:
+            raise wandb.errors.CommError("cannot rewind a run that is not in a terminal state")
+        runs.append(FakeWandbRun(**kw))
+        runs[-1].starting_step = 7  # the killed process logged up to step 6
+        return runs[-1]
+
+    monkeypatch.setattr(wandb, "init", init)
+    (tmp_path / WANDB_RUN_ID_FILE).write_text("earlierrun\n")
+    logger = WandbLogger(compose_config(["experiment=quickstart", "logger=wandb"]), tmp_path, {})
+    logger.resume(4)
+    for step in (6, 8):
+        logger.log({"step": step, "loss": 0.5})
+    (run,) = runs
+    assert run.init_kwargs["id"] == "earlierrun" and run.init_kwargs["resume"] == "allow"
+    assert [step for step, _ in run.logged] == [8]  # step 6 is in the W&B run already
+    assert "did not rewind run earlierrun to step 4" in capsys.readouterr().out
 
 
 def test_two_concurrent_sweeps_get_their_own_sweep_folders(tmp_path):
@@ -145,26 +198,17 @@ def test_two_concurrent_sweeps_get_their_own_sweep_folders(tmp_path):
     assert len({path.relative_to(tmp_path / ".multirun").parts[0] for path in errors}) == 2  # two sweep folders
 
 
-def test_wandb_offline_mode_needs_no_network(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mpoe_exp",
-            "experiment=quickstart",
-            "logger=wandb",
-            "logger.mode=offline",
-            f"runs_dir={tmp_path}",
-            "train.max_steps=2",
-            "train.eval_every=2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+def test_wandb_offline_mode_needs_no_network_and_rewinds_offline(tmp_path):
+    args = ["experiment=quickstart", "logger=wandb", "logger.mode=offline", f"runs_dir={tmp_path}"]
+    command = [sys.executable, "-m", "mpoe_exp", *args, "train.max_steps=2", "train.eval_every=2"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list(tmp_path.rglob("offline-run-*/run-*.wandb"))
+    assert len(list(tmp_path.rglob("offline-run-*/run-*.wandb"))) == 1
+    next(tmp_path.rglob(RESULTS_FILE)).unlink()  # unfinished: the next start continues its W&B run, rewound to 0
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "did not rewind" not in again.stdout  # offline, W&B records the rewind for `wandb sync`
+    assert len(list(tmp_path.rglob("offline-run-*/run-*.wandb"))) == 2
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):

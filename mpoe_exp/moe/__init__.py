@@ -3,7 +3,7 @@
 An expert layer (`ExpertLayer`) replaces one dense FFN. `LAYER_KINDS` maps a method's `layer` key to its
 `LayerKind`: the function that builds it (upcycled from the dense weights, or empty-shaped) and the method keys it
 takes (moe/kinds.py). The kinds: the routed MoE layer of moe/switch/mpoe, CartesianMoE, MEO. A new kind is one
-module and one line here.
+module and one line here. Routing telemetry over a model's routed layers: moe/telemetry.py.
 """
 
 from mpoe_exp.moe.cartesian import CartesianFeedForward, build_cartesian_layer
@@ -39,6 +39,7 @@ from mpoe_exp.moe.routers import (
     Routing,
     SwitchRouter,
 )
+from mpoe_exp.moe.telemetry import reset_routing_stats, routing_stats, routing_summary
 from mpoe_exp.rules import boolean, choice, integer
 
 
@@ -100,5 +101,8 @@ __all__ = [
     "moe_layers",
     "needs_full_sequence",
     "placement",
+    "reset_routing_stats",
     "router_of",
+    "routing_stats",
+    "routing_summary",
 ]

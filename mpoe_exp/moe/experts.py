@@ -11,6 +11,13 @@ Every expert is the same FFN function (see `FeedForwardSpec`) with its own matri
 
 Both are built either from the dense FFN's weights (upcycling: every expert starts equal to the dense FFN) or
 from shapes alone (`empty`: for the meta-device dry run and for loading a checkpoint).
+
+Upcycled MPO experts keep the auxiliary tensors they started from (one copy: every expert starts from the same
+ones), for the routing telemetry's drift of each expert from its start (`auxiliary_drift`). The copy is a plain
+attribute, not a buffer: no parameter, not in the state dict (checkpoints keep their keys, and older ones load),
+never broadcast by DistributedDataParallel. A run resumed from a checkpoint builds its model by upcycling the same
+backbone again before loading the weights, so the copy is the run's upcycled start there too; experts built empty
+(`load_model`) have none.
 """
 
 from __future__ import annotations
@@ -129,6 +136,7 @@ class MPOExperts(nn.Module):
                 [nn.Parameter(torch.empty(num_experts, *s, **kw)) for k, s in enumerate(shapes) if k != centre]
             )
         self.biases = nn.ParameterDict({n: nn.Parameter(torch.empty(spec.bias_size(n), **kw)) for n in spec.bias_names})
+        self.auxiliary_start: dict[str, list[torch.Tensor]] | None = None  # upcycled: every expert's start
 
     @classmethod
     def from_dense(
@@ -165,7 +173,22 @@ class MPOExperts(nn.Module):
                     param.copy_(tensor.expand(num_experts, *tensor.shape))
             for name, b in biases.items():
                 experts.biases[name].copy_(b)
+        experts.auxiliary_start = {n: [p[0].detach().clone() for p in aux] for n, aux in experts.auxiliary.items()}
         return experts
+
+    def auxiliary_drift(self) -> torch.Tensor | None:
+        """(E,): per expert, ||aux_e - aux_e(start)|| / ||aux_e(start)||, the norms over all its auxiliary tensors
+        (every matrix), from the upcycled start; None for experts not built by upcycling."""
+        if self.auxiliary_start is None:
+            return None
+        change, start_norm = 0.0, 0.0
+        with torch.no_grad():
+            for name, starts in self.auxiliary_start.items():
+                for param, start in zip(self.auxiliary[name], starts):
+                    start = start.to(param.device, torch.float32)
+                    change = change + (param.float() - start).pow(2).flatten(1).sum(1)
+                    start_norm = start_norm + start.pow(2).sum()
+        return (change / start_norm).sqrt()
 
     def local_tensors(self, name: str) -> list[torch.Tensor]:
         """The m tensors of matrix `name` in order: auxiliary (E, ...) with the central in the middle."""

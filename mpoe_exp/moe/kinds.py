@@ -4,8 +4,10 @@ model around it.
 - `ExpertLayer`: the base class of every module that replaces a dense FFN. A layer declares what it needs from the
   backbone as class (or instance) attributes, and the backbone and generation code read only these, never a
   method's name:
-  - `uses_token_mask`: before each call of the encoder (T5's encoder stack, BertModel) the model hands the
-    encoder's attention mask (B, S) to the layer's `token_mask` (mpoe_exp/models.py);
+  - `uses_token_mask`: for each call of the stack the layer is in, the model hands the layer that call's token mask
+    (B, S), 1 at real tokens and 0 at padding, in `token_mask`, and takes it back after the call
+    (`hand_token_mask_to_layers`; which mask each stack has: mpoe_exp/models.py). Every routed layer declares it:
+    padding is routed nowhere (moe/routers.py, `Router.route`);
   - `needs_full_sequence`: generation re-runs the whole prefix at each step instead of using the KV cache.
 - `LayerKind`: one kind of layer (a method's `layer` key): the function that builds it from a dense FFN's weights
   (or empty-shaped) and what its method config may hold: its expert kinds, router types, own keys (rules of
@@ -39,8 +41,17 @@ class ExpertLayer(nn.Module):
 
     uses_token_mask: bool = False
     needs_full_sequence: bool = False
-    token_mask: torch.Tensor | None = None  # set by the model when uses_token_mask
+    token_mask: torch.Tensor | None = None  # set by the model around each call when uses_token_mask
     aux_loss: torch.Tensor | None = None
+
+    def real_tokens(self, shape: torch.Size) -> torch.Tensor | None:
+        """(B S,) bool, True at the real tokens of hidden states of `shape` (B, S, d) flattened, from `token_mask`;
+        None without a mask that fits (every token real). A mask longer than S (GPT-2 generating with a KV cache: it
+        covers the cached prefix too) is read at its last S positions."""
+        mask = self.token_mask
+        if mask is None or len(shape) != 3 or mask.dim() != 2 or mask.shape[0] != shape[0] or mask.shape[1] < shape[1]:
+            return None
+        return mask[:, mask.shape[1] - shape[1] :].reshape(-1).bool()
 
 
 def _no_keys(method: Mapping[str, Any]) -> dict[str, Rule]:
@@ -116,16 +127,32 @@ def needs_full_sequence(model: nn.Module) -> bool:
     return any(layer.needs_full_sequence for layer in expert_layers(model))
 
 
-def hand_token_mask_to_layers(encoder: nn.Module | None) -> None:
-    """A pre-hook on `encoder` that gives each call's attention mask to its layers that declare `uses_token_mask`
-    (an FFN sees no mask otherwise); nothing when it has none."""
-    layers = [m for m in expert_layers(encoder) if m.uses_token_mask] if encoder is not None else []
+def hand_token_mask_to_layers(
+    module: nn.Module | None, mask_of: Callable[[dict], Any] | None = None, layers_in: nn.Module | None = None
+) -> None:
+    """Hooks on `module` that give each call's token mask to the expert layers inside `layers_in` (default: module)
+    that declare `uses_token_mask`, and take it back when the call returns. `mask_of(kwargs)` reads the mask (B, S)
+    from the call's keyword arguments (default: its `attention_mask`). Nothing when no such layer is there; a
+    second call on the same module updates its layers. The layers are kept on `module`, so a deep copy of the model
+    hands masks to its own copies."""
+    root = layers_in if layers_in is not None else module
+    layers = [m for m in expert_layers(root) if m.uses_token_mask] if root is not None else []
     if not layers:
         return
+    registered = "_token_mask_layers" in vars(module)
+    module._token_mask_layers = layers
+    if registered:
+        return
+    mask_of = mask_of or (lambda kwargs: kwargs.get("attention_mask"))
 
     def hand_over(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        for layer in layers:
+        mask = mask_of(kwargs)
+        for layer in module._token_mask_layers:
             layer.token_mask = mask
 
-    encoder.register_forward_pre_hook(hand_over, with_kwargs=True)
+    def take_back(module, args, output):
+        for layer in module._token_mask_layers:
+            layer.token_mask = None
+
+    module.register_forward_pre_hook(hand_over, with_kwargs=True)
+    module.register_forward_hook(take_back, always_call=True)

@@ -174,7 +174,12 @@ def combine(rows: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Te
 class RoutedLayer(ExpertLayer):
     """An expert layer made of one router and one set of experts computing the FFN `spec` (the MoE layer, MEO).
     After each forward, `aux_loss` holds the router's weighted auxiliary loss and `expert_counts` the number of
-    token choices each expert received (dropped ones excluded), for logging."""
+    token choices each expert received (dropped ones and padding excluded), for logging. It takes the token mask
+    of each call (`uses_token_mask`): padding is routed nowhere. While `routing_counts` is a tensor (moe/telemetry.py
+    starts and ends a recording), each forward adds its real tokens' choices to it, on the device: (E + 1,), the
+    choices dropped by capacity first, then those kept per expert."""
+
+    uses_token_mask = True
 
     def __init__(self, spec: FeedForwardSpec, router: nn.Module, experts: nn.Module):
         super().__init__()
@@ -186,14 +191,27 @@ class RoutedLayer(ExpertLayer):
         self.output_dropout = nn.Dropout(spec.output_dropout)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
+        self.routing_counts: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
 
+    def record(self, expert_index: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Add a forward's choices to `routing_counts` while it records: expert_index (T, k), DROPPED where dropped;
+        weight (T,) the real tokens each row stands for (0 for padding), None for 1 each. No host sync."""
+        if self.routing_counts is None:
+            return
+        choices = expert_index.detach().reshape(-1) + 1  # DROPPED -> 0
+        if weight is None:
+            weight = torch.ones((), device=choices.device).expand(expert_index.shape[0])
+        weight = weight.detach().to(self.routing_counts.dtype).repeat_interleave(expert_index.shape[1])
+        self.routing_counts.index_add_(0, choices, weight)
+
 
 class MoEFeedForward(RoutedLayer):
-    """Drop-in replacement for a dense FFN: (..., d) -> (..., d). Dropped tokens get 0 (the residual carries them).
+    """Drop-in replacement for a dense FFN: (..., d) -> (..., d). Dropped tokens and padding get 0 (the residual
+    carries them).
 
     Dispatch: the kept token choices are sorted by expert, gathered once into one (M, d) block, run through every
     expert's FFN as grouped matmuls, scaled by their gates and added back to their tokens once.
@@ -206,8 +224,10 @@ class MoEFeedForward(RoutedLayer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (N, d)
-        routing = self.router(x)
+        real = self.real_tokens(shape)  # (N,) or None: padding is routed nowhere
+        routing = self.router.route(x, real)
         self.aux_loss = routing.aux_loss
+        self.record(routing.expert_index, real)
         dispatch = Dispatch.from_routing(routing, self.num_experts)
         self.expert_counts = dispatch.counts_tensor.detach()
         rows = x.index_select(0, dispatch.token)  # (M, d), grouped by expert

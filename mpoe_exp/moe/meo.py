@@ -6,7 +6,7 @@ biases are merged, W = sum_j g_j W_{e_j}, and the FFN runs once with the merged 
 cost of one (plus the merge, k |W| multiply-adds per matrix).
 
 - Sequence level (`level: sequence`, default): the router sees the mean of the sequence's hidden states (padding
-  excluded: the layer declares `uses_token_mask`, and the model hands it the mask of each encoder call), one merged
+  excluded: the layer declares `uses_token_mask`, and the model hands it the mask of each call), one merged
   FFN per sequence. In causal stacks (GPT-2, the T5 decoder) the mean would see future tokens, so there token t is
   routed on the mean of tokens 1..t ("causal prefix mean"): training and step-by-step generation then agree, and a
   token's output never depends on later tokens. Tokens of one sequence then have different merged weights, so the
@@ -19,6 +19,9 @@ cost of one (plus the merge, k |W| multiply-adds per matrix).
   public), merged per token as above.
 - Upcycling: every expert starts as a copy of the dense FFN, and the gates sum to 1, so the merged FFN is the dense
   FFN for any routing: the upcycled model equals the dense model at initialization.
+- Padding: where a layer routes per token (token level, causal sequence level), padding is routed nowhere, as in
+  the MoE layer (its merged FFN is zero, and the router's losses leave it out). Routing telemetry
+  (moe/telemetry.py) counts a sequence-level choice once for each real token of its sequence.
 """
 
 from __future__ import annotations
@@ -66,9 +69,8 @@ class MergedExpertsFeedForward(RoutedLayer):
         if level not in ("sequence", "token"):
             raise ValueError(f"MEO level must be 'sequence' or 'token', got {level!r}")
         self.level, self.causal, self.bottleneck = level, causal, bottleneck
-        self.uses_token_mask = self.per_sequence  # the sequence mean leaves padding out
         self.needs_full_sequence = level == "sequence" and causal  # each token routes on its whole prefix
-        self.token_mask: torch.Tensor | None = None  # (B, S) attention mask of the current encoder call, if any
+        self.token_mask: torch.Tensor | None = None  # (B, S) token mask of the current call, if any
 
     @property
     def per_sequence(self) -> bool:
@@ -91,9 +93,17 @@ class MergedExpertsFeedForward(RoutedLayer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states if hidden_states.dim() == 3 else hidden_states.reshape(1, -1, shape[-1])  # (B, S, d)
-        routing = self.router(self.routing_inputs(x))
+        real = self.real_tokens(x.shape)  # (B S,) or None
+        if self.per_sequence:  # one choice per sequence, standing for its real tokens
+            routing = self.router(self.routing_inputs(x))
+            full = torch.full(x.shape[:1], x.shape[1], device=x.device)
+            self.record(routing.expert_index, full if real is None else real.view(x.shape[:2]).sum(1))
+        else:  # one choice per token, padding routed nowhere
+            routing = self.router.route(self.routing_inputs(x), real)
+            self.record(routing.expert_index, real)
         self.aux_loss = routing.aux_loss
-        self.expert_counts = torch.bincount(routing.expert_index.reshape(-1), minlength=self.num_experts).detach()
+        kept = torch.bincount(routing.expert_index.reshape(-1) + 1, minlength=self.num_experts + 1)[1:]  # DROPPED: 0
+        self.expert_counts = kept.detach()
         matrices, biases = self.experts.materialize()
         if self.per_sequence:
             out = self._per_sequence(x, routing, matrices, biases)

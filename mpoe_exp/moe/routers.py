@@ -4,7 +4,7 @@ A router returns a `Routing`; experts and dispatch only consume it (narrow inter
 docs/method.md, 'Code structure').
 
 - `SwitchRouter`: top-1 (Fedus et al. 2021). fp32 logits, optional multiplicative input jitter, capacity with
-  token dropping (first come, first served over the flattened tokens of the call), load-balancing loss
+  token dropping (first come, first served over the real tokens of the call, flattened), load-balancing loss
   alpha * E * sum_e f_e P_e and router z-loss. The gate is straight-through by default, p / p.detach(): value 1,
   gradient still reaches the router, so an upcycled model equals the dense one (the MPOE reference's routing);
   `straight_through=False` gives Fedus et al.'s gate, the router probability p.
@@ -13,6 +13,9 @@ docs/method.md, 'Code structure').
 - `NoisyTopKRouter`: noisy top-k gating (Shazeer et al. 2017) with importance and load CV^2 losses.
 
 All are `Router`s: `forward(x) -> Routing`, built as `Router(d_model, num_experts, **method.router less type)`.
+Layers call `route(x, real)`: padding (real False) is routed nowhere (expert DROPPED, gate 0) and the router only
+sees the real tokens, so capacity, every auxiliary loss's statistics, the jitter and the noise are those of the same
+tokens without padding (as transformers' `router_ignore_padding_tokens` keeps padding out of the losses).
 Switch and group-top-1 share a linear classifier (`LinearRouter`: init, logits in fp32, the straight-through gate,
 Switch's balance loss); `ROUTERS` maps a config's `router.type` to its class. Routers compute in (at least) fp32
 with autocast off: mixed precision lowers the experts, not the routing.
@@ -36,7 +39,7 @@ DROPPED = -1  # expert index of a token that exceeded its expert's capacity
 class Routing:
     """Where each token goes. N tokens, k choices each."""
 
-    expert_index: torch.Tensor  # (N, k) long; DROPPED where the token was dropped
+    expert_index: torch.Tensor  # (N, k) long; DROPPED where the token was dropped (or is padding: `route`)
     gate: torch.Tensor  # (N, k) multiplier of each chosen expert's output (0 where dropped)
     aux_loss: torch.Tensor  # scalar, already weighted by its coefficients
     router_probs: torch.Tensor  # (N, E) softmax of the router logits, for logging and tests
@@ -70,6 +73,25 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         raise NotImplementedError
+
+    def route(self, x: torch.Tensor, real: torch.Tensor | None = None) -> Routing:
+        """x (N, d), real (N,) bool or None (every token real) -> Routing over the N tokens: the router's forward on
+        the real tokens alone, padding given no expert (DROPPED, gate 0, router_probs 0)."""
+        if real is None:
+            return self(x)
+        index = real.nonzero().squeeze(1)  # one host sync; the dispatch that follows has one anyway
+        num_real = index.numel()
+        if num_real == x.shape[0]:
+            return self(x)
+        routing = self(x.index_select(0, index))
+        num_tokens, k = x.shape[0], routing.expert_index.shape[1]
+        aux = routing.aux_loss if num_real else torch.zeros_like(routing.aux_loss)  # means over no token are NaN
+        return Routing(
+            routing.expert_index.new_full((num_tokens, k), DROPPED).index_copy(0, index, routing.expert_index),
+            routing.gate.new_zeros(num_tokens, k).index_copy(0, index, routing.gate),
+            aux,
+            routing.router_probs.new_zeros(num_tokens, self.num_experts).index_copy(0, index, routing.router_probs),
+        )
 
 
 class LinearRouter(Router):
