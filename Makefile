@@ -6,7 +6,7 @@ RUNS ?= runs
 SMOKE = table1_t5_base_smoke table1_t5_large_smoke table1_gpt2_smoke table2_smoke table3_smoke table4_smoke \
         extra_methods_t5_base_smoke extra_methods_gpt2_smoke
 
-.PHONY: install test test-all lint dry-run tables smoke gpu-hours real-minilm
+.PHONY: install test test-all lint dry-run tables smoke gpu-hours real-minilm minilm-converged minilm-converged-extra plain-finetune
 
 install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU machines) + this package
 	python3 -m venv $(VENV)
@@ -17,8 +17,8 @@ install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU m
 test:  ## the default test run (CPU, offline, one test process per core; about 10 minutes on 2 cores)
 	$(PYTHON) -m pytest -m "not slow" -q -n auto --dist worksteal
 
-test-all:  ## every test, slow ones included
-	$(PYTHON) -m pytest -q
+test-all:  ## every test, slow ones included (sweeps, launchers, smoke + tables, benchmarks, kill/resume)
+	$(PYTHON) -m pytest -q -n auto --dist worksteal
 
 lint:
 	$(PYTHON) -m ruff check mpoe_exp tests benchmarks
@@ -52,6 +52,27 @@ real-minilm:  ## pre-trained MiniLM on real SST-2 and RTE, every method, 3 seeds
 	  $(PYTHON) -m mpoe_exp -m experiment=real_minilm_$$t data_dir=$(GLUE_DIR) $(REAL_MINILM) seed=$$seed \
 	    method=mpoe ablation=no_mask,no_sharing || exit 1; done; done
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment real_minilm
+
+CONVERGED = data_dir=$(GLUE_DIR) runs_dir=$(RUNS) cpu_threads=1 hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)
+minilm-converged:  ## the pre-registered MiniLM study (REPRODUCTION.md): dense/switch/mpoe x SST-2, STS-B x 5 seeds x 2 lrs (resumable), then its tables
+	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue (SST-2/ and STS-B/ in the GLUE download-script layout)" >&2; exit 2; }
+	@for seed in 1 2 3 4 5; do for t in sst2 stsb; do \
+	  $(PYTHON) -m mpoe_exp -m experiment=minilm_converged_$$t $(CONVERGED) seed=$$seed || exit 1; done; done
+	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment minilm_converged
+
+minilm-converged-extra:  ## the study's optional methods, in the design's order: mpoe without the mask, without sharing, mpoe++, moe
+	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue" >&2; exit 2; }
+	@for extra in "method=mpoe ablation=no_mask" "method=mpoe ablation=no_sharing" "method=mpoe++" "method=moe"; do \
+	  for seed in 1 2 3 4 5; do for t in sst2 stsb; do \
+	  $(PYTHON) -m mpoe_exp -m experiment=minilm_converged_$$t $(CONVERGED) seed=$$seed $$extra || exit 1; done; done; done
+	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment minilm_converged
+
+plain-finetune:  ## the study's reference: benchmarks/plain_finetune.py at its defaults, seeds 1-3, SST-2 and STS-B
+	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue" >&2; exit 2; }
+	@mkdir -p $(RUNS)/minilm_converged/plain_finetune
+	@for seed in 1 2 3; do for t in sst2 stsb; do out=$(RUNS)/minilm_converged/plain_finetune/$${t}_seed$$seed.json; \
+	  test -f $$out || OMP_NUM_THREADS=1 $(PYTHON) benchmarks/plain_finetune.py --data-dir $(GLUE_DIR) --task $$t \
+	    --seed $$seed --out $$out || exit 1; done; done
 
 gpu-hours:  ## estimated GPU hours of each table's sweep (mpoe_exp/cost.py)
 	$(PYTHON) -m mpoe_exp.cost
