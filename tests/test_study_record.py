@@ -1,0 +1,48 @@
+"""The record of each study (docs/<experiment>/runs/, written by `python -m mpoe_exp.record`) rebuilds the tables
+and comparisons that REPRODUCTION.md shows: every number there can be recomputed from what is committed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mpoe_exp import record, tables
+from mpoe_exp.results import RESULTS_FILE
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = sorted(p for p in (ROOT / "docs").glob("*/runs") if (p / p.parent.name).is_dir())
+
+
+@pytest.mark.parametrize("record_dir", RECORDS, ids=lambda p: p.parent.name)
+def test_a_study_record_rebuilds_the_tables_and_comparisons_reproduction_shows(record_dir, tmp_path):
+    experiment = record_dir.parent.name
+    rebuilt = tmp_path / "runs"
+    shutil.copytree(record_dir / experiment, rebuilt / experiment, ignore=shutil.ignore_patterns("tables"))
+    written, problems, _, _ = tables.make_tables(rebuilt, experiment)
+    assert not problems
+    reproduction = (ROOT / "REPRODUCTION.md").read_text()
+    for name in (f"{experiment}.md", f"{experiment}_comparisons.md"):
+        text = (rebuilt / experiment / "tables" / name).read_text()
+        assert text == (record_dir / experiment / "tables" / name).read_text(), f"{name}: the committed one is stale"
+        rows = [line for line in text.splitlines() if line.startswith("|")]
+        missing = [line for line in rows if line not in reproduction]
+        assert rows and not missing, f"REPRODUCTION.md lacks these lines of {name}: {missing[:3]}"
+
+
+def test_the_record_keeps_every_number_and_drops_samples_and_checkpoints(tmp_path):
+    run = tmp_path / "runs" / "study" / "m" / "dense" / "sst2" / "lr=1,cfg=x" / "seed=1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"weights")
+    (run / "train.log").write_text("{}\n")
+    results = {"status": "finished", "test": {"accuracy": 90.0, "samples": ["a", "b"]}, "history": [{"step": 1}]}
+    (run / RESULTS_FILE).write_text(json.dumps(results))
+    (tmp_path / "runs" / "study" / "plain_finetune").mkdir()
+    (tmp_path / "runs" / "study" / "plain_finetune" / "sst2_seed1.json").write_text('{"test": {"accuracy": 88}}')
+    written = record.copy_record(tmp_path / "runs", tmp_path / "record", "study")
+    assert sorted(p.name for p in written) == [RESULTS_FILE, "sst2_seed1.json"]
+    copied = json.loads((tmp_path / "record" / run.relative_to(tmp_path / "runs") / RESULTS_FILE).read_text())
+    assert copied == {"status": "finished", "test": {"accuracy": 90.0}, "history": [{"step": 1}]}
+    assert not list((tmp_path / "record").rglob("*.pt")) and not list((tmp_path / "record").rglob("train.log"))
