@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -141,6 +142,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     check_config(cfg)
     check_model_path_is_read(cfg.model)
+    check_architecture(cfg.model)
     if method.experts == "none":
         return
     layer_name, kind = kind_of(method)
@@ -174,6 +176,49 @@ def check_model_path_is_read(model_cfg: DictConfig) -> None:
             f"(model.pretrained=false) and the byte-level tokenizer (model.tokenizer=byte); drop model.path, or set "
             f"model.pretrained=true to load the weights from it"
         )
+
+
+HEADS = {"gpt2": ("n_head", "n_embd"), "bert": ("num_attention_heads", "hidden_size")}  # T5's heads have d_kv
+
+
+def check_architecture(model_cfg: DictConfig) -> None:
+    """Refuse model.architecture fields that its model class would fail on together: attention heads that do not
+    divide the hidden size, a token id outside the vocabulary, a vocabulary smaller than the byte-level tokenizer's."""
+    from mpoe_exp.models import _architecture
+    from mpoe_exp.schema import TOKEN_IDS
+
+    try:
+        config = _architecture(model_cfg, {})  # the class's defaults filled in, aliases resolved
+    except Exception as err:  # a check of transformers' own that the schema does not make
+        reason = " ".join(str(err).split())
+        raise UserError(f"model.architecture of model={model_cfg.name} is refused by transformers: {reason}") from None
+    if model_cfg.family in HEADS and config.hidden_size % config.num_attention_heads:
+        heads, width = HEADS[model_cfg.family]
+        raise UserError(
+            f"model.architecture.{heads}={config.num_attention_heads} is not allowed: it must divide "
+            f"model.architecture.{width}={config.hidden_size} (each head takes an equal share)"
+        )
+    vocab = config.vocab_size
+    for key in TOKEN_IDS:
+        value = getattr(config, key, None)
+        if any(i >= vocab for i in (value if isinstance(value, list) else [value]) if i is not None):
+            raise UserError(
+                f"model.architecture.{key}={value} is not allowed: a token id must be < {vocab} "
+                f"(model.architecture.vocab_size)"
+            )
+    if model_cfg.tokenizer == "byte" and vocab < byte_vocabulary(model_cfg.family):
+        raise UserError(
+            f"model.architecture.vocab_size={vocab} is not allowed: model.tokenizer=byte has "
+            f"{byte_vocabulary(model_cfg.family)} tokens"
+        )
+
+
+@functools.cache
+def byte_vocabulary(family: str) -> int:
+    """The number of tokens of a family's byte-level tokenizer (models.byte_tokenizer)."""
+    from mpoe_exp.models import byte_tokenizer
+
+    return len(byte_tokenizer(family))
 
 
 def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mpoe_exp import compose_config, schema
+from mpoe_exp.config import available
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import GroupTop1Router
 from mpoe_exp.moe.layer import ROUTERS
@@ -88,6 +89,27 @@ BAD = [
     (["task=glue_multitask", "task.temperature=0"], "task.temperature", "> 0"),
     (["model.family=llama"], "model.family", "t5, gpt2, bert"),
     (["+model.revision=main"], "model.revision", "architecture"),
+    # model.architecture: the fields of the family's transformers config class, typed by its defaults, ranged by name
+    (["experiment=quickstart", "+model.architecture.nonsense=1"], "model.architecture.nonsense", "d_model"),
+    (["experiment=quickstart", "model.architecture.d_model=abc"], "model.architecture.d_model", "an integer >= 1"),
+    (["experiment=quickstart", "model.architecture.dropout_rate=-0.5"], "model.architecture.dropout_rate", "< 1"),
+    (["model.architecture.num_heads=0"], "model.architecture.num_heads", "an integer >= 1"),
+    (["model.architecture.num_decoder_layers=0"], "model.architecture.num_decoder_layers", "null or an integer >= 1"),
+    (["model.architecture.layer_norm_epsilon=0"], "model.architecture.layer_norm_epsilon", "a number > 0"),
+    (["model.architecture.feed_forward_proj=gated-bogus"], "model.architecture.feed_forward_proj", "gated-"),
+    (["model.architecture.tie_word_embeddings=1"], "model.architecture.tie_word_embeddings", "true or false"),
+    (["model.architecture.pad_token_id=-1"], "model.architecture.pad_token_id", "an integer >= 0"),
+    (["model.architecture.eos_token_id=259"], "model.architecture.eos_token_id", "< 259 (model.architecture.vocab"),
+    (["+model.architecture.initializer_factor=big"], "model.architecture.initializer_factor", "a number"),
+    (["+model.architecture.n_embd=64"], "model.architecture.n_embd", "d_model"),  # a GPT-2 field on a T5
+    ([*GPT2, "model.architecture.attn_pdrop=1.0"], "model.architecture.attn_pdrop", "< 1"),
+    ([*GPT2, "model.architecture.n_inner=0"], "model.architecture.n_inner", ">= 1"),
+    ([*GPT2, "model.architecture.n_head=3"], "model.architecture.n_head", "divide"),
+    ([*GPT2, "model.architecture.activation_function=gelu_newer"], "model.architecture.activation_function", "silu"),
+    (["model.architecture.vocab_size=100"], "model.architecture.vocab_size", "model.tokenizer=byte has 259 tokens"),
+    (["model=tiny-bert", "model.architecture.hidden_size=2.5"], "model.architecture.hidden_size", "an integer >= 1"),
+    (["model=tiny-bert", "model.architecture.layer_norm_eps=-1"], "model.architecture.layer_norm_eps", "> 0"),
+    (["model=tiny-bert", "+model.architecture.problem_type=regression"], "model.architecture.problem_type", "vocab"),
     (["ablation=no_mask", "method=mpoe", "+ablation.p=0.1"], "ablation.p", "mpo_only"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode", "online, offline, disabled"),
     (["+logger.project=x"], "logger.project", "name"),
@@ -109,7 +131,7 @@ def test_bad_settings_are_refused_naming_the_key_and_what_is_allowed(overrides, 
     assert key in message and allowed in message, message
 
 
-# Through the CLI: exit 2, one `error:` line naming the key, no traceback. 14 of the cases above, covering every
+# Through the CLI: exit 2, one `error:` line naming the key, no traceback. 17 of the cases above, covering every
 # section, each `python -m mpoe_exp ...` in its own process (~5 s of CPU each, mostly importing torch), 4 at a time.
 CLI = [
     ["train.lr=-1"],
@@ -126,9 +148,13 @@ CLI = [
     ["logger=wandb", "logger.mode=sometimes"],
     ["train.learning_rate=1e-4"],
     ["method=bogus"],
+    ["experiment=quickstart", "+model.architecture.nonsense=1"],
+    ["experiment=quickstart", "model.architecture.d_model=abc"],
+    ["experiment=quickstart", "model.architecture.dropout_rate=-0.5"],
 ]
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_bad_settings_with_one_line_and_exit_2(tmp_path):
     def cli(overrides: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
         runs = tmp_path / f"runs{CLI.index(overrides)}"
@@ -197,3 +223,34 @@ def test_the_schema_covers_every_task_type_and_layer():
         keys, _ = schema._method_section({"experts": kind.experts[0], "layer": name}, {})
         assert keys["layer"].accepts(name) and all(keys["experts"].accepts(e) for e in kind.experts)
     assert schema.GLUE_TASKS == GLUE_TASKS
+
+
+@pytest.mark.parametrize("model", available("model"))
+def test_every_model_config_passes_and_its_architecture_builds_the_config_class(model):
+    from mpoe_exp.models import _architecture, head_config
+
+    cfg = compose_config([f"model={model}", "dry_run=true"])
+    config = _architecture(cfg.model, head_config(cfg))  # what a random-weight build or a dry run passes on
+    for key, value in cfg.model.architecture.items():
+        assert getattr(config, key) == value, (model, key)
+
+
+def test_architecture_keys_come_from_the_family_config_class():
+    t5, gpt2 = schema.architecture_keys("t5"), schema.architecture_keys("gpt2")
+    assert {"d_model", "d_ff", "num_heads", "initializer_factor", "use_cache"} <= set(t5)
+    assert {"hidden_size", "decoder_start_token_id", "tie_word_embeddings"} <= set(t5)  # an alias; common fields
+    assert "n_embd" in gpt2 and "n_embd" not in t5 and "d_model" not in gpt2
+    assert not {"id2label", "num_labels", "problem_type", "return_dict", "transformers_version"} & set(t5)
+    # typed by the class's default value where no range is known for the name
+    assert t5["initializer_factor"].accepts(0.5) and not t5["initializer_factor"].accepts("big")
+    assert t5["use_cache"].accepts(False) and not t5["use_cache"].accepts(0)
+    assert t5["hidden_size"].accepts(64) and not t5["hidden_size"].accepts(0)  # an alias follows its field
+    assert all(rule.optional for rule in t5.values())  # the class's default stands in for a missing key
+
+
+def test_an_integer_for_a_float_field_is_built_as_a_float():
+    from mpoe_exp.models import _architecture
+
+    cfg = compose_config([*T5, "model.architecture.layer_norm_epsilon=1", "model.architecture.dropout_rate=0"])
+    config = _architecture(cfg.model, {})
+    assert config.layer_norm_epsilon == 1.0 and isinstance(config.layer_norm_epsilon, float)

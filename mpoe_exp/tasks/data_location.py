@@ -40,6 +40,10 @@ def task_data_dir(cfg: DictConfig) -> str | None:
     """The data folder of `cfg.task` by the precedence of the module docstring; None: load from the hub."""
     own = cfg.task.get("data_dir")
     if own is not None:
+        if not Path(own).expanduser().is_dir():
+            raise UserError(
+                f"task.data_dir {str(own)!r} is not a folder; pass the folder that holds the {cfg.task.name} data"
+            )
         return str(own)
     if cfg.data_dir is None:
         return None
