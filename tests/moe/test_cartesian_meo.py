@@ -1,4 +1,4 @@
-"""CartesianMoE and MEO (issue 6): function preservation at initialization, routing and merging against
+"""CartesianMoE and MEO, the extra methods: function preservation at initialization, routing and merging against
 straightforward per-token code written out here, causal routing, padding, generation without the KV cache."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.generation import GenerationTask
 from mpoe_exp.tasks.tasks import build_task
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 DEMO_OF = {task: DEMO_DATA_DIR / folder for task, folder in [("wikitext2",) * 2, ("emnlp_news", "news"), ("imdb",) * 2]}
 
 
