@@ -421,11 +421,17 @@ def set_malloc(setting: str, device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global D_MODEL, D_FF  # --width: every formula and input below reads them
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (MEO merges per sequence)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: under bf16 autocast")
+    parser.add_argument(
+        "--width", type=int, nargs=2, default=[D_MODEL, D_FF], metavar=("D_MODEL", "D_FF"),
+        help="the layers' shape (t5-base's by default; a small one checks the script quickly, e.g. bf16 on a CPU "
+        "without bf16 kernels, where t5-base's MPO contractions take minutes)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--warm-up", type=int, default=2, help="untimed runs first (a kept heap grows to its size over a few steps)"
@@ -438,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the measurements (and ratios) to this JSON file")
     add_malloc_option(parser)
     args = parser.parse_args(argv)
+    D_MODEL, D_FF = args.width
     device = torch.device(args.device)
     malloc = set_malloc(args.malloc, device)
     layers = build_layers(device)
@@ -446,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         for tokens in args.tokens
     }
     where = machine(device, args.precision, malloc)
+    if (D_MODEL, D_FF) != (768, 3072):
+        where += f", layers {D_MODEL} x {D_FF}"
     text = f"Layer benchmark on {where}, median of {args.repeats} after {args.warm_up} warm-up runs:\n\n"
     text += f"{table(results, device)}\n"
     for tokens in args.tokens:

@@ -16,12 +16,15 @@ from mpoe_exp import cpu_malloc
 from mpoe_exp.config import DEMO_DATA_DIR
 from mpoe_exp.models import packaged_model_dir
 
+# A test that runs a benchmark script end to end is slow (make test-all): the fast tier (make test) checks its parts
+# in this process (FLOP formulas, training state, the optimizer choice, the summary).
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import layers  # noqa: E402
 
 
+@pytest.mark.slow
 def test_layer_benchmark_prints_every_layer(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run(
@@ -40,6 +43,7 @@ def test_layer_benchmark_prints_every_layer(tmp_path):
     assert "malloc system" in result.stdout  # glibc's default, as training's (cpu_malloc=system)
 
 
+@pytest.mark.slow
 def test_layer_benchmark_refuses_an_unknown_layer_to_profile():
     result = subprocess.run(
         [sys.executable, "benchmarks/layers.py", "--tokens", "64", "--profile", "nosuch"],
@@ -49,6 +53,7 @@ def test_layer_benchmark_refuses_an_unknown_layer_to_profile():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_flop_floor_of_each_layer():
     built = layers.build_layers(torch.device("cpu"))
     ffn = 2 * 1000 * 2 * 768 * 3072
@@ -93,6 +98,7 @@ def test_t5_base_mpoe_training_state_is_under_a_third_of_switch():
     assert mpoe == 4 * 4 * 293_983_680 and switch == 4 * 4 * 1_015_774_656
 
 
+@pytest.mark.slow
 def test_training_throughput_benchmark_runs():
     text = subprocess.run(
         [sys.executable, "benchmarks/train_throughput.py", "--steps", "1", "--batch", "1",
@@ -103,6 +109,7 @@ def test_training_throughput_benchmark_runs():
     assert "| dense | 1 |" in text.stdout and "| switch | 1 |" in text.stdout and "tokens/s" in text.stdout
 
 
+@pytest.mark.slow
 def test_training_throughput_with_gradient_accumulation(tmp_path):
     """Rows per method and k, with the counted FLOPs of a step: dense's per token do not depend on k, mpoe's fall
     with k (its experts are contracted once per optimizer step) and stay above dense's."""
@@ -132,6 +139,7 @@ def test_training_benchmarks_step_with_the_trainers_adamw_or_torchs_default(choi
     assert defaults["foreach"] is (True if choice == "foreach" else None)
 
 
+@pytest.mark.slow
 def test_adamw_benchmark_times_the_trainers_optimizer_against_torchs():
     text = subprocess.run(
         [sys.executable, "benchmarks/adamw.py", "--millions", "3", "--repeats", "1", "--device", "cpu"],
@@ -167,7 +175,7 @@ def test_counted_flops_of_expert_weight_gradients_added_in_place_are_those_of_au
 
 
 def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
-    """Issue 6: at k = 2, MEO's counted forward FLOPs are within 10% of one dense FFN plus merging the matrices."""
+    """At k = 2, MEO's counted forward FLOPs are within 10% of one dense FFN plus merging the matrices."""
     from mpoe_exp.moe import FeedForwardSpec, build_layer
 
     torch.manual_seed(0)
@@ -187,12 +195,13 @@ def test_meo_forward_flops_are_one_dense_ffn_plus_the_merge():
     assert counted < 0.6 * vanilla_top2
 
 
+@pytest.mark.slow
 def test_gpu_check_parts_run_in_bf16_on_cpu_and_summarize_in_one_table(tmp_path):
     """benchmarks/gpu_check.sh's parts, on CPU at toy sizes: the bf16 layer benchmark and bf16 training write their
     JSON, and gpu_summary.py puts them in one table (the GPU itself: see BENCHMARKS.md)."""
     runs = [
-        ["benchmarks/layers.py", "--device", "cpu", "--precision", "bf16", "--tokens", "64", "--repeats", "1",
-         "--json", str(tmp_path / "layers_bf16.json")],
+        ["benchmarks/layers.py", "--device", "cpu", "--precision", "bf16", "--tokens", "64", "--seq-len", "32",
+         "--width", "64", "256", "--repeats", "1", "--warm-up", "0", "--json", str(tmp_path / "layers_bf16.json")],
         ["benchmarks/train_throughput.py", "--device", "cpu", "--shape", "tiny", "--precision", "bf16", "--steps", "1",
          "--batch", "2", "--methods", "dense", "switch", "mpoe", "--json", str(tmp_path / "train_bf16.json")],
     ]  # fmt: skip
@@ -211,7 +220,27 @@ def test_gpu_check_parts_run_in_bf16_on_cpu_and_summarize_in_one_table(tmp_path)
         assert f"| training {method} | bf16, tiny, batch 2, 1 steps |" in text
 
 
+def test_gpu_summary_puts_the_parts_in_one_table_and_says_what_did_not_run(tmp_path):
+    """gpu_summary.py on records written here, in the layout the benchmarks write (the slow test above writes them)."""
+    import gpu_summary
+
+    layer = {"fwd_bwd_ms": 2.5, "x_dense": 1.25, "x_floor": 1.5}
+    (tmp_path / "layers_bf16.json").write_text(json.dumps({"tokens": {"64": {"switch": layer, "mpoe": layer}}}))
+    training = {"step_ms": 120.0, "tokens_per_s": 4096.0, "x_dense": None, "peak_gb": None}
+    record = {"precision": "bf16", "shape": "tiny", "batch": 2, "steps": 1, "methods": {"dense": training}}
+    (tmp_path / "train_bf16.json").write_text(json.dumps(record))
+    (tmp_path / "pytest.txt").write_text("....\n5 passed in 3.2s\n")
+    text = gpu_summary.summary(tmp_path)
+    assert text.startswith("GPU check on unknown machine")
+    assert "GPU tests (pytest -m gpu): 5 passed in 3.2s" in text
+    assert "| layers | fp32 | not run |" in text  # a part that did not run says so
+    assert "| layer switch | bf16, 64 tokens | 2.50 ms fwd+bwd | 1.25 | 1.50 | |" in text
+    assert "| layer mpoe | bf16, 64 tokens |" in text and "| layer moe |" not in text
+    assert "| training dense | bf16, tiny, batch 2, 1 steps | 120 ms/step, 4,096 tokens/s | - | | - |" in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+@pytest.mark.slow
 def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
     result = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, timeout=600,
@@ -221,6 +250,7 @@ def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
     assert result.stderr.strip().startswith("error: no CUDA GPU visible")
 
 
+@pytest.mark.slow
 def test_training_memory_benchmark_measures_each_method_in_its_own_process():
     text = subprocess.run(
         [sys.executable, "benchmarks/train_memory.py", "--shape", "tiny", "--batch", "2", "--steps", "1",
@@ -234,6 +264,7 @@ def test_training_memory_benchmark_measures_each_method_in_its_own_process():
     assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00"  # switch's peak over itself
 
 
+@pytest.mark.slow
 def test_training_memory_benchmark_keeps_the_other_rows_when_one_method_fails():
     text = subprocess.run(
         [sys.executable, "benchmarks/train_memory.py", "--shape", "tiny", "--batch", "2", "--steps", "1",
@@ -277,6 +308,7 @@ def run_plain_finetune(*args: str) -> subprocess.CompletedProcess:
     "task, head, metrics",
     [("stsb", (1, "regression"), {"pearson", "spearman"}), ("rte", (2, "single_label_classification"), {"accuracy"})],
 )
+@pytest.mark.slow
 def test_plain_finetune_scores_the_pipelines_splits_and_writes_a_record(tmp_path, task, head, metrics):
     """The packaged MiniLM fine-tuned one short epoch on the demo data: the pipeline's split rule (demo dev file of
     60 halved), STS-B with one regression output (MSE) scored by Pearson and Spearman, RTE by accuracy."""
@@ -298,12 +330,14 @@ def test_plain_finetune_scores_the_pipelines_splits_and_writes_a_record(tmp_path
     assert f"test {main} {record['test'][main]:.2f}" in result.stdout
 
 
+@pytest.mark.slow
 def test_plain_finetune_without_the_tasks_data_is_a_one_line_error(tmp_path):
     result = run_plain_finetune("--data-dir", str(tmp_path), "--task", "rte")
     assert result.returncode == 2
     assert result.stderr.startswith("error: no GLUE rte data under data_dir") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_wall_time_benchmark_times_a_command_and_bleu_and_names_the_machine():
     result = subprocess.run(
         [sys.executable, "benchmarks/wall_time.py", "--cases", "dry_run", "bleu", "--repeats", "1"],
@@ -315,3 +349,34 @@ def test_wall_time_benchmark_times_a_command_and_bleu_and_names_the_machine():
     assert set(rows) == {"case", "dry_run", "bleu"}
     assert rows["dry_run"][2].strip() == "python -m mpoe_exp model=t5-base method=mpoe dry_run=true"
     assert float(rows["dry_run"][3]) > 0 and float(rows["bleu"][3]) >= 0  # median seconds
+
+
+def test_precision_comparison_pairs_each_mixed_precision_with_fp32_seed_by_seed(tmp_path, monkeypatch, capsys):
+    """benchmarks/precision_quickstart.py on results written here (training itself is the quickstart, tested in
+    test_runner.py): differences are taken per seed, over the seeds both precisions have."""
+    import precision_quickstart
+
+    trained = []
+    monkeypatch.setattr(precision_quickstart, "train", lambda runs, p, s: trained.append((p, s)))
+    mcc = {("fp32", 1): 60.0, ("fp32", 2): 70.0, ("fp32", 3): 80.0, ("bf16", 1): 58.0, ("bf16", 2): 69.0}
+    for (precision, seed), value in mcc.items():
+        folder = tmp_path / precision / f"seed={seed}"
+        folder.mkdir(parents=True)
+        record = {
+            "status": "finished", "experiment": "quickstart", "model": "tiny-t5", "method_label": "MPOE",
+            "task": "cola", "seed": seed, "hparams": {}, "main_metric": "mcc", "greater_is_better": True,
+            "config": {"train": {"precision": precision}},
+            "validation": {"mcc": value}, "test": {"mcc": value + 1.0},
+        }  # fmt: skip
+        (folder / "results.json").write_text(json.dumps(record))
+    report = precision_quickstart.main(
+        ["--seeds", "1", "2", "3", "--precisions", "fp32", "bf16", "--runs-dir", str(tmp_path)]
+    )
+    assert trained == [("fp32", 1), ("bf16", 1), ("fp32", 2), ("bf16", 2), ("fp32", 3), ("bf16", 3)]
+    bf16 = report["splits"]["validation"]["bf16"]["paired"]
+    assert bf16["seeds"] == [1, 2] and bf16["mean"] == pytest.approx(-1.5)  # (-2 - 1) / 2; seed 3 has no bf16
+    low, high = bf16["interval"]
+    assert low < -1.5 < high
+    out = capsys.readouterr().out
+    assert "| validation | fp32 | 60.0 70.0 80.0 | 70.0 | (reference) | 3 |" in out
+    assert "| test | bf16 | 59.0 70.0 | 64.5 | -1.5 [" in out and "| 2 |" in out

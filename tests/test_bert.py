@@ -58,7 +58,9 @@ def test_minilm_is_found_in_its_package_and_loads_offline(minilm):
 @needs_minilm
 @pytest.mark.parametrize(
     "overrides",
-    [[f"method={m}"] for m in METHOD_FILES] + [["method=mpoe", f"ablation={a}"] for a in ABLATIONS],
+    [[f"method={m}"] for m in METHOD_FILES]
+    # the ablations on real weights are slow; test_models.py checks each on tiny-bert in the fast tier
+    + [pytest.param(["method=mpoe", f"ablation={a}"], marks=pytest.mark.slow) for a in ABLATIONS],
     ids=lambda o: "-".join(x.split("=")[1] for x in o),
 )
 def test_every_method_upcycles_real_minilm_exactly(minilm, overrides):

@@ -32,6 +32,7 @@ def page_faults(setting: str) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(not cpu_malloc.is_glibc(), reason="glibc's malloc only")
+@pytest.mark.slow
 def test_keeping_freed_memory_stops_large_tensors_from_page_faulting_in_every_step():
     _, system = page_faults("system")
     applied, keep = page_faults("keep")

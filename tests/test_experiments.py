@@ -5,6 +5,7 @@ GPU-hour estimates of mpoe_exp.cost."""
 from __future__ import annotations
 
 import csv
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ SMOKE = [f"{name}_smoke" for name in PAPER]
 SWEPT = ("method", "task", "ablation")  # what a table's rows and columns are made of
 
 
+@functools.cache  # per test process: several tests here read every run of every experiment
 def distinct_runs(experiment: str) -> dict[tuple[str, ...], list[str]]:
     """The experiment's runs up to seed and learning rate (those change nothing about validity)."""
     runs = {}
@@ -31,6 +33,12 @@ def distinct_runs(experiment: str) -> dict[tuple[str, ...], list[str]]:
         key = tuple(o for o in overrides if o.partition("=")[0] not in ("seed", "train.lr"))
         runs.setdefault(key, list(key))
     return runs
+
+
+@functools.cache
+def composed_run(overrides: tuple[str, ...]):
+    """compose_config of one run (composed, validated), once per test process; read only."""
+    return compose_config(list(overrides))
 
 
 def swept(experiment: str) -> dict[str, str]:
@@ -55,7 +63,7 @@ def test_every_run_of_every_experiment_composes(experiment):
     runs = distinct_runs(experiment)
     assert len(expand_sweep([f"experiment={experiment}"])) >= 3 * len(runs)  # seeds 1-3 at least
     for overrides in runs.values():
-        cfg = compose_config(overrides)
+        cfg = composed_run(tuple(overrides))
         check_task_fits_model(cfg)
         assert cfg.seed in (1, 2, 3)
         if experiment.endswith("_smoke"):
@@ -69,7 +77,7 @@ def test_the_experiments_fill_every_row_of_the_paper_tables():
         produced = set()
         for experiment in PAPER:
             for overrides in distinct_runs(experiment + suffix).values():
-                cfg = compose_config(overrides)
+                cfg = composed_run(tuple(overrides))
                 produced.add((table_model(cfg), method_label(cfg), cfg.task.name))
         for name in tables.TABLE_NAMES:
             for row in paper[name]["rows"]:
@@ -82,6 +90,7 @@ def test_the_experiments_fill_every_row_of_the_paper_tables():
                     assert any((row["model"], m, column["task"]) in produced for m in labels), (suffix, name, row)
 
 
+@pytest.mark.slow
 def test_a_sweep_goes_on_after_a_failed_run_and_lists_it_at_the_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mpoe_exp", "-m", "model=tiny-t5", "method=dense,mpoe", "ablation=no_mask", "task=cola",
@@ -94,6 +103,7 @@ def test_a_sweep_goes_on_after_a_failed_run_and_lists_it_at_the_end(tmp_path):
     assert [p.parts[-5] for p in tmp_path.rglob(RESULTS_FILE)] == ["mpoe-no_mask"]  # the other run finished
 
 
+@pytest.mark.slow
 def test_an_experiment_without_multirun_says_to_add_m(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mpoe_exp", "experiment=table3_smoke", f"runs_dir={tmp_path}"],
@@ -102,6 +112,7 @@ def test_an_experiment_without_multirun_says_to_add_m(tmp_path):
     assert result.returncode == 2 and "add -m" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_smoke_experiment_then_make_tables(tmp_path):
     """Acceptance: a smoke sweep offline, then `make tables`: the table has its paper rows, ours (mean ± std, n)
     beside the paper's, selection by validation among two learning rates, and the figures."""
@@ -186,14 +197,16 @@ def test_mpo_reconstruction_is_charged_once_per_optimizer_step():
     assert costs["mpoe", 4] - costs["switch", 4] == pytest.approx(25 * reconstruction)  # 25 optimizer steps
 
 
+@pytest.mark.slow
 def test_readme_shows_the_estimates_the_command_prints():
     printed = cost.render(cost.estimate(list(cost.PAPER_EXPERIMENTS)), 60.0)
     readme = (ROOT / "README.md").read_text()
     assert printed in readme, printed
 
 
+@pytest.mark.slow
 def test_cartesian_and_meo_smoke_runs_appear_in_the_tables(tmp_path):
-    """Issue 6: a smoke sweep of both methods runs offline, and make tables shows them as extra rows."""
+    """The extra methods: a smoke sweep of both methods runs offline, and make tables shows them as extra rows."""
     for experiment, extra in (("extra_methods_t5_base_smoke", ["task=rte"]),
                               ("extra_methods_gpt2_smoke", ["task=wikitext2", "train.lr=1e-3"])):  # fmt: skip
         sweep = subprocess.run(

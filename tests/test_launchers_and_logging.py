@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mpoe_exp import compose_config
 from mpoe_exp.config import DEMO_DATA_DIR
 from mpoe_exp.results import RESULTS_FILE
@@ -35,6 +37,7 @@ def sweep(tmp_path: Path, *args: str, runs: list[str] = TINY_SWEEP) -> subproces
     )
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_the_sweep_in_parallel(tmp_path):
     runs = [arg.replace("seed=1,2", "seed=1,2,3") for arg in TINY_SWEEP]  # the runner's six-run sweep
     result = sweep(tmp_path, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", runs=runs)
@@ -43,6 +46,7 @@ def test_joblib_launcher_runs_the_sweep_in_parallel(tmp_path):
     assert len(list(tmp_path.rglob(RESULTS_FILE))) == 6
 
 
+@pytest.mark.slow
 def test_submitit_launcher_runs_the_sweep_as_jobs(tmp_path):
     """The SLURM path (hydra/launcher=slurm) uses submitit; its local executor runs the same code here."""
     runs = [arg.replace("method=switch,mpoe", "method=mpoe") for arg in TINY_SWEEP]  # 2 jobs keep it quick
@@ -176,6 +180,19 @@ def test_a_refused_rewind_resumes_the_wandb_run_and_sends_only_new_steps(tmp_pat
     assert "did not rewind run earlierrun to step 4" in capsys.readouterr().out
 
 
+def test_each_composed_sweep_names_its_own_folder():
+    """hydra.sweep.dir: start time, process id and a random tag, fixed once composed (in-process twin of the test
+    below, which starts two sweeps at once)."""
+    from mpoe_exp.config import _compose
+
+    first, second = (_compose(["model=tiny-t5"], return_hydra_config=True) for _ in range(2))
+    folder = first.hydra.sweep.dir
+    assert folder == first.hydra.sweep.dir  # one sweep, one folder
+    assert folder != second.hydra.sweep.dir  # same process, same second: the tag differs
+    assert f"_{os.getpid()}-" in folder and Path(folder).parent.name == ".multirun"
+
+
+@pytest.mark.slow
 def test_two_concurrent_sweeps_get_their_own_sweep_folders(tmp_path):
     """Each sweep lists only its own failed run, though both start at once with the same runs_dir."""
     command = [sys.executable, "-m", "mpoe_exp", "-m", "model=tiny-t5", "method=dense", "ablation=no_mask"]
@@ -198,6 +215,7 @@ def test_two_concurrent_sweeps_get_their_own_sweep_folders(tmp_path):
     assert len({path.relative_to(tmp_path / ".multirun").parts[0] for path in errors}) == 2  # two sweep folders
 
 
+@pytest.mark.slow
 def test_wandb_offline_mode_needs_no_network_and_rewinds_offline(tmp_path):
     args = ["experiment=quickstart", "logger=wandb", "logger.mode=offline", f"runs_dir={tmp_path}"]
     command = [sys.executable, "-m", "mpoe_exp", *args, "train.max_steps=2", "train.eval_every=2"]
@@ -211,6 +229,7 @@ def test_wandb_offline_mode_needs_no_network_and_rewinds_offline(tmp_path):
     assert len(list(tmp_path.rglob("offline-run-*/run-*.wandb"))) == 2
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Multi-GPU path (DDP) run on CPU with Gloo: same global batch, no dropout -> the same training."""
     from test_runner import LM_RUN
@@ -253,6 +272,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert [h["tokens"] for h in one["history"]] == [h["tokens"] for h in two["history"]]  # all ranks counted
 
 
+@pytest.mark.slow
 def test_wandb_without_an_api_key_is_a_message_not_a_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["HOME"] = str(tmp_path / "home")  # no ~/.netrc, no stored key

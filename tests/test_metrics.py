@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -272,7 +271,8 @@ def test_tokenize_needs_no_nltk_data():
     assert tokenize("  ") == []
 
 
-def test_bleu_is_fast_on_a_full_size_reference_set():
+def test_bleu_on_a_full_size_reference_set():
+    """Its time is a benchmark, not a test: benchmarks/wall_time.py (BENCHMARKS.md, "Wall-clock time")."""
     rng = random.Random(11)
     vocabulary = [f"w{i}" for i in range(2000)]
 
@@ -281,10 +281,7 @@ def test_bleu_is_fast_on_a_full_size_reference_set():
 
     hypotheses = [sentence() for _ in range(300)]
     references = [sentence() for _ in range(2000)]
-    start = time.perf_counter()
     result = bleu(hypotheses, references, 4)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10.0, f"bleu took {elapsed:.1f} s for 300 x 2000"
     assert (result.num_hypotheses, result.num_references) == (300, 2000)
     # Spot check against nltk on a few hypotheses with the full reference set (the whole loop would take minutes).
     assert bleu(hypotheses[:3], references, 4).score == pytest.approx(

@@ -237,6 +237,7 @@ def test_peak_memory_is_the_commands_own_not_the_test_processs():
     assert returncode == 0 and peak_gb < 0.2
 
 
+@pytest.mark.slow
 def test_dry_run_cli_prints_counts_in_little_memory():
     """Its time is a benchmark, not a test: benchmarks/wall_time.py (BENCHMARKS.md, "Wall-clock time")."""
     returncode, stdout, stderr, peak_gb = run_cli_with_peak_memory("model=t5-base", "method=mpoe", "dry_run=true")
@@ -247,19 +248,22 @@ def test_dry_run_cli_prints_counts_in_little_memory():
     assert peak_gb < 2
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["method=nonexistent"], "error: unknown method=nonexistent: method is one of cartesian, dense, meo"),
-        (["model=nonexistent"], "error: unknown model=nonexistent: model is one of bert-base, gpt2, minilm, t5-base"),
-        (["model=t5-base", "method=mpoe", "method.mpo.num_tensors=4"], "m = 4"),
-        (["model=t5-base", "method=switch", "ablation=m3"], "only applies to MPO methods"),
-        (
-            ["model=t5-base", "method=mpoe", "method.mpo.factorizations={3072x768:[[4,4,8,6,4],[3,4,4,4,5]]}"],
-            "does not match the matrix shape 3072 x 768",
-        ),
-    ],
-)
+BAD_INPUT = [
+    (["method=nonexistent"], "error: unknown method=nonexistent: method is one of cartesian, dense, meo"),
+    (["model=nonexistent"], "error: unknown model=nonexistent: model is one of bert-base, gpt2, minilm, t5-base"),
+    (["model=t5-base", "method=mpoe", "method.mpo.num_tensors=4"], "m = 4"),
+    (["model=t5-base", "method=switch", "ablation=m3"], "only applies to MPO methods"),
+    (
+        ["model=t5-base", "method=mpoe", "method.mpo.factorizations={3072x768:[[4,4,8,6,4],[3,4,4,4,5]]}"],
+        "does not match the matrix shape 3072 x 768",
+    ),
+]
+
+
+# Each command is a fresh process (seconds of CPU importing torch): slow; the messages of all of them are checked in
+# this process below, and test_runner.py runs one refused command in the fast tier.
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", BAD_INPUT)
 def test_cli_bad_input_gives_a_clear_message_and_no_traceback(args, message):
     result = run_cli(*args, "dry_run=true")
     assert result.returncode != 0
@@ -267,6 +271,17 @@ def test_cli_bad_input_gives_a_clear_message_and_no_traceback(args, message):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+def test_bad_input_is_refused_in_one_line_by_the_checks_the_dry_run_makes(args, message):
+    from mpoe_exp.dry_run import dry_run
+    from mpoe_exp.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        dry_run(compose_config([*args, "dry_run=true"]))
+    assert message in f"error: {refused.value}" and "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
 def test_upcycling_t5_base_to_mpoexx_stays_under_3_gb():
     """Acceptance: the n expert copies are never materialized (peak measured in a fresh process)."""
     code = "import sys; sys.argv=['x']; sys.path.insert(0, 'benchmarks'); import upcycle_memory as u; u.main([])"
@@ -436,6 +451,7 @@ def test_readme_parameter_table_row_matches_the_dry_run(overrides, total):
     assert meta_parameter_report(tuple(overrides))["total"] == total
 
 
+@pytest.mark.slow
 def test_upcycling_benchmark_reports_its_own_peak_not_its_parents():
     ballast = bytearray(1024**3)
     for i in range(0, len(ballast), 4096):

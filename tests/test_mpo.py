@@ -131,7 +131,7 @@ def _configured_cases():
     for rows, cols in CONFIGURED_SHAPES:
         for m in CONFIGURED_M:
             for dtype_name in DTYPES:
-                slow = (rows, cols) == (4096, 1024) and dtype_name == "float64"
+                slow = rows * cols == 4096 * 1024 and dtype_name == "float64"  # T5-large both ways: fast in float32
                 yield pytest.param(
                     (rows, cols, m, dtype_name),
                     id=f"{rows}x{cols}-m{m}-{dtype_name}",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_experiments import PAPER, distinct_runs, swept
+from test_experiments import PAPER, composed_run, distinct_runs, swept
 
 from mpoe_exp import compose_config
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def paper_runs():
     for experiment in PAPER:
         for overrides in distinct_runs(experiment).values():
-            yield experiment, compose_config(overrides)
+            yield experiment, composed_run(tuple(overrides))  # composed once per test process (test_experiments.py)
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,14 @@ def test_the_readme_shows_the_commands_we_expect():
     assert any("hydra/launcher=slurm" in c for c in joined)
 
 
-@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a)[:80])
+def _marked(args: list[str]):
+    """Table 1's full sweeps (hundreds of runs) are slow here: test_experiments.py composes each of their runs in the
+    fast tier."""
+    big = any(a.startswith("experiment=table1_") and not a.endswith("_smoke") for a in args)
+    return pytest.param(args, marks=pytest.mark.slow) if big else args
+
+
+@pytest.mark.parametrize("args", [_marked(a) for a in COMMANDS], ids=lambda a: " ".join(a)[:80])
 def test_readme_command_composes_into_valid_runs(args):
     runs = expand(args)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -40,6 +40,7 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_quickstart_command_end_to_end_learns(tmp_path):
     """Its time is a benchmark, not a test: benchmarks/wall_time.py (BENCHMARKS.md, "Wall-clock time")."""
     result = cli("experiment=quickstart", f"runs_dir={tmp_path}")
@@ -124,6 +125,7 @@ def logged_records(path: Path) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 def test_run_killed_at_a_random_point_resumes_to_the_same_result(tmp_path):
     """kill -9 after an evaluation past the last resume checkpoint, then the same command: the results and every
     train.log record (each evaluation once) equal an uninterrupted run's; no temporary file is left."""
@@ -209,15 +211,19 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert results["status"] == "failed" and "nan" in results["error"]
 
 
+BAD_RUNS = [
+    (["model=tiny-gpt2", "task=cola"], "task=cola runs on t5 or bert models"),
+    (["model=tiny-t5", "task=wikitext2"], "task=wikitext2 runs on gpt2 models"),
+    (["model=tiny-t5"], "no task chosen"),
+    (["model=tiny-t5", "task=nonexistent"], "error: unknown task=nonexistent: task is one of cola, emnlp_news"),
+    (["model=tiny-t5", "task=cola", "data_dir=/nonexistent/glue"], "/nonexistent/glue"),
+]
+
+
+# Each command is a fresh process (seconds of CPU importing torch): one in the fast tier, the rest slow; the messages
+# of all of them are checked in this process below (the data folder's: test_a_bad_data_folder_is_refused_...).
 @pytest.mark.parametrize(
-    "args,message",
-    [
-        (["model=tiny-gpt2", "task=cola"], "task=cola runs on t5 or bert models"),
-        (["model=tiny-t5", "task=wikitext2"], "task=wikitext2 runs on gpt2 models"),
-        (["model=tiny-t5"], "no task chosen"),
-        (["model=tiny-t5", "task=nonexistent"], "error: unknown task=nonexistent: task is one of cola, emnlp_news"),
-        (["model=tiny-t5", "task=cola", "data_dir=/nonexistent/glue"], "/nonexistent/glue"),
-    ],
+    "args,message", [BAD_RUNS[0], *(pytest.param(*case, marks=pytest.mark.slow) for case in BAD_RUNS[1:])]
 )
 def test_bad_runs_are_refused_before_any_work(tmp_path, args, message):
     result = cli(*args, f"runs_dir={tmp_path}")
@@ -225,6 +231,15 @@ def test_bad_runs_are_refused_before_any_work(tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob(RESULTS_FILE))
+
+
+@pytest.mark.parametrize("args,message", BAD_RUNS[:4])
+def test_bad_runs_are_refused_in_one_line_by_the_checks_the_command_makes(args, message):
+    from mpoe_exp.runner import check_task_fits_model
+
+    with pytest.raises(UserError) as refused:
+        check_task_fits_model(compose_config(args))
+    assert message in f"error: {refused.value}" and "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -257,6 +272,7 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_training(tmp_p
     assert "\n" not in message and "train.batch_size=100000" in message and "400 training examples" in message
 
 
+@pytest.mark.slow
 def test_multirun_sweep_writes_one_results_file_per_run(tmp_path):
     result = cli(
         "-m",

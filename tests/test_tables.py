@@ -165,6 +165,7 @@ def test_nlu_average_when_all_tasks_present(tmp_path: Path):
     assert avg.ours.mean == pytest.approx(83.5) and avg.ours.n == 3 and avg.diff == pytest.approx(83.5 - 84.12)
 
 
+@pytest.mark.slow
 def test_cli_writes_markdown_latex_csv(runs: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
@@ -260,6 +261,27 @@ def test_stand_in_models_and_method_aliases(tmp_path: Path):
     assert next(r for r in t4.rows if r.label == "MPOE (m=3)").cells[0].status == "missing"
     md = tables.render_markdown(t4)
     assert "| MPOE (m=5) | gpt2/mpoe (ran tiny-gpt2) | ours | 42.00 ± 1.00 (n=3) |" in md
+
+
+def test_cartesian_and_meo_runs_are_extra_rows_without_paper_values(tmp_path: Path):
+    """Methods the paper did not run (CartesianMoE, MEO) get rows of their own in Table 1, with an empty paper
+    column; the runs of a smoke sweep on tiny stand-ins fill them (end to end: test_experiments.py, slow)."""
+    runs = tmp_path / "runs"
+    accuracy = {"main_metric": "accuracy", "greater_is_better": True}
+    for method in ("cartesian", "meo"):
+        write_run(runs, "tiny-t5", method, "rte", 1, 1e-3, {"accuracy": 55.0}, {"accuracy": 52.0},
+                  table_model="t5-base", experiment="smoke", **accuracy)  # fmt: skip
+        write_run(runs, "tiny-gpt2", method, "wikitext2", 1, 1e-3, {"perplexity": 30.0},
+                  {"perplexity": 31.0, "bleu2": 1.0}, table_model="gpt2", experiment="smoke")  # fmt: skip
+    written, problems, n_failed, unplaced = tables.make_tables(runs)
+    assert not problems and not unplaced and n_failed == 0
+    out = runs / "smoke" / "tables"
+    nlu = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlu.csv").open())}
+    nlg = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlg.csv").open())}
+    for method in ("cartesian", "meo"):
+        rte, ppl = nlu[(method, "RTE")], nlg[(method, "WikiText-2 PPL")]
+        assert (rte["status"], rte["n"], rte["paper"], float(rte["ours_mean"])) == ("ok", "1", "", 52.0)
+        assert (ppl["status"], ppl["n"], ppl["paper"], float(ppl["ours_mean"])) == ("ok", "1", "", 31.0)
 
 
 def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):

@@ -112,6 +112,7 @@ def test_methods_and_ablations_leave_the_training_schedule_alone():
             assert "train" not in OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml"), (group, name)
 
 
+@pytest.mark.slow
 def test_every_run_of_every_experiment_is_evaluated_at_least_five_times():
     from hydra import compose, initialize_config_dir
 

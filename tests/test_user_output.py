@@ -44,6 +44,7 @@ def test_the_summary_names_unparsable_predictions():
     assert describe_metric(lm, {"perplexity": 21.5}, "test") == "perplexity = 21.5000 (lower is better)"
 
 
+@pytest.mark.slow
 def test_dry_run_whose_reader_stops_early_exits_quietly():
     """`make dry-run` pipes each report into `head -2`: a closed pipe is no error."""
     proc = subprocess.Popen(
