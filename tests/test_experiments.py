@@ -58,7 +58,9 @@ def test_every_table_has_an_experiment_and_a_smoke_twin():
         assert paper_runs == smoke_runs, paper  # the smoke twin runs the same grid of methods/tasks/ablations
 
 
-@pytest.mark.parametrize("experiment", PAPER + SMOKE)
+# The full experiments' runs are composed in the fast tier by test_paper_settings.py too (each run's settings against
+# the paper's), so composing them here again is slow-tier work; their smoke twins stay fast.
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=pytest.mark.slow) for e in PAPER] + SMOKE)
 def test_every_run_of_every_experiment_composes(experiment):
     runs = distinct_runs(experiment)
     assert len(expand_sweep([f"experiment={experiment}"])) >= 3 * len(runs)  # seeds 1-3 at least

@@ -25,6 +25,16 @@ def runs():
     return list(paper_runs())
 
 
+def test_every_run_of_every_paper_experiment_composes_and_fits_its_model(runs):
+    """The fast tier's check of every full experiment's runs (test_experiments.py composes them again, slow)."""
+    from mpoe_exp.runner import check_task_fits_model
+
+    assert {experiment for experiment, _ in runs} == set(PAPER)
+    for _, cfg in runs:
+        check_task_fits_model(cfg)
+        assert cfg.seed in (1, 2, 3)
+
+
 def test_optimizer_and_schedule_are_the_references(runs):
     for experiment, cfg in runs:
         train = cfg.train
