@@ -27,11 +27,11 @@ lint:
 dry-run:  ## parameter counts of every paper model/method, no download
 	@for spec in "t5-base dense" "t5-base switch" "t5-base moe" "t5-base mpoe" "t5-base mpoe++" \
 	             "t5-large dense" "t5-large mpoe" "gpt2 dense" "gpt2 switch" "gpt2 mpoe" "gpt2 mpoe++" \
-	             "t5-base cartesian" "t5-base meo" "gpt2 cartesian" "gpt2 meo"; do \
+	             "t5-base cartesian" "t5-base meo" "t5-base adapters" "gpt2 cartesian" "gpt2 meo" "gpt2 adapters"; do \
 	  set -- $$spec; $(PYTHON) -m mpoe_exp model=$$1 method=$$2 dry_run=true | head -2; done
 	@for a in no_sharing no_mask m3 m5 m7 m9; do \
 	  $(PYTHON) -m mpoe_exp model=gpt2 method=mpoe ablation=$$a dry_run=true | head -2; done
-	@for m in minilm bert-base; do for x in dense switch moe mpoe mpoe++ cartesian meo meo_token; do \
+	@for m in minilm bert-base; do for x in dense switch moe mpoe mpoe++ cartesian meo meo_token adapters; do \
 	  $(PYTHON) -m mpoe_exp model=$$m method=$$x dry_run=true | head -2; done; done
 
 tables:  ## the paper's Tables 1-4 beside our results, in runs/<experiment>/tables/

@@ -16,6 +16,16 @@ def paper_figure(cfg: DictConfig) -> float | None:
     return table.get(cfg.model.name, {}).get(method_label(cfg))
 
 
+def matched_total(cfg: DictConfig, method: str) -> int:
+    """The total parameter count of cfg's model with `method` (a conf/method file as it is) instead of cfg's."""
+    from mpoe_exp.moe.adapters import matched_method
+
+    other = cfg.copy()
+    other.method = OmegaConf.create(matched_method(method))
+    model, _ = build_model(other, meta=True)
+    return parameter_report(model)["total"]
+
+
 def dry_run(cfg: DictConfig) -> dict[str, int]:
     """Print and return the parameter report of cfg's model."""
     model, _ = build_model(cfg, meta=True)
@@ -24,6 +34,11 @@ def dry_run(cfg: DictConfig) -> dict[str, int]:
     print(f"model={cfg.model.name} method={method_label(cfg)}")
     print(f"  total parameters     {report['total']:>15,}   ({report['total'] / 1e6:.1f}M)", end="")
     print(f"   paper: {paper}M" if paper is not None else "   paper: not reported")
+    matched = cfg.method.get("match_params")
+    if matched:  # a method sized to another's parameter count (moe/adapters.py): that count beside ours
+        total = matched_total(cfg, matched)
+        ours = report["total"] / total - 1
+        print(f"  {'method=' + matched:<21}{total:>15,}   ({total / 1e6:.1f}M; ours {ours:+.2%})")
     print(f"  trainable parameters {report['trainable']:>15,}")
     if "moe_layers" in report:
         print(f"  MoE layers           {report['moe_layers']:>15,}   ({cfg.method.num_experts} experts each)")

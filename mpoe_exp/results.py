@@ -102,8 +102,15 @@ def _capacity_limited_in_evaluation(tree: Any) -> bool:
 
 def configured_identity(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config less the keys `NOT_IN_IDENTITY` leaves out: the part of a run's identity that is read from
-    the config alone (no file is opened; the tables compare settings with it)."""
+    the config alone (no data or model file is opened; the tables compare settings with it). A method sized to
+    another's parameter count (`method.match_params`, moe/adapters.py) takes its size from that method's config
+    file, so that file's settings are part of the identity too (`method.matched`)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
+    matched = (tree.get("method") or {}).get("match_params")
+    if matched:
+        from mpoe_exp.moe.adapters import matched_method
+
+        tree["method"]["matched"] = matched_method(matched)
     left_out = set(NOT_IN_IDENTITY)
     if not _capacity_limited_in_evaluation(tree.get("method")):
         left_out.add(EVAL_BATCH_SIZE)

@@ -207,8 +207,9 @@ def test_readme_shows_the_estimates_the_command_prints():
 
 
 @pytest.mark.slow
-def test_cartesian_and_meo_smoke_runs_appear_in_the_tables(tmp_path):
-    """The extra methods: a smoke sweep of both methods runs offline, and make tables shows them as extra rows."""
+def test_extra_method_smoke_runs_appear_in_the_tables(tmp_path):
+    """The extra methods: a smoke sweep of each (CartesianMoE, MEO, adapter experts) runs offline, and make tables
+    shows them as extra rows."""
     for experiment, extra in (("extra_methods_t5_base_smoke", ["task=rte"]),
                               ("extra_methods_gpt2_smoke", ["task=wikitext2", "train.lr=1e-3"])):  # fmt: skip
         sweep = subprocess.run(
@@ -217,12 +218,12 @@ def test_cartesian_and_meo_smoke_runs_appear_in_the_tables(tmp_path):
             capture_output=True, text=True, cwd=ROOT, timeout=900,
         )  # fmt: skip
         assert sweep.returncode == 0, sweep.stderr[-3000:]
-    assert len(list(tmp_path.rglob(RESULTS_FILE))) == 4
+    assert len(list(tmp_path.rglob(RESULTS_FILE))) == 6
     tables.make_tables(tmp_path)
     out = tmp_path / "smoke" / "tables"
     nlu = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlu.csv").open())}
     nlg = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlg.csv").open())}
-    for method in ("cartesian", "meo"):
+    for method in ("cartesian", "meo", "adapters"):
         assert nlu[(method, "RTE")]["status"] == "ok" and nlu[(method, "RTE")]["n"] == "1"
         assert nlu[(method, "RTE")]["paper"] == ""  # not in the paper
         assert (
@@ -233,4 +234,5 @@ def test_cartesian_and_meo_smoke_runs_appear_in_the_tables(tmp_path):
     assert (
         "| +CartesianMoE | t5-base/cartesian (ran tiny-t5) | ours |" in md
         and "| +MEO | t5-base/meo (ran tiny-t5) |" in md
+        and "| +Adapters | t5-base/adapters (ran tiny-t5) |" in md
     )

@@ -249,7 +249,7 @@ def test_dry_run_cli_prints_counts_in_little_memory():
 
 
 BAD_INPUT = [
-    (["method=nonexistent"], "error: unknown method=nonexistent: method is one of cartesian, dense, meo"),
+    (["method=nonexistent"], "error: unknown method=nonexistent: method is one of adapters, cartesian, dense, meo"),
     (["model=nonexistent"], "error: unknown model=nonexistent: model is one of bert-base, gpt2, minilm, t5-base"),
     (["model=t5-base", "method=mpoe", "method.mpo.num_tensors=4"], "m = 4"),
     (["model=t5-base", "method=switch", "ablation=m3"], "only applies to MPO methods"),

@@ -27,7 +27,7 @@ FIRST_FFN = {"tiny-t5": "encoder.block.0.layer.1.DenseReluDense", "tiny-gpt2": "
 
 
 def test_every_method_config_is_covered():
-    assert {"dense", "moe", "switch", "mpoe", "mpoe++", "cartesian", "meo", "meo_token"} <= set(METHODS)
+    assert {"dense", "moe", "switch", "mpoe", "mpoe++", "cartesian", "meo", "meo_token", "adapters"} <= set(METHODS)
 
 
 # --- the autocast context -------------------------------------------------------------------------------------------

@@ -263,12 +263,13 @@ def test_stand_in_models_and_method_aliases(tmp_path: Path):
     assert "| MPOE (m=5) | gpt2/mpoe (ran tiny-gpt2) | ours | 42.00 ± 1.00 (n=3) |" in md
 
 
-def test_cartesian_and_meo_runs_are_extra_rows_without_paper_values(tmp_path: Path):
-    """Methods the paper did not run (CartesianMoE, MEO) get rows of their own in Table 1, with an empty paper
-    column; the runs of a smoke sweep on tiny stand-ins fill them (end to end: test_experiments.py, slow)."""
+def test_cartesian_meo_and_adapter_runs_are_extra_rows_without_paper_values(tmp_path: Path):
+    """Methods the paper did not run (CartesianMoE, MEO, adapter experts) get rows of their own in Table 1, with an
+    empty paper column; the runs of a smoke sweep on tiny stand-ins fill them (end to end: test_experiments.py,
+    slow)."""
     runs = tmp_path / "runs"
     accuracy = {"main_metric": "accuracy", "greater_is_better": True}
-    for method in ("cartesian", "meo"):
+    for method in ("cartesian", "meo", "adapters"):
         write_run(runs, "tiny-t5", method, "rte", 1, 1e-3, {"accuracy": 55.0}, {"accuracy": 52.0},
                   table_model="t5-base", experiment="smoke", **accuracy)  # fmt: skip
         write_run(runs, "tiny-gpt2", method, "wikitext2", 1, 1e-3, {"perplexity": 30.0},
@@ -278,7 +279,7 @@ def test_cartesian_and_meo_runs_are_extra_rows_without_paper_values(tmp_path: Pa
     out = runs / "smoke" / "tables"
     nlu = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlu.csv").open())}
     nlg = {(r["method"], r["column"]): r for r in csv.DictReader((out / "table1_nlg.csv").open())}
-    for method in ("cartesian", "meo"):
+    for method in ("cartesian", "meo", "adapters"):
         rte, ppl = nlu[(method, "RTE")], nlg[(method, "WikiText-2 PPL")]
         assert (rte["status"], rte["n"], rte["paper"], float(rte["ours_mean"])) == ("ok", "1", "", 52.0)
         assert (ppl["status"], ppl["n"], ppl["paper"], float(ppl["ours_mean"])) == ("ok", "1", "", 31.0)

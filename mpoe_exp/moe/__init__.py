@@ -2,10 +2,12 @@
 
 An expert layer (`ExpertLayer`) replaces one dense FFN. `LAYER_KINDS` maps a method's `layer` key to its
 `LayerKind`: the function that builds it (upcycled from the dense weights, or empty-shaped) and the method keys it
-takes (moe/kinds.py). The kinds: the routed MoE layer of moe/switch/mpoe, CartesianMoE, MEO. A new kind is one
-module and one line here. Routing telemetry over a model's routed layers: moe/telemetry.py.
+takes (moe/kinds.py). The kinds: the routed MoE layer of moe/switch/mpoe, CartesianMoE, MEO, adapter experts
+(moe/adapters.py). A new kind is one module and one line here. Routing telemetry over a model's routed layers:
+moe/telemetry.py.
 """
 
+from mpoe_exp.moe.adapters import AdapterFeedForward, TopKRouter, adapter_check, adapter_keys, build_adapter_layer
 from mpoe_exp.moe.cartesian import CartesianFeedForward, build_cartesian_layer
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec, MPOExperts
 from mpoe_exp.moe.kinds import (
@@ -71,12 +73,17 @@ LAYER_KINDS["cartesian"] = LayerKind(
     check=_cartesian_check,
 )
 LAYER_KINDS["meo"] = LayerKind(build_meo_layer, ("dense",), ("noisy_top_k",), _meo_keys)
+ROUTERS["switch_top_k"] = TopKRouter  # Switch's router, top-k (moe/adapters.py)
+LAYER_KINDS["adapter_moe"] = LayerKind(
+    build_adapter_layer, ("dense",), ("switch_top_k",), adapter_keys, check=adapter_check
+)
 
 __all__ = [
     "DROPPED",
     "EXPERTS",
     "LAYER_KINDS",
     "ROUTERS",
+    "AdapterFeedForward",
     "CartesianFeedForward",
     "DenseExperts",
     "ExpertLayer",
@@ -92,6 +99,7 @@ __all__ = [
     "Router",
     "Routing",
     "SwitchRouter",
+    "TopKRouter",
     "build_layer",
     "build_moe_layer",
     "central_parameters",

@@ -97,9 +97,9 @@ def test_a_key_or_router_the_kind_does_not_take_is_refused(recording_kind):
 def test_unknown_layer_kinds_and_routers_name_the_known_ones():
     from mpoe_exp.moe import ROUTERS, build_layer
 
-    with pytest.raises(UserError, match="known: cartesian, meo, moe"):
+    with pytest.raises(UserError, match="known: adapter_moe, cartesian, meo, moe"):
         LAYER_KINDS["nope"]
-    with pytest.raises(UserError, match="known: group_top1, noisy_top_k, switch"):
+    with pytest.raises(UserError, match="known: group_top1, noisy_top_k, switch, switch_top_k"):
         ROUTERS["nope"]
-    with pytest.raises(UserError, match="known: cartesian, meo, moe"):
+    with pytest.raises(UserError, match="known: adapter_moe, cartesian, meo, moe"):
         build_layer(None, {"layer": "nope"})
