@@ -6,7 +6,7 @@ RUNS ?= runs
 SMOKE = table1_t5_base_smoke table1_t5_large_smoke table1_gpt2_smoke table2_smoke table3_smoke table4_smoke \
         extra_methods_t5_base_smoke extra_methods_gpt2_smoke
 
-.PHONY: install test test-all lint dry-run tables smoke gpu-hours real-minilm minilm-converged minilm-converged-extra plain-finetune
+.PHONY: install test test-all test-sweeps lint dry-run tables smoke gpu-hours real-minilm minilm-converged minilm-converged-extra plain-finetune
 
 install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU machines) + this package
 	python3 -m venv $(VENV)
@@ -17,8 +17,11 @@ install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU m
 test:  ## the default test run (CPU, offline, one test process per core; about 10 minutes on 2 cores)
 	$(PYTHON) -m pytest -m "not slow" -q -n auto --dist worksteal
 
-test-all:  ## every test, slow ones included (sweeps, launchers, smoke + tables, benchmarks, kill/resume)
-	$(PYTHON) -m pytest -q -n auto --dist worksteal
+test-all:  ## every test but the full smoke sweeps: slow ones included (sweeps, launchers, smoke + tables, benchmarks, kill/resume)
+	$(PYTHON) -m pytest -m "not sweep" -q -n auto --dist worksteal
+
+test-sweeps:  ## the full smoke sweeps of every experiment, then the tables (35+ minutes on 2 cores)
+	$(PYTHON) -m pytest -m sweep -q
 
 lint:
 	$(PYTHON) -m ruff check mpoe_exp tests benchmarks

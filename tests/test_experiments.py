@@ -148,8 +148,12 @@ def test_smoke_experiment_then_make_tables(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 def test_all_smoke_experiments_fill_every_table(tmp_path):
-    """`make smoke` (every smoke experiment, then make tables): no row the experiments should fill is missing."""
+    """`make smoke` (every smoke experiment, then make tables): no row the experiments should fill is missing. Over
+    600 tiny runs, so `make test-sweeps` runs it, not test-all: that one runs a smoke sweep and make tables on a part
+    (test_smoke_experiment_then_make_tables, the extra methods' test), and the fast tier checks by composition that
+    the experiments fill every row (test_the_experiments_fill_every_row_of_the_paper_tables)."""
     smoke = subprocess.run(["make", "smoke", f"RUNS={tmp_path}", f"PYTHON={sys.executable}"],
                            capture_output=True, text=True, cwd=ROOT, timeout=3600)  # fmt: skip
     assert smoke.returncode == 0, smoke.stderr[-3000:]

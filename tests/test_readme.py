@@ -99,3 +99,17 @@ def test_reproduction_shows_the_real_minilm_table_make_tables_wrote():
     cells = "\n".join(written[2:])
     assert "missing" not in cells and "†" not in cells
     assert cells.count("(n=3)") == 7 * 2
+
+
+def test_the_two_test_tiers_are_named_in_the_readme_and_ci_runs_every_test():
+    """make test is the fast tier (no slow tests), make test-all every test; CI runs make test-all after installing
+    as the README says, and the README shows both commands."""
+    root = README.parent
+    makefile = (root / "Makefile").read_text()
+    fast = re.search(r"^test:.*\n\t(.*)$", makefile, re.M).group(1)
+    everything = re.search(r"^test-all:.*\n\t(.*)$", makefile, re.M).group(1)
+    assert '-m "not slow"' in fast and '-m "not sweep"' in everything
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines() if line.startswith("make")]
+    assert ci == ["make install", "make test-all"]
+    commands = [line.split("#")[0].strip() for line in README.read_text().splitlines()]
+    assert {"make install", "make test", "make test-all"} <= set(commands)
