@@ -278,7 +278,7 @@ def _footnote(table: Table) -> list[str]:
         "hyperparameter setting with the best mean validation main metric; n = seeds; no std with one seed.",
         f"{DAGGER} fewer than {MIN_SEEDS} seeds. missing: not run (or no finished run). "
         "ours − paper: signed difference of means (for PPL lower is better). Rows the paper does not have "
-        "(CartesianMoE, MEO) leave the paper's lines blank.",
+        "(CartesianMoE, MEO, adapter experts) leave the paper's lines blank.",
     ]
     chosen = []
     for row in table.rows:
