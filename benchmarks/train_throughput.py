@@ -33,8 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mpoe_exp import compose_config
 from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.models import build_model
-from mpoe_exp.moe import central_parameters
-from mpoe_exp.training import TrainingStep, adamw
+from mpoe_exp.training import TrainingStep, adamw, training_hooks
 
 
 def t5_shape(d_model: int, d_ff: int, heads: int, layers: int) -> list[str]:
@@ -75,13 +74,13 @@ class Run:
             optimizer = adamw(params, lr=1e-4)
         else:  # torch's default implementation
             optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=optimizer == "foreach")
-        prob = cfg.method.get("gradient_mask_prob", 0.0) if cfg.method.experts == "mpo" else 0.0
+        hooks = training_hooks(self.model)
         self.step_fn = TrainingStep(
             self.model,
             optimizer,
             torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
             torch.amp.GradScaler(device.type, enabled=False),
-            CentralGradientMask(central_parameters(self.model), prob, seed=0),
+            CentralGradientMask(hooks.central_parameters(), hooks.gradient_mask_prob, seed=0),
             grad_clip=1.0,
             precision=precision,
             device=device,

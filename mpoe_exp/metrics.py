@@ -316,25 +316,8 @@ def self_bleu(samples: Sequence[Sequence[str]], n: int, max_samples: int | None 
             f"Self-BLEU needs at least two samples (each is scored against the others), got {len(samples)}"
         )
 
-    # Per n-gram: the largest count in any sample, how many samples reach it, and the second largest count (over
-    # the remaining samples). Leaving sample i out changes the maximum only where i alone holds it.
     sample_counts = [[_ngram_counts(sample, order) for order in range(1, n + 1)] for sample in samples]
-    top: list[dict[Ngram, int]] = [{} for _ in range(n)]
-    top_holders: list[dict[Ngram, int]] = [{} for _ in range(n)]
-    runner_up: list[dict[Ngram, int]] = [{} for _ in range(n)]
-    for counts_by_order in sample_counts:
-        for k, counts in enumerate(counts_by_order):
-            best, holders, second = top[k], top_holders[k], runner_up[k]
-            for ngram, count in counts.items():
-                current = best.get(ngram, 0)
-                if count > current:
-                    if current > 0:
-                        second[ngram] = current
-                    best[ngram], holders[ngram] = count, 1
-                elif count == current:
-                    holders[ngram] += 1
-                elif count > second.get(ngram, 0):
-                    second[ngram] = count
+    top, top_holders, runner_up = _largest_counts(sample_counts, n)
     length_multiplicity = Counter(len(sample) for sample in samples)
     all_lengths = sorted(length_multiplicity)
 
@@ -363,6 +346,30 @@ def self_bleu(samples: Sequence[Sequence[str]], n: int, max_samples: int | None 
     return BleuResult(
         score=100.0 * total / len(samples), n=n, num_hypotheses=len(samples), num_references=len(samples) - 1
     )
+
+
+def _largest_counts(
+    sample_counts: list[list[Counter]], n: int
+) -> tuple[list[dict[Ngram, int]], list[dict[Ngram, int]], list[dict[Ngram, int]]]:
+    """Per order and n-gram: the largest count in any sample, how many samples reach it, and the second largest
+    count (over the remaining samples). Leaving sample i out changes the maximum only where i alone holds it."""
+    top: list[dict[Ngram, int]] = [{} for _ in range(n)]
+    top_holders: list[dict[Ngram, int]] = [{} for _ in range(n)]
+    runner_up: list[dict[Ngram, int]] = [{} for _ in range(n)]
+    for counts_by_order in sample_counts:
+        for k, counts in enumerate(counts_by_order):
+            best, holders, second = top[k], top_holders[k], runner_up[k]
+            for ngram, count in counts.items():
+                current = best.get(ngram, 0)
+                if count > current:
+                    if current > 0:
+                        second[ngram] = current
+                    best[ngram], holders[ngram] = count, 1
+                elif count == current:
+                    holders[ngram] += 1
+                elif count > second.get(ngram, 0):
+                    second[ngram] = count
+    return top, top_holders, runner_up
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,11 @@ from mpoe_exp.errors import UserError
 from mpoe_exp.moe import (
     ExpertLayer,
     FeedForwardSpec,
+    MoETrainingHooks,
     MPOExperts,
     build_layer,
     hand_token_mask_to_layers,
+    mask_probability,
     moe_layers,
 )
 
@@ -302,7 +304,8 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
 
     from_weights=False builds empty layers of the right shapes (meta-device dry run, or before loading a state
     dict). Each FFN is replaced as soon as its layer is built, so the dense weights are freed one by one and the
-    n expert copies of an MPO layer are never materialized.
+    n expert copies of an MPO layer are never materialized. The model then owns its training hooks (`training_hooks`:
+    aux loss, per-step contraction, the gradient mask's tensors, telemetry; moe/hooks.py).
     """
     method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
     if method.get("experts", "none") == "none":
@@ -333,6 +336,7 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
         progress.update()
     progress.close()
     hand_token_masks(model)
+    model.training_hooks = MoETrainingHooks(model, mask_probability(method))  # what the trainer needs (moe/hooks.py)
     return model
 
 

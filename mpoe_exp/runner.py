@@ -32,13 +32,8 @@ def run(cfg: DictConfig) -> Path:
     if not cfg.force and check_finished(directory, digest):
         return directory
     if cfg.force and dist.is_main:
-        for name in (
-            "checkpoints/last.pt",
-            "checkpoints/best.pt",
-            results.RESULTS_FILE,
-            "train.log",
-            WANDB_RUN_ID_FILE,
-        ):
+        outputs = ("checkpoints/last.pt", "checkpoints/best.pt", results.RESULTS_FILE, "train.log", WANDB_RUN_ID_FILE)
+        for name in outputs:
             (directory / name).unlink(missing_ok=True)
     dist.barrier()
     directory.mkdir(parents=True, exist_ok=True)
@@ -53,10 +48,33 @@ def run(cfg: DictConfig) -> Path:
     task = build_task(cfg, tokenizer)
     parameters = parameter_report(model)
     logger = make_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
-    trainer = Trainer(model, task, cfg.train, cfg.method, directory, cfg.seed, device, logger, dist, digest)
+    trainer = Trainer(model, task, cfg.train, directory, cfg.seed, device, logger, dist, digest)
     if dist.is_main:
         print_plan(cfg, directory, digest, device, parameters, trainer, kept)
-    summary = {
+    summary = run_summary(cfg, digest, task, dist.world_size, parameters)
+    try:
+        state = trainer.fit()
+    except TrainingDiverged as err:
+        if dist.is_main:
+            results.write_results(directory, {"status": "failed", "error": str(err), **summary})
+        logger.finish({"status": "failed"})
+        raise
+    trainer.load_best()
+    best = next(h for h in state.history if h["step"] == state.best_step)
+    test_metrics = trainer.evaluate("test")
+    if not dist.is_main:
+        return directory
+    path = results.write_results(directory, finished_record(summary, state, trainer, best, test_metrics))
+    # the resume checkpoint (weights, optimizer moments, RNG) is never read once the run has finished
+    (directory / "checkpoints" / LAST).unlink(missing_ok=True)
+    logger.finish({"test": test_metrics, "best_validation": best["validation"], "best_step": state.best_step})
+    print_outcome(path, task, best, test_metrics)
+    return directory
+
+
+def run_summary(cfg: DictConfig, digest: str, task, world_size: int, parameters: dict[str, int]) -> dict:
+    """What results.json says of a run before it trains (a failed run's record is this and its error)."""
+    return {
         "experiment": cfg.experiment_name,
         "model": cfg.model.name,
         "table_model": results.table_model(cfg),
@@ -71,50 +89,39 @@ def run(cfg: DictConfig) -> Path:
         "main_metric": task.main_metric,
         "greater_is_better": task.greater_is_better,
         "split_sizes": task.split_sizes,
-        "world_size": dist.world_size,
+        "world_size": world_size,
         "parameters": parameters,
         "code_version": results.code_version(),
         "library_versions": results.library_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    try:
-        state = trainer.fit()
-    except TrainingDiverged as err:
-        if dist.is_main:
-            results.write_results(directory, {"status": "failed", "error": str(err), **summary})
-        logger.finish({"status": "failed"})
-        raise
-    trainer.load_best()
-    best = next(h for h in state.history if h["step"] == state.best_step)
-    test_metrics = trainer.evaluate("test")
-    if not dist.is_main:
-        return directory
-    path = results.write_results(
-        directory,
-        {
-            "status": "finished",
-            **summary,
-            "validation": best["validation"],
-            "test": test_metrics,
-            "best_step": state.best_step,
-            "steps": state.step,
-            "central_updates": trainer.mask.central_updates,
-            "history": state.history,
-            "wall_time_s": trainer.wall_seconds(),  # adds up across resumes
-            "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
-        },
-    )
-    # the resume checkpoint (weights, optimizer moments, RNG) is never read once the run has finished
-    (directory / "checkpoints" / LAST).unlink(missing_ok=True)
-    logger.finish({"test": test_metrics, "best_validation": best["validation"], "best_step": state.best_step})
-    print(f"results: {path}")
-    print(f"  validation {describe_metric(task, best['validation'], 'validation')} (best of step {state.best_step})")
-    print(f"  test       {describe_metric(task, test_metrics, 'test')}")
+
+
+def finished_record(summary: dict, state, trainer, best: dict, test_metrics: dict) -> dict:
+    """results.json of a finished run: the summary, the best checkpoint's validation and test metrics, the history."""
+    return {
+        "status": "finished",
+        **summary,
+        "validation": best["validation"],
+        "test": test_metrics,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "central_updates": trainer.mask.central_updates,
+        "history": state.history,
+        "wall_time_s": trainer.wall_seconds(),  # adds up across resumes
+        "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
+    }
+
+
+def print_outcome(path: Path, task, best: dict, test_metrics: dict) -> None:
+    """The finished run's last lines: where its results are, validation (best step), test, routing."""
     from mpoe_exp.moe import routing_summary
 
+    print(f"results: {path}")
+    print(f"  validation {describe_metric(task, best['validation'], 'validation')} (best of step {best['step']})")
+    print(f"  test       {describe_metric(task, test_metrics, 'test')}")
     for line in routing_summary(best.get("routing")):  # the best checkpoint's evaluation, for routed layers
         print(f"  {line}")
-    return directory
 
 
 # Below this many parameters a model's matmuls are too small to share between threads: with one more thread than

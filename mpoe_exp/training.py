@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -53,7 +53,6 @@ from tqdm.auto import tqdm
 
 from mpoe_exp.errors import UserError
 from mpoe_exp.gradient_mask import CentralGradientMask
-from mpoe_exp.moe import MPOExperts, central_parameters, collect_aux_loss, reset_routing_stats, routing_stats
 from mpoe_exp.results import atomic_replace, atomic_write_text
 from mpoe_exp.tasks.protocol import Task
 
@@ -429,7 +428,7 @@ class TrainingStep:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast(self.device, self.precision):
                 loss = loss_fn(forward_model, batch)
-                aux = collect_aux_loss(self.model)
+                aux = training_hooks(self.model).aux_loss()
                 if aux is not None:
                     loss = loss + aux
             if not torch.isfinite(loss):
@@ -450,26 +449,70 @@ class TrainingStep:
         return self.scaler.get_scale() >= scale
 
 
+class TrainingHooks(Protocol):
+    """What the trainer needs of a model with expert layers; the model owns it (`model.training_hooks`, set when the
+    model is upcycled: moe/hooks.py). A model without it trains as a dense one (`NO_EXPERTS`)."""
+
+    gradient_mask_prob: float  # p_b: how often a step leaves the central parameters out
+
+    def aux_loss(self) -> torch.Tensor | None: ...  # added to the task loss of each forward
+    def central_parameters(self) -> list[torch.nn.Parameter]: ...  # what the gradient mask acts on
+    def begin_step(self) -> None: ...  # an optimizer step of several micro-batches starts (under autocast)
+    def end_step(self, backward: bool = True) -> None: ...  # it ends; backward=False: it failed before backward
+    def reset_routing_stats(self) -> None: ...  # start recording where tokens are routed (an evaluation)
+    def routing_stats(self) -> dict[str, dict[str, Any]]: ...  # end it: per routed layer, its telemetry
+
+
+class _NoExperts:
+    gradient_mask_prob = 0.0
+
+    def aux_loss(self) -> None:
+        return None
+
+    def central_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def begin_step(self) -> None:
+        pass
+
+    def end_step(self, backward: bool = True) -> None:
+        pass
+
+    def reset_routing_stats(self) -> None:
+        pass
+
+    def routing_stats(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+
+NO_EXPERTS: TrainingHooks = _NoExperts()
+
+
+def training_hooks(model: torch.nn.Module) -> TrainingHooks:
+    return getattr(model, "training_hooks", None) or NO_EXPERTS
+
+
 @contextlib.contextmanager
 def one_contraction_per_step(
     model: torch.nn.Module, device: torch.device, precision: str, forward_model: torch.nn.Module, micro_batches: int
 ) -> Iterator[None]:
-    """With gradient accumulation, every MPO expert matrix is contracted once per optimizer step, not once per
-    micro-batch, and its gradient goes back through the contraction once (`MPOExperts.begin_step`). Not under
-    DistributedDataParallel, whose reducer expects every parameter's gradient from each micro-batch's backward."""
+    """With gradient accumulation, the model's expert matrices are computed once per optimizer step, not once per
+    micro-batch (`TrainingHooks.begin_step`: MPO experts contract each matrix once and send its gradient back through
+    the contraction once). Not under DistributedDataParallel, whose reducer expects every parameter's gradient from
+    each micro-batch's backward."""
     distributed = isinstance(forward_model, torch.nn.parallel.DistributedDataParallel)
-    experts = [m for m in model.modules() if isinstance(m, MPOExperts)] if micro_batches > 1 and not distributed else []
+    if micro_batches == 1 or distributed:
+        yield
+        return
+    hooks = training_hooks(model)
     with autocast(device, precision):  # contracted as the forward would (in the autocast dtype)
-        for e in experts:
-            e.begin_step()
+        hooks.begin_step()
     try:
         yield
     except BaseException:
-        for e in experts:
-            e.end_step(backward=False)
+        hooks.end_step(backward=False)
         raise
-    for e in experts:
-        e.end_step()
+    hooks.end_step()
 
 
 # --- the trainer ------------------------------------------------------------------------------------------------
@@ -495,7 +538,6 @@ class Trainer:
         model,
         task: Task,
         train_cfg: DictConfig,
-        method_cfg: DictConfig,
         run_dir: Path,
         seed: int,
         device,
@@ -529,8 +571,8 @@ class Trainer:
             weight_decay=train_cfg.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
-        prob = method_cfg.get("gradient_mask_prob", 0.0) if method_cfg.get("experts") == "mpo" else 0.0
-        self.mask = CentralGradientMask(central_parameters(model), prob, seed=seed)
+        self.hooks = training_hooks(model)
+        self.mask = CentralGradientMask(self.hooks.central_parameters(), self.hooks.gradient_mask_prob, seed=seed)
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=train_cfg.precision == "fp16")
         self.training_step = TrainingStep(
             model,
@@ -745,9 +787,9 @@ class Trainer:
             torch.distributed.all_reduce(loss)
             train_loss = loss.item() / self.dist.world_size
         state.running_loss, state.running_batches = 0.0, 0
-        reset_routing_stats(self.model)  # where the routed layers send the validation pass's tokens (moe/telemetry.py)
+        self.hooks.reset_routing_stats()  # where the routed layers send the validation pass's tokens
         metrics = self.evaluate("validation")
-        routing = routing_stats(self.model)
+        routing = self.hooks.routing_stats()
         value = metrics[self.task.main_metric]
         better = replaces_best(metrics, self.best_validation(), self.task.main_metric, self.task.greater_is_better)
         record = {

@@ -381,7 +381,7 @@ def tiny_trainer(tmp_path, *overrides: str, freeze_centrals: bool = False, model
         for p in central_parameters(model):
             p.requires_grad_(False)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, RandomSeq2SeqTask(), cfg.train, cfg.method, tmp_path, cfg.seed, torch.device("cpu"))
+    trainer = Trainer(model, RandomSeq2SeqTask(), cfg.train, tmp_path, cfg.seed, torch.device("cpu"))
     return trainer, model
 
 
@@ -450,12 +450,13 @@ class OneMPOLayer(nn.Module):
     """One upcycled MPOE layer (8 experts, m = 5) on random inputs: the mask's statistics at little cost."""
 
     def __init__(self, method_cfg, d_model: int = 32, d_ff: int = 64):
-        from mpoe_exp.moe import FeedForwardSpec, build_moe_layer
+        from mpoe_exp.moe import FeedForwardSpec, MoETrainingHooks, build_moe_layer, mask_probability
 
         super().__init__()
         g = torch.Generator().manual_seed(0)
         weights = {"wi": torch.randn(d_ff, d_model, generator=g), "wo": torch.randn(d_model, d_ff, generator=g)}
         self.ffn = build_moe_layer(FeedForwardSpec(d_model, d_ff, "relu"), method_cfg, weights)
+        self.training_hooks = MoETrainingHooks(self, mask_probability(method_cfg))  # as upcycle gives a model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(x)
@@ -486,7 +487,7 @@ def test_default_mask_updates_the_centrals_on_about_half_of_200_steps(tmp_path):
 
     cfg = compose_config(["method=mpoe", "train.max_steps=200", "train.batch_size=4", "train.lr=1e-3"])
     model = OneMPOLayer(cfg.method)
-    trainer = Trainer(model, RegressionTask(), cfg.train, cfg.method, tmp_path, cfg.seed, torch.device("cpu"))
+    trainer = Trainer(model, RegressionTask(), cfg.train, tmp_path, cfg.seed, torch.device("cpu"))
     assert trainer.mask.prob == 0.5
     snapshots = central_snapshots_per_step(trainer, model)
     trainer.fit()

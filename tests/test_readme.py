@@ -113,3 +113,24 @@ def test_the_two_test_tiers_are_named_in_the_readme_and_ci_runs_every_test():
     assert ci == ["make install", "make test-all"]
     commands = [line.split("#")[0].strip() for line in README.read_text().splitlines()]
     assert {"make install", "make test", "make test-all"} <= set(commands)
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's "The same from Python" block, run as written on a random batch with an AdamW optimizer."""
+    import torch
+
+    text = README.read_text()
+    start = text.index("```python", text.index("The same from Python")) + len("```python")
+    code = text[start : text.index("```", start)]
+    monkeypatch.chdir(tmp_path)
+    setup = {
+        "batch": {
+            "input_ids": torch.randint(3, 60, (2, 5)),
+            "attention_mask": torch.ones(2, 5, dtype=torch.long),
+            "labels": torch.randint(3, 60, (2, 3)),
+        }
+    }
+    namespace = dict(setup)
+    code = code.replace("mask.step(optimizer)", "loss.backward(); mask.step(torch.optim.AdamW(model.parameters()))")
+    exec(compile("import torch\n" + code, "README.md", "exec"), namespace)
+    assert (tmp_path / "ckpt").is_dir() and namespace["cfg"].method.name == "mpoe"

@@ -71,13 +71,12 @@ def test_no_import_circles_between_modules():
     assert cycles(graph) == []
 
 
-def test_no_function_in_the_training_loop_is_longer_than_about_60_lines():
-    tree = ast.parse((PACKAGE / "training.py").read_text())
-    long = {
-        n.name: n.end_lineno - n.lineno + 1
-        for n in ast.walk(tree)
-        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > 60
-    }
+def test_no_function_in_the_package_is_longer_than_60_lines():
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > 60:
+                long[f"{module_name(path)}.{n.name}"] = n.end_lineno - n.lineno + 1
     assert long == {}
 
 
@@ -98,3 +97,51 @@ def test_every_task_class_implements_the_task_protocol():
         assert isinstance(instance, Task)  # the attributes are there, not only declared
         built.add(type(instance))
     assert built == classes
+
+
+def code_words(path: Path) -> set[str]:
+    """The lower-case words of the names and strings `path`'s code uses (docstrings and comments left out):
+    `central_parameters` gives central and parameters, `MPOExperts` gives mpo and experts."""
+    import re
+
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    names = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            names.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            names.add(n.attr)
+        elif isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(n.name)
+        elif isinstance(n, ast.arg):
+            names.add(n.arg)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:
+            names.add(n.value)
+    return {w.lower() for name in names for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)}
+
+
+def test_code_words_splits_names():
+    source = ROOT / "tests" / "test_structure.py"
+    assert {"code", "words", "docstrings"} <= code_words(source)
+
+
+def test_the_trainer_knows_no_method_and_no_expert_kind():
+    """What training needs of an expert model, the model gives (its `training_hooks`, moe/hooks.py): training.py
+    imports nothing from moe/ and its code names no method (conf/method/) and no kind of expert."""
+    from mpoe_exp.moe import EXPERTS
+
+    training = PACKAGE / "training.py"
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    assert {m for m in imported_modules(training, modules) if m.startswith("mpoe_exp.moe")} == set()
+    methods = {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
+    kinds = set(EXPERTS)
+    assert {"mpoe", "switch", "dense"} <= methods and "mpo" in kinds
+    assert code_words(training) & (methods | kinds) == set()

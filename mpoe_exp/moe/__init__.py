@@ -4,12 +4,14 @@ An expert layer (`ExpertLayer`) replaces one dense FFN. `LAYER_KINDS` maps a met
 `LayerKind`: the function that builds it (upcycled from the dense weights, or empty-shaped) and the method keys it
 takes (moe/kinds.py). The kinds: the routed MoE layer of moe/switch/mpoe, CartesianMoE, MEO, adapter experts
 (moe/adapters.py). A new kind is one module and one line here. Routing telemetry over a model's routed layers:
-moe/telemetry.py.
+moe/telemetry.py. What the trainer needs of an upcycled model (aux loss, the per-step contraction, the centrals
+for the gradient mask, telemetry) is the model's `training_hooks` (moe/hooks.py).
 """
 
 from mpoe_exp.moe.adapters import AdapterFeedForward, TopKRouter, adapter_check, adapter_keys, build_adapter_layer
 from mpoe_exp.moe.cartesian import CartesianFeedForward, build_cartesian_layer
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec, MPOExperts
+from mpoe_exp.moe.hooks import MoETrainingHooks, mask_probability
 from mpoe_exp.moe.kinds import (
     LAYER_KINDS,
     ExpertLayer,
@@ -94,6 +96,7 @@ __all__ = [
     "MPOExperts",
     "MergedExpertsFeedForward",
     "MoEFeedForward",
+    "MoETrainingHooks",
     "NoisyTopKRouter",
     "RoutedLayer",
     "Router",
@@ -106,6 +109,7 @@ __all__ = [
     "collect_aux_loss",
     "expert_layers",
     "hand_token_mask_to_layers",
+    "mask_probability",
     "moe_layers",
     "needs_full_sequence",
     "placement",
