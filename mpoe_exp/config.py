@@ -10,11 +10,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mpoe_exp import mpo
+from mpoe_exp.conf_files import CONFIG_DIR, with_matched
 from mpoe_exp.errors import UserError
-from mpoe_exp.moe.kinds import kind_of
 
-CONFIG_DIR = Path(os.environ.get("MPOE_EXP_CONF", Path(__file__).resolve().parent.parent / "conf"))
 CONFIG_NAME = "config"
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 
@@ -133,6 +131,8 @@ def expand_sweep(arguments: list[str]) -> list[list[str]]:
 def validate_config(cfg: DictConfig) -> None:
     """Refuse bad settings and bad combinations before any work starts: every key against its typed schema
     (mpoe_exp/schema.py), then the relations between keys."""
+    from mpoe_exp import mpo
+    from mpoe_exp.moe.kinds import kind_of
     from mpoe_exp.schema import check_config
 
     method = cfg.method
@@ -146,7 +146,7 @@ def validate_config(cfg: DictConfig) -> None:
     if method.experts == "none":
         return
     layer_name, kind = kind_of(method)
-    refusal = kind.refusal(layer_name, OmegaConf.to_container(method, resolve=True))  # relations between its keys
+    refusal = kind.refusal(layer_name, with_matched(OmegaConf.to_container(method, resolve=True)))  # between its keys
     if refusal:
         raise UserError(refusal)
     top_k = method.router.get("top_k")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from mpoe_exp.conf_files import method_config
 from mpoe_exp.config import CONFIG_DIR, method_label
 from mpoe_exp.models import build_model, parameter_report
 
@@ -18,10 +19,8 @@ def paper_figure(cfg: DictConfig) -> float | None:
 
 def matched_total(cfg: DictConfig, method: str) -> int:
     """The total parameter count of cfg's model with `method` (a conf/method file as it is) instead of cfg's."""
-    from mpoe_exp.moe.adapters import matched_method
-
     other = cfg.copy()
-    other.method = OmegaConf.create(matched_method(method))
+    other.method = OmegaConf.create(method_config(method))
     model, _ = build_model(other, meta=True)
     return parameter_report(model)["total"]
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpoe_exp.conf_files import with_matched
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import (
     ExpertLayer,
@@ -308,6 +309,7 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
     aux loss, per-step contraction, the gradient mask's tensors, telemetry; moe/hooks.py).
     """
     method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
+    method = with_matched(method)  # a method sized to another's parameter count reads that one's config
     if method.get("experts", "none") == "none":
         return model
     sites = list(ffn_sites(model))

@@ -52,6 +52,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mpoe_exp.conf_files import with_matched
 from mpoe_exp.config import method_label
 from mpoe_exp.errors import UserError
 
@@ -106,11 +107,8 @@ def configured_identity(cfg: DictConfig) -> dict[str, Any]:
     another's parameter count (`method.match_params`, moe/adapters.py) takes its size from that method's config
     file, so that file's settings are part of the identity too (`method.matched`)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
-    matched = (tree.get("method") or {}).get("match_params")
-    if matched:
-        from mpoe_exp.moe.adapters import matched_method
-
-        tree["method"]["matched"] = matched_method(matched)
+    if tree.get("method"):
+        tree["method"] = with_matched(tree["method"])
     left_out = set(NOT_IN_IDENTITY)
     if not _capacity_limited_in_evaluation(tree.get("method")):
         left_out.add(EVAL_BATCH_SIZE)

@@ -179,16 +179,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtypes[precision])
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy over labels != -100. logits (B, T, V), labels (B, T)."""
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=-100,
-        label_smoothing=label_smoothing,
-    )
-
-
 def processed_tokens(batch: dict[str, torch.Tensor], encoder_decoder: bool) -> int:
     """Non-padding tokens the model reads: inputs by attention_mask, plus the decoder's targets (encoder-decoder)."""
     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()

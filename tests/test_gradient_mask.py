@@ -357,7 +357,7 @@ class RandomSeq2SeqTask:
         }
 
     def loss(self, model, batch: dict, label_smoothing: float) -> torch.Tensor:
-        from mpoe_exp.training import token_loss
+        from mpoe_exp.tasks.losses import token_loss
 
         return token_loss(model(**batch).logits, batch["labels"], label_smoothing)
 

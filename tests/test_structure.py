@@ -145,3 +145,45 @@ def test_the_trainer_knows_no_method_and_no_expert_kind():
     kinds = set(EXPERTS)
     assert {"mpoe", "switch", "dense"} <= methods and "mpo" in kinds
     assert code_words(training) & (methods | kinds) == set()
+
+
+def test_tasks_import_nothing_from_training():
+    """Layering: a task formats data, computes its loss and scores predictions; the trainer calls it, never the
+    reverse (the token loss the tasks share is tasks/losses.py)."""
+    graph = import_graph()
+    offending = {
+        (name, dep)
+        for name, deps in graph.items()
+        if name.startswith("mpoe_exp.tasks")
+        for dep in deps
+        if dep == "mpoe_exp.training" or dep.startswith("mpoe_exp.training.")
+    }
+    assert offending == set()
+
+
+MODEL_CODE = ("torch", "transformers", "mpoe_exp.models", "mpoe_exp.moe", "mpoe_exp.mpo", "mpoe_exp.training")
+
+
+def test_make_tables_imports_no_model_code(tmp_path):
+    """Layering: `make tables` reads results files; it runs (tables, comparisons, figures) without importing torch,
+    transformers or any model code of the package. Run on the committed record of the converged MiniLM study, in a
+    fresh interpreter, whose modules are listed at the end."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    shutil.copytree(ROOT / "docs" / "minilm_converged" / "runs", runs)
+    script = f"""
+import json, sys
+from mpoe_exp import tables
+tables.main([{str(runs)!r}, "--experiment", "minilm_converged"])
+print(json.dumps(sorted(sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    modules = json.loads(done.stdout.strip().splitlines()[-1])
+    written = list((runs / "minilm_converged" / "tables").iterdir())
+    assert any(p.suffix == ".md" for p in written) and any(p.suffix == ".png" for p in written)  # tables, figures
+    loaded = [m for m in modules if any(m == c or m.startswith(c + ".") for c in MODEL_CODE)]
+    assert loaded == []

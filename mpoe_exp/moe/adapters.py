@@ -47,7 +47,8 @@ here touches. Every choice:
   empty on the meta device, from conf/method/<method>.yaml as it is), P_fixed the shared FFN's and the router's. Every
   method changes the FFN layers only, so the totals then match within n d parameters per layer (rounding r):
   t5-base r = 241, gpt2 r = 241, minilm r = 139 against mpoe (`dry_run=true` prints both totals). The matched
-  method's settings are part of the run's identity (`method.matched` in results.py), so editing its file makes new
+  method's settings are part of the run's identity (`method.matched`, which the config layer adds:
+  mpoe_exp.conf_files.with_matched), so editing its file makes new
   runs rather than reusing finished ones; a checkpoint saved with `match_params` is reloaded with the rank the
   method file gives then.
 """
@@ -55,14 +56,12 @@ here touches. Every choice:
 from __future__ import annotations
 
 import functools
+import json
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from mpoe_exp.errors import UserError
@@ -167,47 +166,29 @@ class AdapterFeedForward(RoutedLayer):
 # --- the rank: set, or matched to another method's parameter count ----------------------------------------------
 
 
-def method_dir() -> Path:
-    """conf/method, where mpoe_exp.config.CONFIG_DIR says (read the same way here: config imports this package)."""
-    return Path(os.environ.get("MPOE_EXP_CONF", Path(__file__).resolve().parents[2] / "conf")) / "method"
+def _matched(method: Mapping[str, Any]) -> dict:
+    """The matched method's config, which the config layer adds as `method.matched` (conf_files.with_matched)."""
+    if method.get("matched") is None:
+        raise UserError(
+            f"method.match_params={method['match_params']}: the matched method's config is missing (build the model "
+            f"from mpoe_exp.compose_config, or add it as method.matched)"
+        )
+    return dict(method["matched"])
 
 
-@functools.cache
-def _method_file(name: str) -> dict:
-    """conf/method/<name>.yaml as Hydra composes it: the method files its `defaults` name, then its own keys."""
-    path = method_dir() / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"method.match_params={name}: there is no conf/method/{name}.yaml")
-    own = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    defaults = own.pop("defaults", None) or ["_self_"]
-    if "_self_" not in defaults:
-        defaults = [*defaults, "_self_"]
-    merged = OmegaConf.create()
-    for entry in defaults:
-        merged = OmegaConf.merge(merged, own if entry == "_self_" else _method_file(entry))
-    return OmegaConf.to_container(merged)
-
-
-def matched_method(name: str) -> dict:
-    """The method config `match_params` names (a copy)."""
-    return OmegaConf.to_container(OmegaConf.create(_method_file(name)))
-
-
-def _matched_refusal(name: str) -> str | None:
-    try:
-        target = matched_method(name)
-    except UserError as err:
-        return str(err)
+def _matched_refusal(method: Mapping[str, Any]) -> str | None:
+    target, name = _matched(method), method["match_params"]
     if target.get("experts", "none") == "none" or target.get("layer") == LAYER:
         return f"method.match_params={name}: match the parameters of a method with other experts (mpoe, mpoe++, ...)"
     return None
 
 
 @functools.cache
-def _matched_rank(spec: FeedForwardSpec, num_experts: int, name: str) -> int:
+def _matched_rank(spec: FeedForwardSpec, num_experts: int, name: str, matched: str) -> int:
+    """The rank for `name`'s parameter count; `matched` its config as JSON (so that the cache can key on it)."""
     with torch.device("meta"):
         try:
-            target = build_layer(spec, matched_method(name), device="meta")
+            target = build_layer(spec, json.loads(matched), device="meta")
         except ValueError as err:  # an MPO factorization that does not fit this FFN
             raise UserError(f"method.match_params={name}: {err}") from None
         router = TopKRouter(spec.d_model, num_experts)
@@ -226,7 +207,8 @@ def _matched_rank(spec: FeedForwardSpec, num_experts: int, name: str) -> int:
 def adapter_rank(spec: FeedForwardSpec, method: Mapping[str, Any]) -> int:
     """The adapters' rank r: `method.rank`, or the one that matches `method.match_params`'s parameter count."""
     if method.get("match_params"):
-        return _matched_rank(spec, method["num_experts"], method["match_params"])
+        matched = json.dumps(_matched(method), sort_keys=True)
+        return _matched_rank(spec, method["num_experts"], method["match_params"], matched)
     return method["rank"]
 
 
@@ -250,7 +232,7 @@ def adapter_check(method: Mapping[str, Any]) -> str | None:
         )
     if rank is None and matched is None:
         return f"method.layer={LAYER} needs the adapters' rank: set method.rank or method.match_params (e.g. mpoe)"
-    return _matched_refusal(matched) if matched is not None else None
+    return _matched_refusal(method) if matched is not None else None
 
 
 def build_adapter_layer(

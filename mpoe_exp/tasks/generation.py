@@ -46,6 +46,7 @@ from mpoe_exp.errors import UserError
 from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import text_data
 from mpoe_exp.tasks.data_location import task_data_dir
+from mpoe_exp.tasks.losses import token_loss
 from mpoe_exp.tasks.protocol import Task
 
 DEFAULT_SAMPLE_BATCH_SIZE = 500
@@ -66,8 +67,6 @@ def causal_lm_collate(sequences: Sequence[Sequence[int]], pad_token_id: int) -> 
 
 def causal_lm_loss(model, batch: dict, label_smoothing: float) -> torch.Tensor:
     """Training loss of a causal LM: token t predicts token t+1 (labels -100 are ignored)."""
-    from mpoe_exp.training import token_loss
-
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return token_loss(logits[:, :-1], batch["labels"][:, 1:], label_smoothing)
 

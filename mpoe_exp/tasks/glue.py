@@ -18,8 +18,8 @@ from mpoe_exp import metrics
 from mpoe_exp.moe import needs_full_sequence
 from mpoe_exp.tasks import glue_data
 from mpoe_exp.tasks.data_location import task_data_dir
+from mpoe_exp.tasks.losses import token_loss
 from mpoe_exp.tasks.protocol import Task
-from mpoe_exp.training import token_loss
 
 
 def pad(sequences: list[list[int]], value: int) -> torch.Tensor:

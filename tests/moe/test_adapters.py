@@ -226,11 +226,9 @@ def test_match_params_matches_mpoes_total_within_one_percent(capsys, model_name,
 
 
 def test_the_matched_method_is_read_from_the_configs_method_folder():
-    from mpoe_exp.config import CONFIG_DIR
-    from mpoe_exp.moe.adapters import matched_method, method_dir
+    from mpoe_exp.conf_files import method_config
 
-    assert method_dir() == CONFIG_DIR / "method"
-    assert matched_method("mpoe++") == {**matched_method("mpoe"), "name": "mpoe++", "num_experts": 16}
+    assert method_config("mpoe++") == {**method_config("mpoe"), "name": "mpoe++", "num_experts": 16}
 
 
 def test_rank_set_directly_and_matched_to_another_method():
@@ -306,19 +304,18 @@ def test_save_and_load_roundtrip(tmp_path):
 def test_the_matched_methods_settings_are_part_of_the_identity(monkeypatch):
     """The rank comes from another method's config file: a change there is a different run, never "already
     finished"."""
-    from mpoe_exp import results
-    from mpoe_exp.moe import adapters
+    from mpoe_exp import conf_files, results
 
     cfg = compose_config(["model=tiny-t5", "method=adapters", "task=cola"])
     before = results.config_hash(cfg)
-    original = adapters.matched_method
+    original = conf_files.method_config
 
     def mpoe_with_m3(name: str) -> dict:
         changed = original(name)
         changed["mpo"]["num_tensors"] = 3
         return changed
 
-    monkeypatch.setattr(adapters, "matched_method", mpoe_with_m3)
+    monkeypatch.setattr(conf_files, "method_config", mpoe_with_m3)
     assert results.config_hash(cfg) != before
     direct_rank = compose_config(["model=tiny-t5", "method=adapters", "task=cola", "method.match_params=null",
                                   "method.rank=4"])  # fmt: skip
