@@ -43,9 +43,9 @@ def scores(runs_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
         sys.exit("error: unreadable results:\n" + "\n".join(problems))
     out: dict[str, dict[str, dict[int, float]]] = {"validation": {}, "test": {}}
     for record in records:
-        precision = record["config"]["train"]["precision"]
+        precision = record.config["train"]["precision"]
         for split in out:
-            out[split].setdefault(precision, {})[int(record["seed"])] = float(record[split]["mcc"])
+            out[split].setdefault(precision, {})[int(record.seed)] = record.metric(split, "mcc")
     return out
 
 

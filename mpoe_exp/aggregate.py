@@ -38,10 +38,9 @@ import numpy as np
 from omegaconf import OmegaConf
 from scipy import stats
 
-from mpoe_exp.results import RESULTS_FILE, configured_identity
+from mpoe_exp.results import configured_identity
+from mpoe_exp.run_record import HPARAM_KEYS, RESULTS_FILE, BadRecord, RunRecord, is_number
 
-REQUIRED_KEYS = ("status", "experiment", "model", "method_label", "task", "seed", "hparams")
-FINISHED_KEYS = ("main_metric", "greater_is_better", "validation", "test")
 MIN_SEEDS = 3
 
 GroupKey = tuple[str, str, str, str]  # experiment, model, method_label, task
@@ -52,37 +51,13 @@ GroupKey = tuple[str, str, str, str]  # experiment, model, method_label, task
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_record(data: Any) -> str | None:
-    """Why this parsed results.json cannot be used, or None."""
-    if not isinstance(data, dict):
-        return f"not a JSON object ({type(data).__name__})"
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if data.get("status") == "finished":
-        missing += [k for k in FINISHED_KEYS if k not in data]
-    if missing:
-        return f"missing required keys: {', '.join(missing)}"
-    if data["status"] not in ("finished", "failed"):
-        return f"unknown status {data['status']!r}"
-    if not isinstance(data["hparams"], dict):
-        return "hparams is not an object"
-    if data["status"] == "finished":
-        if not isinstance(data["validation"], dict) or not isinstance(data["test"], dict):
-            return "validation/test are not objects"
-        if not _is_number(data["validation"].get(data["main_metric"])):
-            return f"validation has no numeric main metric {data['main_metric']!r}"
-    return None
-
-
-def load_results(runs_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+def load_results(runs_dir: str | Path) -> tuple[list[RunRecord], list[str]]:
     """Every results.json under runs_dir (failed runs included), and the problems: "path: reason" of skipped files.
 
-    Each record gets "_path". Unreadable or corrupt JSON and files missing required keys are skipped, never raised.
+    Unreadable or corrupt JSON and files that are not a run's record (`RunRecord.from_json`) are skipped, never
+    raised.
     """
-    records: list[dict[str, Any]] = []
+    records: list[RunRecord] = []
     problems: list[str] = []
     root = Path(runs_dir)
     if not root.is_dir():
@@ -93,11 +68,10 @@ def load_results(runs_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]
         except (OSError, UnicodeDecodeError, ValueError) as err:
             problems.append(f"{path}: unreadable JSON ({type(err).__name__}: {err})")
             continue
-        reason = _check_record(data)
-        if reason is not None:
-            problems.append(f"{path}: {reason}")
-            continue
-        records.append({**data, "_path": str(path)})
+        try:
+            records.append(RunRecord.from_json(data, path))
+        except BadRecord as err:
+            problems.append(f"{path}: {err}")
     return records, problems
 
 
@@ -123,17 +97,17 @@ class Selection:
 
     key: GroupKey
     hparams: dict[str, Any]
-    runs: list[dict[str, Any]]
+    runs: list[RunRecord]
     validation_mean: float
     settings: int  # hyperparameter settings tried (finished runs)
     n_failed: int  # failed runs of the group, all settings
 
     @property
     def seeds(self) -> list[Any]:
-        return sorted((r["seed"] for r in self.runs), key=str)
+        return sorted((r.seed for r in self.runs), key=str)
 
     def stat(self, metric: str) -> Stat | None:
-        values = [float(r["test"][metric]) for r in self.runs if _is_number(r["test"].get(metric))]
+        values = [v for v in (r.metric("test", metric) for r in self.runs) if v is not None]
         if not values:
             return None
         std = float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -141,33 +115,32 @@ class Selection:
 
     def values_by_seed(self, metric: str) -> dict[Any, float]:
         """Test `metric` per seed of the selected setting (runs without a numeric value left out)."""
-        return {r["seed"]: float(r["test"][metric]) for r in self.runs if _is_number(r["test"].get(metric))}
+        return {r.seed: r.metric("test", metric) for r in self.runs if r.metric("test", metric) is not None}
 
     def wall_seconds(self) -> float | None:
         """Mean wall time per run of the selected setting (results' wall_time_s: training, evaluation, test)."""
-        times = [r.get("wall_time_s") for r in self.runs]
-        times = [float(t) for t in times if _is_number(t)]
+        times = [float(r.wall_time_s) for r in self.runs if is_number(r.wall_time_s)]
         return float(np.mean(times)) if times else None
 
     def params_millions(self) -> float | None:
-        totals = [r.get("parameters", {}).get("total") for r in self.runs if isinstance(r.get("parameters"), dict)]
-        totals = [t for t in totals if _is_number(t)]
+        totals = [r.parameters.get("total") for r in self.runs if isinstance(r.parameters, dict)]
+        totals = [t for t in totals if is_number(t)]
         return float(np.mean(totals)) / 1e6 if totals else None
 
 
-def table_model(record: dict[str, Any]) -> str:
-    """The paper's model a run counts for: its `table_model` (a tiny stand-in in smoke runs), else its model."""
-    return str(record.get("table_model") or record["model"])
+def group_key(record: RunRecord) -> GroupKey:
+    """(experiment, the paper's model it counts for, method label, task): a table row's runs of one task."""
+    return str(record.experiment), record.paper_model, str(record.method_label), str(record.task)
 
 
 def hparams_key(hparams: dict[str, Any]) -> str:
     return json.dumps(hparams, sort_keys=True, default=str)
 
 
-def _setting_key(record: dict[str, Any]) -> str:
+def _setting_key(record: RunRecord) -> str:
     """The model that ran plus the run's config less its seed: runs of a tiny stand-in never pool seeds with runs of
     the model it stands in for."""
-    return f"{record['model']} {record.get('config_hash') or hparams_key(record['hparams'])}"
+    return f"{record.model} {record.config_hash or hparams_key(record.hparams)}"
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -179,28 +152,24 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# config keys the readable `hparams` already show (lr, bs = batch x accumulation, ep, steps)
-_HPARAM_KEYS = {"train.lr", "train.batch_size", "train.grad_accum_steps", "train.epochs", "train.max_steps"}
-
-
-def _shown_setting(chosen: dict[str, Any], settings: list[dict[str, Any]]) -> dict[str, Any]:
+def _shown_setting(chosen: RunRecord, settings: list[RunRecord]) -> dict[str, Any]:
     """The chosen run's `hparams` plus each config key (dotted) whose value differs between the group's settings."""
     flats = []
     for run in [chosen, *settings]:
-        config = run.get("config")
+        config = run.config
         flats.append(_flat(configured_identity(OmegaConf.create(config))) if isinstance(config, dict) else {})
-    keys = sorted({k for f in flats for k in f} - _HPARAM_KEYS)
+    keys = sorted({k for f in flats for k in f} - HPARAM_KEYS)  # those the readable hparams show
     differing = [k for k in keys if len({f.get(k) for f in flats[1:]}) > 1]
-    return {**chosen["hparams"], **{k: json.loads(flats[0][k]) if k in flats[0] else None for k in differing}}
+    return {**chosen.hparams, **{k: json.loads(flats[0][k]) if k in flats[0] else None for k in differing}}
 
 
-def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
+def select(records: list[RunRecord]) -> dict[GroupKey, Selection]:
     """Per group, the setting (the config less the seed) with the best mean validation main metric over its seeds."""
-    settings: dict[GroupKey, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    settings: dict[GroupKey, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     failed: Counter[GroupKey] = Counter()
     for r in records:
-        key = (str(r["experiment"]), table_model(r), str(r["method_label"]), str(r["task"]))
-        if r["status"] != "finished":
+        key = group_key(r)
+        if not r.finished:
             failed[key] += 1
             continue
         settings[key][_setting_key(r)].append(r)
@@ -210,8 +179,8 @@ def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
         best: tuple[float, str, float] | None = None  # (score, hparams key, validation mean)
         for hkey in sorted(by_setting):
             runs = by_setting[hkey]
-            mean = float(np.mean([float(r["validation"][r["main_metric"]]) for r in runs]))
-            score = mean if runs[0]["greater_is_better"] else -mean
+            mean = float(np.mean([r.metric("validation", r.main_metric) for r in runs]))
+            score = mean if runs[0].greater_is_better else -mean
             score = score if math.isfinite(score) else -math.inf
             if best is None or score > best[0]:
                 best = (score, hkey, mean)
@@ -226,7 +195,7 @@ def select(records: list[dict[str, Any]]) -> dict[GroupKey, Selection]:
 
 
 def _seed_order(seed: Any) -> tuple:
-    return (0, seed, "") if _is_number(seed) else (1, 0, str(seed))
+    return (0, seed, "") if is_number(seed) else (1, 0, str(seed))
 
 
 @dataclass
@@ -266,12 +235,12 @@ def paired(left: list[dict[Any, float]], right: list[dict[Any, float]]) -> Paire
     return Paired(seeds, diffs)
 
 
-def best_routing(run: dict[str, Any]) -> dict[str, Any] | None:
+def best_routing(run: RunRecord) -> dict[str, Any] | None:
     """The routing telemetry of the run's best checkpoint (the history entry whose step is best_step), or None."""
-    if run.get("best_step") is None:
+    if run.best_step is None:
         return None
-    for entry in run.get("history") or []:
-        if isinstance(entry, dict) and entry.get("step") == run["best_step"]:
+    for entry in run.history or []:
+        if isinstance(entry, dict) and entry.get("step") == run.best_step:
             routing = entry.get("routing")
             return routing if isinstance(routing, dict) and routing else None
     return None
@@ -279,7 +248,7 @@ def best_routing(run: dict[str, Any]) -> dict[str, Any] | None:
 
 def _has_load(layer: Any) -> bool:
     load = layer.get("load") if isinstance(layer, dict) else None
-    return isinstance(load, list) and bool(load) and all(map(_is_number, load))
+    return isinstance(load, list) and bool(load) and all(map(is_number, load))
 
 
 @dataclass
@@ -299,7 +268,7 @@ def routing_load(sel: Selection) -> RoutingLoad | None:
         routing = best_routing(run)
         loads = {str(name): layer["load"] for name, layer in (routing or {}).items() if _has_load(layer)}
         if loads:
-            per_run.append((run["seed"], loads))
+            per_run.append((run.seed, loads))
     if not per_run:
         return None
     layers = list(dict.fromkeys(name for _, loads in per_run for name in loads))  # module order, first seen

@@ -77,7 +77,7 @@ def curves_figures(selections: dict[GroupKey, Selection], experiment: str, out_d
     """One figure per (model, task) of the experiment: loss and validation metric per step, per method and seed."""
     by_model_task: dict[tuple[str, str], list[Selection]] = defaultdict(list)
     for key, sel in selections.items():
-        if key[0] == experiment and any(r.get("history") for r in sel.runs):
+        if key[0] == experiment and any(r.history for r in sel.runs):
             by_model_task[(key[1], key[3])].append(sel)
     written = []
     colours = plt.get_cmap("tab10")
@@ -86,15 +86,15 @@ def curves_figures(selections: dict[GroupKey, Selection], experiment: str, out_d
         metric = None
         for k, sel in enumerate(sorted(sels, key=lambda s: s.key[2])):
             colour = colours(k % 10)
-            for j, run in enumerate(sorted(sel.runs, key=lambda r: str(r["seed"]))):
-                history = run.get("history") or []
-                metric = run["main_metric"]
+            for j, run in enumerate(sorted(sel.runs, key=lambda r: str(r.seed))):
+                history = run.history or []
+                metric = run.main_metric
                 steps = [h["step"] for h in history]
                 label = f"{sel.key[2]} ({len(sel.runs)} seed{'s' if len(sel.runs) != 1 else ''})" if j == 0 else None
                 loss_ax.plot(steps, [h["loss"] for h in history], color=colour, lw=1, alpha=0.8, label=label)
                 values = [h["validation"].get(metric) for h in history]
                 metric_ax.plot(steps, values, color=colour, lw=1, alpha=0.8, marker=".", label=label)
-        ran = sorted({str(r["model"]) for sel in sels for r in sel.runs} - {model})
+        ran = sorted({str(r.model) for sel in sels for r in sel.runs} - {model})
         who = f"{model} (ran {', '.join(ran)})" if ran else model
         title = f"{who} on {task}: training loss"
         loss_ax.set(xlabel="optimizer step", ylabel="training loss (aux losses included)", title=title)
@@ -126,7 +126,7 @@ def routing_figures(selections: dict[GroupKey, Selection], experiment: str, out_
         ax.set_xticks(range(n_experts))
         ax.set_yticks(range(n_layers), routing.layers, fontsize=7)
         ax.set_xlabel("expert")
-        ran = sorted({str(r["model"]) for r in sel.runs} - {model})
+        ran = sorted({str(r.model) for r in sel.runs} - {model})
         who = f"{model}/{method}" + (f" (ran {', '.join(ran)})" if ran else "")
         seeds = f"{len(routing.seeds)} seed{'s' if len(routing.seeds) != 1 else ''}"
         ax.set_title(f"{who} on {task}: expert load at the best checkpoint (mean of {seeds}; "

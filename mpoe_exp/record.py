@@ -18,15 +18,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from mpoe_exp.results import RESULTS_FILE, atomic_write_text
+from mpoe_exp.results import atomic_write_text
+from mpoe_exp.run_record import RESULTS_FILE, RunRecord
 
 
-def slim(results: dict) -> dict:
-    """results.json less the generated samples (the numbers computed from them stay)."""
-    out = dict(results)
-    if isinstance(out.get("test"), dict):
-        out["test"] = {k: v for k, v in out["test"].items() if k != "samples"}
-    return out
+def slim(record: RunRecord) -> RunRecord:
+    """The record less the generated samples (the numbers computed from them stay)."""
+    if isinstance(record.test, dict):
+        record.test = {k: v for k, v in record.test.items() if k != "samples"}
+    return record
 
 
 def copy_record(runs_dir: Path, record_dir: Path, experiment: str) -> list[Path]:
@@ -39,8 +39,7 @@ def copy_record(runs_dir: Path, record_dir: Path, experiment: str) -> list[Path]
             continue
         target = Path(record_dir) / relative
         if path.name == RESULTS_FILE:
-            results = json.loads(path.read_text())
-            atomic_write_text(target, json.dumps(slim(results), indent=2, default=str) + "\n")
+            atomic_write_text(target, slim(RunRecord.from_json(json.loads(path.read_text()))).dumps())
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)

@@ -18,23 +18,7 @@ ways is one run and new files at an old path are a new run. Two runs that differ
 (`method.gradient_mask_prob`, `train.warmup_steps`, the weights in `model.path`, ...), never share a directory, a
 checkpoint or a "finished" verdict.
 
-results.json (schema_version 1):
-    status            "finished" | "failed"
-    experiment, model, method, ablation, task, seed, hparams
-    table_model       the paper's model the run stands in for in `make tables` (the model itself unless set)
-    config_hash       sha256 of the run's identity (`config_hash`); checkpoints carry it too
-    data_fingerprint, model_files_fingerprint   what the identity holds of the files read (mpoe_exp/fingerprints.py)
-    main_metric       name of the task's selection metric; greater_is_better
-    validation        metrics of the best checkpoint on the validation split (selection uses only these)
-    test              metrics of that checkpoint on the test split: numbers, except in generation and WikiText-2
-                      runs "samples" (every sample scored) and "sacrebleu_signature" (the string sacreBLEU gives
-                      for its "sacrebleu" score); tables and loggers read the numbers only
-    best_step, steps  optimizer step of the best checkpoint; steps trained
-    parameters        total, trainable (and router / expert_shared / expert_specific for expert methods)
-    central_updates   optimizer steps that updated the central tensors (gradient mask)
-    history           [{"step", "loss", "validation": {...}}] one entry per evaluation; with routed expert layers
-                      also "routing": {layer: {load, entropy, dropped[, aux_drift]}} (mpoe_exp/moe/telemetry.py)
-    wall_time_s, tokens_per_second, code_version, library_versions, config (the resolved config), error
+results.json: its schema is `RunRecord` (mpoe_exp/run_record.py).
 """
 
 from __future__ import annotations
@@ -42,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -55,10 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from mpoe_exp.conf_files import with_matched
 from mpoe_exp.config import method_label
 from mpoe_exp.errors import UserError
-
-SCHEMA_VERSION = 1
-RESULTS_FILE = "results.json"
-
+from mpoe_exp.run_record import HPARAMS, RESULTS_FILE, RunRecord
 
 # Config keys left out of a run's identity, each with the reason (a dotted path; a prefix covers its subtree).
 # tests/test_run_identity.py lists every key of every config file against this table and shows, for each key left
@@ -144,14 +126,9 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The hyperparameters that distinguish runs of one model/method/task (what a sweep varies)."""
-    train = cfg.train
-    return {
-        "lr": train.lr,
-        "bs": train.batch_size * train.grad_accum_steps,
-        "ep": train.epochs,
-        "steps": train.max_steps,
-    }
+    """The hyperparameters that distinguish runs of one model/method/task (what a sweep varies): `HPARAMS`."""
+    values = {label: [OmegaConf.select(cfg, key) for key in keys] for label, keys in HPARAMS.items()}
+    return {label: v[0] if len(v) == 1 else math.prod(v) for label, v in values.items()}
 
 
 def hparams_tag(cfg: DictConfig) -> str:
@@ -213,27 +190,27 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_results(directory: Path, results: dict[str, Any]) -> Path:
+def write_results(directory: Path, record: RunRecord) -> Path:
     path = directory / RESULTS_FILE
-    atomic_write_text(path, json.dumps({"schema_version": SCHEMA_VERSION, **results}, indent=2, default=str) + "\n")
+    atomic_write_text(path, record.dumps())
     return path
 
 
-def read_results(directory: Path) -> dict[str, Any] | None:
-    """The run's results, or None if there are none or the file is unreadable."""
+def read_results(directory: Path) -> RunRecord | None:
+    """The run's record, or None if there is none or the file is unreadable or not a run's record."""
     path = directory / RESULTS_FILE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return RunRecord.from_json(json.loads(path.read_text()), path)
+    except (OSError, ValueError):  # json's errors and run_record.BadRecord are ValueErrors
         return None
 
 
 def is_finished(directory: Path, config_digest: str | None = None) -> bool:
     """Whether the run in `directory` finished; with `config_digest`, only if it was that config's run."""
-    results = read_results(directory)
-    if results is None or results.get("status") != "finished":
+    record = read_results(directory)
+    if record is None or not record.finished:
         return False
-    return config_digest is None or results.get("config_hash") == config_digest
+    return config_digest is None or record.config_hash == config_digest
 
 
 def code_version() -> str:

@@ -11,6 +11,7 @@ from mpoe_exp import cpu_malloc, results
 from mpoe_exp.config import method_label
 from mpoe_exp.errors import UserError
 from mpoe_exp.models import build_model, parameter_report
+from mpoe_exp.run_record import RunRecord
 
 
 def run(cfg: DictConfig) -> Path:
@@ -56,7 +57,7 @@ def run(cfg: DictConfig) -> Path:
         state = trainer.fit()
     except TrainingDiverged as err:
         if dist.is_main:
-            results.write_results(directory, {"status": "failed", "error": str(err), **summary})
+            results.write_results(directory, RunRecord(status="failed", error=str(err), **summary))
         logger.finish({"status": "failed"})
         raise
     trainer.load_best()
@@ -73,7 +74,7 @@ def run(cfg: DictConfig) -> Path:
 
 
 def run_summary(cfg: DictConfig, digest: str, task, world_size: int, parameters: dict[str, int]) -> dict:
-    """What results.json says of a run before it trains (a failed run's record is this and its error)."""
+    """What a run's record says before it trains (`RunRecord`'s fields; a failed run's is this and its error)."""
     return {
         "experiment": cfg.experiment_name,
         "model": cfg.model.name,
@@ -97,20 +98,20 @@ def run_summary(cfg: DictConfig, digest: str, task, world_size: int, parameters:
     }
 
 
-def finished_record(summary: dict, state, trainer, best: dict, test_metrics: dict) -> dict:
-    """results.json of a finished run: the summary, the best checkpoint's validation and test metrics, the history."""
-    return {
-        "status": "finished",
+def finished_record(summary: dict, state, trainer, best: dict, test_metrics: dict) -> RunRecord:
+    """The finished run's record: the summary, the best checkpoint's validation and test metrics, the history."""
+    return RunRecord(
+        status="finished",
         **summary,
-        "validation": best["validation"],
-        "test": test_metrics,
-        "best_step": state.best_step,
-        "steps": state.step,
-        "central_updates": trainer.mask.central_updates,
-        "history": state.history,
-        "wall_time_s": trainer.wall_seconds(),  # adds up across resumes
-        "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
-    }
+        validation=best["validation"],
+        test=test_metrics,
+        best_step=state.best_step,
+        steps=state.step,
+        central_updates=trainer.mask.central_updates,
+        history=state.history,
+        wall_time_s=trainer.wall_seconds(),  # adds up across resumes
+        tokens_per_second=state.tokens / state.train_seconds if state.train_seconds else None,
+    )
 
 
 def print_outcome(path: Path, task, best: dict, test_metrics: dict) -> None:
@@ -173,10 +174,10 @@ def check_finished(directory: Path, digest: str) -> bool:
         print(f"already finished: {directory / results.RESULTS_FILE} (force=true runs it again)")
         return True
     previous = results.read_results(directory)
-    if previous is not None and previous.get("status") == "finished":
+    if previous is not None and previous.finished:
         raise UserError(
             f"{directory / results.RESULTS_FILE} holds the results of another config "
-            f"(config_hash {previous.get('config_hash')}, this run's is {digest}); "
+            f"(config_hash {previous.config_hash}, this run's is {digest}); "
             f"move that folder away, or run with force=true to replace it"
         )
     return False

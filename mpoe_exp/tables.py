@@ -2,8 +2,8 @@
 
     python -m mpoe_exp.tables [runs_dir] [--experiment NAME] [--paper conf/paper/tables.yaml]
 
-Reads only results.json files (mpoe_exp/results.py describes the layout and schema) and the paper's values
-(conf/paper/tables.yaml); imports no model or training code of its own.
+Reads only results.json files (their schema: mpoe_exp/run_record.py; their layout: mpoe_exp/results.py) and the
+paper's values (conf/paper/tables.yaml); imports no model or training code (tests/test_structure.py).
 
 Loading and aggregation (which runs count, how a setting is selected on validation, mean ± std) are in
 mpoe_exp/aggregate.py.
@@ -61,14 +61,15 @@ from mpoe_exp.aggregate import (
     Selection,
     Stat,
     Table,
+    group_key,
     hparams_key,
     load_results,
     paired,
     select,
-    table_model,
 )
 from mpoe_exp.errors import UserError
 from mpoe_exp.results import atomic_write_text
+from mpoe_exp.run_record import RunRecord
 
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "conf" / "paper" / "tables.yaml"
 # The paper's tables: every table of conf/paper/tables.yaml that names no `experiment` (see `tables_for`).
@@ -156,7 +157,7 @@ def build_table(name: str, spec: dict[str, Any], selections: dict[GroupKey, Sele
                     cell.status = "missing"
                 if sel is not None and sel.params_millions() is not None:
                     params.add(round(sel.params_millions(), 1))
-                ran.update(str(r["model"]) for r in (sel.runs if sel is not None else []))
+                ran.update(str(r.model) for r in (sel.runs if sel is not None else []))
             row.cells.append(cell)
         row.ran_models = sorted(ran)
         for cell, col in zip(row.cells, columns):
@@ -500,16 +501,12 @@ def write_tables(tables: list[Table], out_dir: Path) -> list[Path]:
     return written
 
 
-def unplaced_runs(records: list[dict[str, Any]], tables: list[Table], experiment: str) -> list[str]:
+def unplaced_runs(records: list[RunRecord], tables: list[Table], experiment: str) -> list[str]:
     """Why each group of `experiment`'s runs fills no cell of `tables`: one line per (model, method, task)."""
     used = {c.selection.key for t in tables for r in t.rows for c in r.cells if c.selection is not None}
     rows = [r for t in tables for r in t.rows if not r.reference]
     tasks_of = {(r.model, r.method): {c.task for c in r.cells if c.task} for r in rows}
-    counts: Counter[GroupKey] = Counter(
-        (str(r["experiment"]), table_model(r), str(r["method_label"]), str(r["task"]))
-        for r in records
-        if str(r["experiment"]) == experiment
-    )
+    counts: Counter[GroupKey] = Counter(group_key(r) for r in records if str(r.experiment) == experiment)
     lines = []
     for key, n in sorted(counts.items()):
         if key in used:
@@ -535,8 +532,8 @@ def make_tables(
     the problems found, the number of failed runs excluded and the runs that fit no table row (with why)."""
     records, problems = load_results(runs_dir)
     selections = select(records)
-    n_failed = sum(r["status"] == "failed" for r in records)
-    experiments = [experiment] if experiment else sorted({str(r["experiment"]) for r in records})
+    n_failed = sum(not r.finished for r in records)
+    experiments = [experiment] if experiment else sorted({str(r.experiment) for r in records})
     paper = load_paper(paper_path)
     written, unplaced = {}, []
     for exp in experiments:

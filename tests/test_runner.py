@@ -296,9 +296,14 @@ def test_results_file_is_never_half_written(tmp_path, monkeypatch):
     import os
 
     from mpoe_exp import results
+    from mpoe_exp.run_record import RunRecord
+
+    def record(mcc: float) -> RunRecord:
+        return RunRecord("finished", "e", "m", "x", "cola", 1, {}, main_metric="mcc", validation={"mcc": 1.0},
+                         test={"mcc": mcc})  # fmt: skip
 
     directory = tmp_path / "run"
-    results.write_results(directory, {"status": "finished", "test": {"mcc": 1.0}})
+    results.write_results(directory, record(1.0))
     before = (directory / RESULTS_FILE).read_text()
 
     def crash(*args, **kwargs):
@@ -306,7 +311,7 @@ def test_results_file_is_never_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        results.write_results(directory, {"status": "finished", "test": {"mcc": 2.0}})
+        results.write_results(directory, record(2.0))
     assert (directory / RESULTS_FILE).read_text() == before
     assert [p.name for p in directory.iterdir()] == [RESULTS_FILE]  # no temporary file left behind
 

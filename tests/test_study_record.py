@@ -11,6 +11,7 @@ import pytest
 
 from mpoe_exp import record, tables
 from mpoe_exp.results import RESULTS_FILE
+from mpoe_exp.run_record import RunRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = sorted(p for p in (ROOT / "docs").glob("*/runs") if (p / p.parent.name).is_dir())
@@ -37,12 +38,14 @@ def test_the_record_keeps_every_number_and_drops_samples_and_checkpoints(tmp_pat
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "best.pt").write_bytes(b"weights")
     (run / "train.log").write_text("{}\n")
-    results = {"status": "finished", "test": {"accuracy": 90.0, "samples": ["a", "b"]}, "history": [{"step": 1}]}
+    results = RunRecord("finished", "study", "m", "dense", "sst2", 1, {"lr": 1}, main_metric="accuracy",
+                        validation={"accuracy": 89.0}, test={"accuracy": 90.0, "samples": ["a", "b"]},
+                        history=[{"step": 1}]).to_json()  # fmt: skip
     (run / RESULTS_FILE).write_text(json.dumps(results))
     (tmp_path / "runs" / "study" / "plain_finetune").mkdir()
     (tmp_path / "runs" / "study" / "plain_finetune" / "sst2_seed1.json").write_text('{"test": {"accuracy": 88}}')
     written = record.copy_record(tmp_path / "runs", tmp_path / "record", "study")
     assert sorted(p.name for p in written) == [RESULTS_FILE, "sst2_seed1.json"]
     copied = json.loads((tmp_path / "record" / run.relative_to(tmp_path / "runs") / RESULTS_FILE).read_text())
-    assert copied == {"status": "finished", "test": {"accuracy": 90.0}, "history": [{"step": 1}]}
+    assert copied == {**results, "test": {"accuracy": 90.0}}
     assert not list((tmp_path / "record").rglob("*.pt")) and not list((tmp_path / "record").rglob("train.log"))

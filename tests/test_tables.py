@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 from mpoe_exp import aggregate, tables
+from mpoe_exp.run_record import RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP = "paper"
@@ -109,7 +110,7 @@ def runs(tmp_path: Path) -> Path:
 def test_load_results_reports_corrupt_and_incomplete_files(runs: Path):
     records, problems = tables.load_results(runs)
     assert len(records) == 6 + 1 + 2 + 6
-    assert sum(r["status"] == "failed" for r in records) == 1
+    assert sum(not r.finished for r in records) == 1
     assert len(problems) == 2
     assert any("seed=1" in p and "unreadable JSON" in p for p in problems)
     assert any("seed=2" in p and "missing required keys" in p and "model" in p for p in problems)
@@ -130,7 +131,8 @@ def test_selection_uses_mean_validation_and_reports_test_mean_std(runs: Path):
     assert cola.mean == pytest.approx(52.0) and cola.n == 3
     dense = sel[(EXP, "gpt2", "dense", "wikitext2")].stat("perplexity")
     assert dense.n == 2 and dense.few and dense.std == pytest.approx(np.std([21.0, 22.0], ddof=1))
-    one = tables.Selection(("e", "m", "x", "t"), {}, [{"test": {"a": 1.0}}], 0.0, 1, 0).stat("a")
+    run = RunRecord("finished", "e", "m", "x", "t", 1, {}, main_metric="a", validation={"a": 1.0}, test={"a": 1.0})
+    one = tables.Selection(("e", "m", "x", "t"), {}, [run], 0.0, 1, 0).stat("a")
     assert one.n == 1 and one.std is None
 
 
@@ -253,7 +255,7 @@ def test_stand_in_models_and_method_aliases(tmp_path: Path):
     # the real gpt2 and its tiny stand-in fill the same row, as two settings that never pool their seeds;
     # validation picks the real one here (PPL 20 < 30)
     dense = selections[(EXP, "gpt2", "dense", "wikitext2")]
-    assert dense.settings == 2 and {r["model"] for r in dense.runs} == {"gpt2"} and dense.stat("perplexity").n == 3
+    assert dense.settings == 2 and {r.model for r in dense.runs} == {"gpt2"} and dense.stat("perplexity").n == 3
     t4 = next(t for t in tables.build_tables(selections, EXP) if t.name == "table4")
     m5 = next(r for r in t4.rows if r.label == "MPOE (m=5)")
     assert m5.cells[0].ours.mean == pytest.approx(42.0) and m5.cells[0].ours.n == 3
