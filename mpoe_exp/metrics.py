@@ -31,6 +31,8 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as sk_metrics
 
+from mpoe_exp.glue_tasks import GLUE
+
 Label = int | str
 Ngram = tuple[str, ...]
 
@@ -43,27 +45,9 @@ Ngram = tuple[str, ...]
 STSB_UNPARSABLE_VALUE = -1.0
 UNPARSABLE_TEXT_LABEL = "<unparsable>"
 
-GLUE_TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "cola": ("mcc",),
-    "sst2": ("accuracy",),
-    "mrpc": ("accuracy", "f1"),
-    "qqp": ("accuracy", "f1"),
-    "stsb": ("pearson", "spearman"),
-    "mnli": ("accuracy",),
-    "qnli": ("accuracy",),
-    "rte": ("accuracy",),
-}
+GLUE_TASK_METRICS: dict[str, tuple[str, ...]] = {name: t.metrics for name, t in GLUE.items()}  # glue_tasks.py
 # The one number per task that enters the GLUE average (docs/method.md, 'Metrics').
-GLUE_MAIN_METRIC: dict[str, str] = {
-    "cola": "mcc",
-    "sst2": "accuracy",
-    "mrpc": "accuracy",
-    "qqp": "accuracy",
-    "stsb": "pearson",
-    "mnli": "accuracy",
-    "qnli": "accuracy",
-    "rte": "accuracy",
-}
+GLUE_MAIN_METRIC: dict[str, str] = {name: t.main_metric for name, t in GLUE.items()}
 
 
 def _check_pair(predictions: Sequence[object], references: Sequence[object]) -> None:

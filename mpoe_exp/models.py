@@ -112,12 +112,12 @@ def head_config(cfg: DictConfig) -> dict[str, Any]:
     their language-model head. Without a task (a bare dry run) a BERT gets two labels."""
     if cfg.model.family != "bert":
         return {}
-    from mpoe_exp.tasks.glue_data import GLUE_NUM_LABELS
+    from mpoe_exp.glue_tasks import GLUE
 
-    glue_task = OmegaConf.select(cfg, "task.glue_task")
-    if glue_task == "stsb":
+    task = GLUE.get(OmegaConf.select(cfg, "task.glue_task"))
+    if task is not None and task.num_labels is None:  # regression
         return {"num_labels": 1, "problem_type": "regression"}
-    return {"num_labels": GLUE_NUM_LABELS.get(glue_task, 2), "problem_type": "single_label_classification"}
+    return {"num_labels": task.num_labels if task else 2, "problem_type": "single_label_classification"}
 
 
 def _architecture(model_cfg: DictConfig, head: dict[str, Any]):

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import InterpolationResolutionError
 
 from mpoe_exp.errors import UserError
+from mpoe_exp.glue_tasks import GLUE_TASKS
 from mpoe_exp.moe import LAYER_KINDS, ROUTERS
 from mpoe_exp.rules import (
     Rule,
@@ -166,7 +167,6 @@ SAMPLING: Table = {  # unconditional samples scored with BLEU on the test split 
     "sample_batch_size": integer(ge=1, null=True),
 }
 GLUE_TEXT: Table = {"hub_path": string(), "max_source_length": integer(ge=1), "max_target_length": integer(ge=1)}
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # tasks/glue_data.py
 GLUE_NAME = Rule(  # as tasks/glue_data.py reads a task name: "SST-2" and "sst-2" are sst2
     f"a GLUE task ({', '.join(GLUE_TASKS)}; any case, hyphens ignored)",
     lambda v: isinstance(v, str) and v.lower().replace("-", "") in GLUE_TASKS,

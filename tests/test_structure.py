@@ -187,3 +187,18 @@ print(json.dumps(sorted(sys.modules)))
     assert any(p.suffix == ".md" for p in written) and any(p.suffix == ".png" for p in written)  # tables, figures
     loaded = [m for m in modules if any(m == c or m.startswith(c + ".") for c in MODEL_CODE)]
     assert loaded == []
+
+
+def test_the_glue_facts_are_written_once():
+    """The GLUE task list, fields, labels, metrics and split rule live in mpoe_exp/glue_tasks.py; no other module
+    spells the list of the eight tasks again."""
+    import re
+
+    listing = re.compile(r'"cola",\s*"sst2",\s*"mrpc"')
+    spelled = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if listing.search(p.read_text())]
+    assert spelled == []
+    from mpoe_exp import metrics
+    from mpoe_exp.glue_tasks import GLUE
+    from mpoe_exp.tasks import glue_data
+
+    assert glue_data.GLUE_TASKS == tuple(GLUE) == tuple(metrics.GLUE_MAIN_METRIC) == tuple(metrics.GLUE_TASK_METRICS)

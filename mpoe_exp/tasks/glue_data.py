@@ -53,29 +53,17 @@ import datasets
 import numpy as np
 
 from mpoe_exp.errors import UserError
+from mpoe_exp.glue_tasks import GLUE, GLUE_TASKS, TRAIN_HOLDOUT_SIZE
 
 logger = logging.getLogger(__name__)
 
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
-
-# Input fields per task, in the order they appear in the T5 input; names as in nyu-mll/glue.
-GLUE_FIELDS: dict[str, tuple[str, ...]] = {
-    "cola": ("sentence",),
-    "sst2": ("sentence",),
-    "mrpc": ("sentence1", "sentence2"),
-    "qqp": ("question1", "question2"),
-    "stsb": ("sentence1", "sentence2"),
-    "mnli": ("premise", "hypothesis"),
-    "qnli": ("question", "sentence"),
-    "rte": ("sentence1", "sentence2"),
-}
-# Number of classes of the classification tasks; STS-B is regression (scores in [0, STSB_MAX_SCORE]).
-GLUE_NUM_LABELS: dict[str, int] = {"cola": 2, "sst2": 2, "mrpc": 2, "qqp": 2, "mnli": 3, "qnli": 2, "rte": 2}
+# Views of the one table of GLUE facts (mpoe_exp/glue_tasks.py).
+GLUE_FIELDS: dict[str, tuple[str, ...]] = {name: t.fields for name, t in GLUE.items()}
+GLUE_NUM_LABELS: dict[str, int] = {name: t.num_labels for name, t in GLUE.items() if t.num_labels is not None}
 STSB_MAX_SCORE = 5.0
 
-HALVED_VALIDATION_TASKS = ("cola", "mrpc", "stsb", "rte")
-TRAIN_HOLDOUT_TASKS = ("sst2", "qqp", "qnli")
-TRAIN_HOLDOUT_SIZE = 1000
+HALVED_VALIDATION_TASKS = tuple(name for name, t in GLUE.items() if t.split == "halve_validation")
+TRAIN_HOLDOUT_TASKS = tuple(name for name, t in GLUE.items() if t.split == "hold_out_train")
 
 # The hub's label ids for the string labels of the TSV files.
 _NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
