@@ -111,6 +111,12 @@ VALUE_RANGES: Table = {
     "top_k": integer(ge=1),
     "groups": integer(ge=1),
 }
+# Ranges of layer kinds' own method keys (`LayerKind.keys`), by name; other keys are checked against their type.
+LAYER_KEY_RANGES: Table = {
+    "rank": integer(ge=1),
+    "shared_experts": integer(ge=0),
+    "bottleneck_reduction": integer(ge=1),
+}
 
 
 # model.architecture: the fields of the family's transformers config class (`architecture_keys`). Ranges of the
@@ -222,8 +228,23 @@ def _annotation_rule(annotation: Any) -> Rule:
         inner = [a for a in args if a is not type(None)]
         rule = _annotation_rule(inner[0]) if len(inner) == 1 else anything()
         return rule.or_null() if type(None) in args else rule
+    if typing.get_origin(annotation) is typing.Literal:
+        return choice(*args)
     simple = {bool: boolean(), int: integer(), float: number(), str: string()}
     return simple.get(annotation, anything())
+
+
+def layer_keys(types_by_name: dict[str, Any]) -> dict[str, Rule]:
+    """Rules of a layer kind's own method keys (`LayerKind.keys`: name -> type), ranges from LAYER_KEY_RANGES;
+    every one may be left out."""
+    keys = {}
+    for name, annotation in types_by_name.items():
+        rule = _annotation_rule(annotation)
+        if name in LAYER_KEY_RANGES:
+            nullable = type(None) in typing.get_args(annotation)
+            rule = LAYER_KEY_RANGES[name].or_null() if nullable else LAYER_KEY_RANGES[name]
+        keys[name] = replace(rule, optional=True)
+    return keys
 
 
 def router_keys(router_cls: type, fixed: tuple[str, ...] = ()) -> dict[str, Rule]:
@@ -318,7 +339,7 @@ def _method_section(method: dict, cfg: dict) -> tuple[Table, str]:
     layer = LAYER_KINDS[layer_name]
     keys["experts"] = choice(*layer.experts)
     keys.update(num_experts=integer(ge=1), router=Section(lambda r, _: _router_section(r, method)))
-    keys.update(layer.keys(method))
+    keys.update(layer_keys(layer.keys(method)))
     if experts == "mpo":
         keys.update(mpo=Section(MPO), gradient_mask_prob=number(ge=0, le=1, optional=True))
     return keys, f"method.layer={layer_name} with {experts} experts"

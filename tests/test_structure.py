@@ -202,3 +202,12 @@ def test_the_glue_facts_are_written_once():
     from mpoe_exp.tasks import glue_data
 
     assert glue_data.GLUE_TASKS == tuple(GLUE) == tuple(metrics.GLUE_MAIN_METRIC) == tuple(metrics.GLUE_TASK_METRICS)
+
+
+def test_moe_imports_no_config_or_schema_code():
+    """Layering: the expert layers say what settings they take (types in `LayerKind.keys`, router constructors'
+    signatures); the config layer checks them. moe/ imports none of config, schema, rules or conf_files."""
+    config_code = {"mpoe_exp.config", "mpoe_exp.conf_files", "mpoe_exp.schema", "mpoe_exp.rules"}
+    graph = import_graph()
+    offending = {(name, dep) for name, deps in graph.items() if name.startswith("mpoe_exp.moe") for dep in deps}
+    assert {(name, dep) for name, dep in offending if dep in config_code} == set()

@@ -8,6 +8,8 @@ moe/telemetry.py. What the trainer needs of an upcycled model (aux loss, the per
 for the gradient mask, telemetry) is the model's `training_hooks` (moe/hooks.py).
 """
 
+from typing import Literal
+
 from mpoe_exp.moe.adapters import AdapterFeedForward, TopKRouter, adapter_check, adapter_keys, build_adapter_layer
 from mpoe_exp.moe.cartesian import CartesianFeedForward, build_cartesian_layer
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec, MPOExperts
@@ -44,7 +46,6 @@ from mpoe_exp.moe.routers import (
     SwitchRouter,
 )
 from mpoe_exp.moe.telemetry import reset_routing_stats, routing_stats, routing_summary
-from mpoe_exp.rules import boolean, choice, integer
 
 
 def _cartesian_check(method) -> str | None:
@@ -57,20 +58,20 @@ def _cartesian_check(method) -> str | None:
 
 
 def _meo_keys(method) -> dict:
-    keys = {"level": choice("sequence", "token", optional=True)}
+    keys: dict = {"level": Literal["sequence", "token"]}
     if method.get("level") == "token":  # the routing bottleneck exists only for token-level MEO
-        keys["bottleneck_reduction"] = integer(ge=1, optional=True)
+        keys["bottleneck_reduction"] = int
     return keys
 
 
 LAYER_KINDS["moe"] = LayerKind(
-    build_moe_layer, ("dense", "mpo"), ("switch", "noisy_top_k"), lambda m: {"recompute": boolean(optional=True)}
+    build_moe_layer, ("dense", "mpo"), ("switch", "noisy_top_k"), lambda m: {"recompute": bool}
 )
 LAYER_KINDS["cartesian"] = LayerKind(
     build_cartesian_layer,
     ("dense",),
     ("group_top1",),
-    lambda m: {"shared_experts": integer(ge=0, optional=True)},
+    lambda m: {"shared_experts": int},
     fixed_router_keys=("groups",),
     check=_cartesian_check,
 )

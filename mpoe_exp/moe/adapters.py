@@ -59,7 +59,7 @@ import functools
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -69,7 +69,6 @@ from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec
 from mpoe_exp.moe.kinds import build_layer, placement, router_of
 from mpoe_exp.moe.layer import Dispatch, RoutedLayer, combine, grouped_mm
 from mpoe_exp.moe.routers import LinearRouter, Routing, no_autocast
-from mpoe_exp.rules import choice, integer, string
 
 LAYER = "adapter_moe"  # this kind's name in LAYER_KINDS (moe/__init__.py)
 
@@ -216,11 +215,7 @@ def adapter_rank(spec: FeedForwardSpec, method: Mapping[str, Any]) -> int:
 
 
 def adapter_keys(method: Mapping[str, Any]) -> dict:
-    return {
-        "rank": integer(ge=1, null=True, optional=True),
-        "match_params": string(null=True, optional=True),
-        "placement": choice("sequential", "parallel", optional=True),
-    }
+    return {"rank": int | None, "match_params": str | None, "placement": Literal["sequential", "parallel"]}
 
 
 def adapter_check(method: Mapping[str, Any]) -> str | None:

@@ -10,8 +10,8 @@ model around it.
     padding is routed nowhere (moe/routers.py, `Router.route`);
   - `needs_full_sequence`: generation re-runs the whole prefix at each step instead of using the KV cache.
 - `LayerKind`: one kind of layer (a method's `layer` key): the function that builds it from a dense FFN's weights
-  (or empty-shaped) and what its method config may hold: its expert kinds, router types, own keys (rules of
-  mpoe_exp/rules.py), router keys it sets itself, and relations between keys. mpoe_exp/schema.py reads the method
+  (or empty-shaped) and what its method config may hold: its expert kinds, router types, own keys (their
+  types), router keys it sets itself, and relations between keys. mpoe_exp/schema.py reads the method
   keys from here, so a config key a kind does not take is refused before a run starts.
 - `LAYER_KINDS`: the registry, `method.layer` -> LayerKind. A new kind is its module and one line:
   `LAYER_KINDS["name"] = LayerKind(build=..., experts=(...), routers=(...))`.
@@ -31,7 +31,6 @@ from torch import nn
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe.routers import ROUTERS, Router
 from mpoe_exp.registry import Registry
-from mpoe_exp.rules import Rule
 
 
 class ExpertLayer(nn.Module):
@@ -54,7 +53,7 @@ class ExpertLayer(nn.Module):
         return mask[:, mask.shape[1] - shape[1] :].reshape(-1).bool()
 
 
-def _no_keys(method: Mapping[str, Any]) -> dict[str, Rule]:
+def _no_keys(method: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
@@ -71,7 +70,9 @@ class LayerKind:
     build: Callable[..., ExpertLayer]
     experts: tuple[str, ...]  # the method.experts values it takes
     routers: tuple[str, ...]  # the method.router.type values it takes (names in ROUTERS)
-    keys: Callable[[Mapping[str, Any]], dict[str, Rule]] = _no_keys  # its own method.* keys, given the method
+    # its own method.* keys, given the method: name -> type (bool, int, str, Literal[...], X | None); each may be left
+    # out (the layer's default applies); mpoe_exp/schema.py adds ranges of known names
+    keys: Callable[[Mapping[str, Any]], dict[str, Any]] = _no_keys
     fixed_router_keys: tuple[str, ...] = ()  # router constructor parameters it sets itself (not in the config)
     check: Callable[[Mapping[str, Any]], str | None] = _no_check  # a relation between keys broken, or None
 
