@@ -178,25 +178,24 @@ def check_model_path_is_read(model_cfg: DictConfig) -> None:
         )
 
 
-HEADS = {"gpt2": ("n_head", "n_embd"), "bert": ("num_attention_heads", "hidden_size")}  # T5's heads have d_kv
-
-
 def check_architecture(model_cfg: DictConfig) -> None:
     """Refuse model.architecture fields that its model class would fail on together: attention heads that do not
     divide the hidden size, a token id outside the vocabulary, a vocabulary smaller than the byte-level tokenizer's."""
-    from mpoe_exp.models import _architecture
+    from mpoe_exp.backbones import FAMILIES
+    from mpoe_exp.models import model_config
     from mpoe_exp.schema import TOKEN_IDS
 
     try:
-        config = _architecture(model_cfg, {})  # the class's defaults filled in, aliases resolved
+        config = model_config(model_cfg)  # the class's defaults filled in, aliases resolved
     except Exception as err:  # a check of transformers' own that the schema does not make
         reason = " ".join(str(err).split())
         raise UserError(f"model.architecture of model={model_cfg.name} is refused by transformers: {reason}") from None
-    if model_cfg.family in HEADS and config.hidden_size % config.num_attention_heads:
-        heads, width = HEADS[model_cfg.family]
+    family = FAMILIES[model_cfg.family]
+    if family.heads and getattr(config, family.heads[1]) % getattr(config, family.heads[0]):
+        heads, width = family.heads
         raise UserError(
-            f"model.architecture.{heads}={config.num_attention_heads} is not allowed: it must divide "
-            f"model.architecture.{width}={config.hidden_size} (each head takes an equal share)"
+            f"model.architecture.{heads}={getattr(config, heads)} is not allowed: it must divide "
+            f"model.architecture.{width}={getattr(config, width)} (each head takes an equal share)"
         )
     vocab = config.vocab_size
     for key in TOKEN_IDS:
@@ -206,29 +205,30 @@ def check_architecture(model_cfg: DictConfig) -> None:
                 f"model.architecture.{key}={value} is not allowed: a token id must be < {vocab} "
                 f"(model.architecture.vocab_size)"
             )
-    if model_cfg.tokenizer == "byte" and vocab < byte_vocabulary(model_cfg.family):
+    if model_cfg.tokenizer == "byte" and vocab < byte_vocabulary(family):
         raise UserError(
             f"model.architecture.vocab_size={vocab} is not allowed: model.tokenizer=byte has "
-            f"{byte_vocabulary(model_cfg.family)} tokens"
+            f"{byte_vocabulary(family)} tokens"
         )
 
 
 @functools.cache
-def byte_vocabulary(family: str) -> int:
-    """The number of tokens of a family's byte-level tokenizer (models.byte_tokenizer)."""
-    from mpoe_exp.models import byte_tokenizer
-
-    return len(byte_tokenizer(family))
+def byte_vocabulary(family) -> int:
+    """The number of tokens of a family's byte-level tokenizer."""
+    return len(family.byte_tokenizer())
 
 
 def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:
     """(d_model, d_ff) of a model config's FFNs."""
-    arch = model_cfg.architecture
-    if model_cfg.family == "t5":
-        return arch.d_model, arch.d_ff
-    if model_cfg.family == "bert":
-        return arch.hidden_size, arch.intermediate_size
-    return arch.n_embd, arch.get("n_inner") or 4 * arch.n_embd
+    shapes = model_shapes(model_cfg)
+    return shapes.d_model, shapes.d_ff
+
+
+def model_shapes(model_cfg: DictConfig):
+    """The sizes of a model config's backbone (backbones.ModelShapes), from its transformers config."""
+    from mpoe_exp.backbones import shapes_of
+
+    return shapes_of(model_cfg.family, OmegaConf.to_container(model_cfg.architecture, resolve=True))
 
 
 def method_label(cfg: DictConfig) -> str:

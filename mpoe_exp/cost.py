@@ -33,7 +33,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import mpo
-from mpoe_exp.config import CONFIG_DIR, compose_config, expand_sweep, ffn_dims
+from mpoe_exp.config import CONFIG_DIR, compose_config, expand_sweep, model_shapes
 from mpoe_exp.results import run_dir
 
 PAPER_EXPERIMENTS = ("table1_t5_base", "table1_t5_large", "table1_gpt2", "table2", "table3", "table4")
@@ -53,22 +53,23 @@ class Estimate:
 @cache
 def _body_parameters(model_name: str) -> dict[str, int]:
     """Non-embedding parameters of the dense backbone by part (encoder/decoder, or body), from the meta model."""
+    from mpoe_exp.backbones import FAMILIES
     from mpoe_exp.models import load_backbone
 
     cfg = compose_config([f"model={model_name}", "method=dense"])
     model = load_backbone(cfg.model, meta=True)
+    embeddings = FAMILIES[cfg.model.family].embedding_prefixes
     parts = {"encoder": 0, "decoder": 0, "body": 0}
     for name, p in model.named_parameters():
-        if "embed" in name or name.startswith(("shared.", "lm_head.", "transformer.wte", "transformer.wpe")):
+        if "embed" in name or name.startswith(embeddings):
             continue
         parts[name.split(".")[0] if name.startswith(("encoder.", "decoder.")) else "body"] += p.numel()
     return parts
 
 
 def _ffn_parameters(cfg: DictConfig) -> int:
-    d_model, d_ff = ffn_dims(cfg.model)
-    gated = str(cfg.model.architecture.get("feed_forward_proj", "")).startswith("gated")
-    return (3 if gated else 2) * d_model * d_ff
+    shapes = model_shapes(cfg.model)
+    return (3 if shapes.gated else 2) * shapes.d_model * shapes.d_ff
 
 
 def _reconstruction_flops(cfg: DictConfig) -> float:
@@ -76,9 +77,8 @@ def _reconstruction_flops(cfg: DictConfig) -> float:
     method = cfg.method
     if method.experts != "mpo":
         return 0.0
-    d_model, d_ff = ffn_dims(cfg.model)
-    arch = cfg.model.architecture
-    layers = arch.num_layers + arch.num_decoder_layers if cfg.model.family == "t5" else arch.n_layer
+    shapes = model_shapes(cfg.model)
+    d_model, d_ff, layers = shapes.d_model, shapes.d_ff, shapes.layers + shapes.decoder_layers
     overrides = OmegaConf.to_container(method.mpo.factorizations, resolve=True) if method.mpo.factorizations else {}
     macs = 0
     for rows, cols in ((d_ff, d_model), (d_model, d_ff)):
@@ -89,31 +89,31 @@ def _reconstruction_flops(cfg: DictConfig) -> float:
 
 def run_cost(cfg: DictConfig, workload: dict) -> tuple[float, float]:
     """(training tokens, training FLOPs) of one run."""
-    arch, task, train = cfg.model.architecture, cfg.task, cfg.train
+    shapes, task, train = model_shapes(cfg.model), cfg.task, cfg.train
     pad = workload["padding"]
     tasks = workload["tasks"]
     top_k = cfg.method.router.get("top_k", 1) if cfg.method.experts != "none" else 1
     ffn = _ffn_parameters(cfg)
     parts = _body_parameters(cfg.model.name)
-    if cfg.model.family == "t5":
+    if shapes.decoder_layers:  # an encoder-decoder: source and target lengths
         names = list(task.tasks) if task.type == "glue_multitask" else [task.name]
         weights = _mixture_weights(names, task.get("temperature", 1), tasks)
         l_src = sum(w * tasks[n]["source_tokens"] for n, w in weights.items()) * pad
         l_tgt = sum(w * tasks[n]["target_tokens"] for n, w in weights.items()) * pad
         examples = task.get("mixture_size") or sum(tasks[n]["train"] for n in names)
-        n_enc, n_dec, d = arch.num_layers, arch.num_decoder_layers, arch.d_model
-        per_example = 6 * (parts["encoder"] * l_src + parts["decoder"] * l_tgt + d * arch.vocab_size * l_tgt)
+        n_enc, n_dec, d = shapes.layers, shapes.decoder_layers, shapes.d_model
+        per_example = 6 * (parts["encoder"] * l_src + parts["decoder"] * l_tgt + d * shapes.vocab_size * l_tgt)
         per_example += 6 * (top_k - 1) * ffn * (n_enc * l_src + n_dec * l_tgt)
         per_example += 12 * d * (n_enc * l_src**2 + n_dec * (l_tgt**2 + l_tgt * l_src))
         tokens_per_example = l_src + l_tgt
     else:
-        d, layers = arch.n_embd, arch.n_layer
+        d, layers = shapes.d_model, shapes.layers
         if task.name == "wikitext2":
-            length = min(task.block_size, arch.n_positions)
+            length = min(task.block_size, shapes.max_positions or task.block_size)
             examples = math.ceil(tasks["wikitext2"]["train_tokens"] / length)
         else:
             length, examples = tasks[task.name]["tokens"] * pad, tasks[task.name]["train"]
-        per_example = 6 * (parts["body"] + d * arch.vocab_size) * length + 6 * (top_k - 1) * ffn * layers * length
+        per_example = 6 * (parts["body"] + d * shapes.vocab_size) * length + 6 * (top_k - 1) * ffn * layers * length
         per_example += 12 * d * layers * length**2
         tokens_per_example = length
     if train.max_steps:

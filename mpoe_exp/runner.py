@@ -200,10 +200,15 @@ def check_task_fits_model(cfg: DictConfig) -> None:
     """Refuse a task the model family cannot do, before any work starts."""
     if "task" not in cfg or cfg.task is None:
         raise UserError("no task chosen: add task=<name> (e.g. task=cola or task=wikitext2)")
+    from mpoe_exp.backbones import FAMILIES
+
     families = list(cfg.task.families)
-    if cfg.model.family not in families:
+    kinds = sorted({FAMILIES[family].kind for family in families})
+    kind = FAMILIES[cfg.model.family].kind
+    if kind not in kinds:
         raise UserError(
             f"task={cfg.task.name} runs on {' or '.join(families)} models, not model={cfg.model.name} "
-            f"({cfg.model.family}); GLUE uses T5 (text-to-text) or BERT (classifier), multi-task GLUE T5, "
+            f"({cfg.model.family}, kind {kind}); a task runs on the families it names and on any other "
+            f"{' or '.join(kinds)} family. GLUE uses T5 (text-to-text) or BERT (classifier), multi-task GLUE T5, "
             f"WikiText-2/IMDB/EMNLP News GPT-2"
         )

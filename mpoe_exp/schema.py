@@ -31,6 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import InterpolationResolutionError
 
+from mpoe_exp.backbones import FAMILIES
 from mpoe_exp.errors import UserError
 from mpoe_exp.glue_tasks import GLUE_TASKS
 from mpoe_exp.moe import LAYER_KINDS, ROUTERS
@@ -74,18 +75,6 @@ TRAIN: Table = {
     "log_every": integer(ge=1),
 }
 
-MODEL: Table = {
-    "name": string(),
-    "family": choice("t5", "gpt2", "bert"),
-    "hub_id": string(null=True),
-    "path": string(null=True),
-    "package": string(null=True, optional=True),  # a pip package shipping the weights (models.packaged_model_dir)
-    "label_smoothing": number(ge=0, lt=1, optional=True),  # the family's default; before the task's
-    "pretrained": boolean(),
-    "tokenizer": choice("pretrained", "byte"),
-    "architecture": Section(lambda arch, cfg: _architecture_section(arch, cfg)),  # the family's config class
-}
-
 ABLATION: Table = {"name": string(), "mpo_only": boolean()}
 
 MPO: Table = {
@@ -121,7 +110,6 @@ LAYER_KEY_RANGES: Table = {
 
 # model.architecture: the fields of the family's transformers config class (`architecture_keys`). Ranges of the
 # fields known by name, in any family; the other fields are checked against the type of the class's default value.
-CONFIG_CLASSES = {"t5": "T5Config", "gpt2": "GPT2Config", "bert": "BertConfig"}
 SIZES = (
     *("vocab_size", "d_model", "d_kv", "head_dim", "d_ff", "num_layers", "num_heads"),  # T5
     *("relative_attention_num_buckets", "relative_attention_max_distance"),
@@ -177,9 +165,8 @@ GLUE_NAME = Rule(  # as tasks/glue_data.py reads a task name: "SST-2" and "sst-2
     f"a GLUE task ({', '.join(GLUE_TASKS)}; any case, hyphens ignored)",
     lambda v: isinstance(v, str) and v.lower().replace("-", "") in GLUE_TASKS,
 )
-TASK_COMMON: Table = {
+TASK_COMMON: Table = {  # and `families`, a list of registered families (`_task_section`)
     "name": string(),
-    "families": list_of(choice("t5", "gpt2", "bert"), nonempty=True),
     "data_seed": integer(ge=0),
     "data_dir": string(null=True, optional=True),  # this task's own data folder (tasks/data_location.py)
     "label_smoothing": number(ge=0, lt=1, optional=True),  # the task's default for train.label_smoothing
@@ -261,14 +248,6 @@ def router_keys(router_cls: type, fixed: tuple[str, ...] = ()) -> dict[str, Rule
 
 
 @functools.cache
-def architecture_defaults(family: str) -> dict[str, Any]:
-    """The fields of a family's transformers config class with their default values (T5Config().to_dict(), ...)."""
-    import transformers
-
-    return getattr(transformers, CONFIG_CLASSES[family])().to_dict()
-
-
-@functools.cache
 def _activation_rules() -> tuple[Rule, Rule]:
     """(an activation name of transformers' ACT2FN, T5's feed_forward_proj: such a name or gated-<name>)."""
     from transformers.activations import ACT2FN
@@ -290,20 +269,22 @@ def _default_rule(value: Any) -> Rule:
     return next((rule for kind, rule in simple.items() if isinstance(value, kind)), anything())
 
 
-@functools.cache
 def architecture_keys(family: str) -> dict[str, Rule]:
     """model.architecture.* keys of a family: the fields of its transformers config class, their aliases (its
     attribute_map) and COMMON_FIELDS, less NOT_ARCHITECTURE; ranged by ARCHITECTURE_RANGES (activations: by the
     names transformers knows), else typed by the default value. Any may be left out: the class's default."""
-    import transformers
+    return _architecture_keys(FAMILIES[family].config_class())
 
+
+@functools.cache
+def _architecture_keys(config_class: type) -> dict[str, Rule]:
     activation, feed_forward_proj = _activation_rules()
     named = {**ARCHITECTURE_RANGES, "hidden_act": activation, "activation_function": activation}
     named.update(dense_act_fn=activation, feed_forward_proj=feed_forward_proj)
-    defaults = architecture_defaults(family)
+    defaults = config_class().to_dict()
     fields = [k for k in defaults if not k.startswith("_") and k not in NOT_ARCHITECTURE]
     keys = {key: named.get(key) or _default_rule(defaults[key]) for key in fields}
-    aliases = getattr(transformers, CONFIG_CLASSES[family]).attribute_map
+    aliases = config_class.attribute_map
     keys.update({alias: named.get(alias) or keys[field] for alias, field in aliases.items() if field in keys})
     keys.update({key: named[key] for key in COMMON_FIELDS if key not in keys})
     return {key: replace(keys[key], optional=True) for key in sorted(keys)}
@@ -311,9 +292,25 @@ def architecture_keys(family: str) -> dict[str, Rule]:
 
 def _architecture_section(architecture: dict, cfg: dict) -> tuple[Table, str]:
     family = cfg["model"].get("family")
-    if family not in CONFIG_CLASSES:  # refused as model.family, or unresolved
+    if family not in FAMILIES:  # refused as model.family, or unresolved
         return {key: anything() for key in architecture}, f"model.family={family}"
-    return architecture_keys(family), f"model.family={family}: the fields of transformers.{CONFIG_CLASSES[family]}"
+    config_class = FAMILIES[family].config_class_name
+    return architecture_keys(family), f"model.family={family}: the fields of transformers.{config_class}"
+
+
+def _model_section(model: dict, cfg: dict) -> tuple[Table, str]:
+    table: Table = {
+        "name": string(),
+        "family": choice(*FAMILIES),  # the registered families (mpoe_exp/backbones/), when checked
+        "hub_id": string(null=True),
+        "path": string(null=True),
+        "package": string(null=True, optional=True),  # a pip package shipping the weights (models.packaged_model_dir)
+        "label_smoothing": number(ge=0, lt=1, optional=True),  # the family's default; before the task's
+        "pretrained": boolean(),
+        "tokenizer": choice("pretrained", "byte"),
+        "architecture": Section(lambda arch, cfg: _architecture_section(arch, cfg)),  # the family's config class
+    }
+    return table, ""
 
 
 def _router_section(router: dict, method: dict) -> tuple[Table, str]:
@@ -349,7 +346,8 @@ def _task_section(task: dict, cfg: dict) -> tuple[Table, str]:
     kind = task.get("type")
     if kind is None:  # settings for the task a sweep chooses later (smoke_gpt2.yaml): checked once it is chosen
         return {key: anything() for key in task}, "no task chosen"
-    keys = {"type": choice(*TASKS), **TASK_COMMON}
+    keys = {"type": choice(*TASKS), "name": TASK_COMMON["name"], "families": list_of(choice(*FAMILIES), nonempty=True)}
+    keys.update(TASK_COMMON)
     return {**keys, **TASKS.get(kind, {})}, f"task.type={kind}"
 
 
@@ -374,7 +372,7 @@ CONFIG: Table = {
     "cpu_threads": CPU_THREADS,
     "cpu_malloc": choice("system", "keep", optional=True),
     "train": Section(TRAIN),
-    "model": Section(MODEL),
+    "model": Section(_model_section),
     "method": Section(_method_section),
     "ablation": Section(ABLATION),
     "task": Section(_task_section, null=True, optional=True),  # a dry run needs none (runner checks)

@@ -227,10 +227,10 @@ def test_the_schema_covers_every_task_type_and_layer():
 
 @pytest.mark.parametrize("model", available("model"))
 def test_every_model_config_passes_and_its_architecture_builds_the_config_class(model):
-    from mpoe_exp.models import _architecture, head_config
+    from mpoe_exp.models import head_config, model_config
 
     cfg = compose_config([f"model={model}", "dry_run=true"])
-    config = _architecture(cfg.model, head_config(cfg))  # what a random-weight build or a dry run passes on
+    config = model_config(cfg.model, head_config(cfg))  # what a random-weight build or a dry run passes on
     for key, value in cfg.model.architecture.items():
         assert getattr(config, key) == value, (model, key)
 
@@ -249,8 +249,8 @@ def test_architecture_keys_come_from_the_family_config_class():
 
 
 def test_an_integer_for_a_float_field_is_built_as_a_float():
-    from mpoe_exp.models import _architecture
+    from mpoe_exp.models import model_config
 
     cfg = compose_config([*T5, "model.architecture.layer_norm_epsilon=1", "model.architecture.dropout_rate=0"])
-    config = _architecture(cfg.model, {})
+    config = model_config(cfg.model)
     assert config.layer_norm_epsilon == 1.0 and isinstance(config.layer_norm_epsilon, float)

@@ -99,11 +99,9 @@ def test_every_task_class_implements_the_task_protocol():
     assert built == classes
 
 
-def code_words(path: Path) -> set[str]:
-    """The lower-case words of the names and strings `path`'s code uses (docstrings and comments left out):
-    `central_parameters` gives central and parameters, `MPOExperts` gives mpo and experts."""
-    import re
-
+def code_names(path: Path) -> set[str]:
+    """The names, attributes, definitions, arguments, imported names and whole strings of `path`'s code
+    (docstrings and comments left out)."""
     tree = ast.parse(path.read_text())
     docstrings = {
         id(n.body[0].value)
@@ -123,9 +121,19 @@ def code_words(path: Path) -> set[str]:
             names.add(n.name)
         elif isinstance(n, ast.arg):
             names.add(n.arg)
+        elif isinstance(n, ast.alias):
+            names.add(n.name.rpartition(".")[2])
         elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:
             names.add(n.value)
-    return {w.lower() for name in names for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)}
+    return names
+
+
+def code_words(path: Path) -> set[str]:
+    """The lower-case words of `code_names`: `central_parameters` gives central and parameters, `MPOExperts` gives
+    mpo and experts."""
+    import re
+
+    return {w.lower() for name in code_names(path) for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)}
 
 
 def test_code_words_splits_names():
@@ -211,3 +219,34 @@ def test_moe_imports_no_config_or_schema_code():
     graph = import_graph()
     offending = {(name, dep) for name, deps in graph.items() if name.startswith("mpoe_exp.moe") for dep in deps}
     assert {(name, dep) for name, dep in offending if dep in config_code} == set()
+
+
+FAMILY_CLASSES = {
+    *("T5LayerFF", "T5Config", "T5ForConditionalGeneration", "GPT2MLP", "GPT2Config", "GPT2LMHeadModel"),
+    *("BertLayer", "BertConfig", "BertForSequenceClassification"),
+}
+
+
+def test_what_a_model_family_is_lives_in_its_backbone_file():
+    """A family's transformers classes appear in its file under mpoe_exp/backbones/ and nowhere else in the
+    package, and no module asks which family a model is (`family == "t5"`): it asks the family (`FAMILIES[name]`:
+    its kind, shapes, FFN sites, tokenizer, head). backbones/ imports none of config, schema, models, tasks or
+    training."""
+    import re
+
+    asks = re.compile(r"""family\s*(==|!=|in)\s*[("'\[]""")
+    named, asked = set(), []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name != "backbones":
+            named |= {f"{module_name(path)}: {name}" for name in code_names(path) & FAMILY_CLASSES}
+            asked += [module_name(path)] if asks.search(path.read_text()) else []
+    assert named == set() and asked == []
+    above = ("mpoe_exp.config", "mpoe_exp.schema", "mpoe_exp.tasks", "mpoe_exp.training", "mpoe_exp.models")
+    offending = {
+        (name, dep)
+        for name, deps in import_graph().items()
+        if name.startswith("mpoe_exp.backbones")
+        for dep in deps
+        if dep.startswith(above)
+    }
+    assert offending == set()

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
@@ -268,6 +268,14 @@ def sample_and_score(
     }
 
 
+def model_positions(cfg: DictConfig) -> int:
+    """The longest sequence the run's model reads: its learned positions (GPT-2's n_positions), else 1024."""
+    from mpoe_exp.backbones import shapes_of
+
+    architecture = OmegaConf.to_container(cfg.model.architecture, resolve=True)
+    return shapes_of(cfg.model.family, architecture).max_positions or 1024
+
+
 # --- the task --------------------------------------------------------------------------------------------------
 
 
@@ -276,7 +284,7 @@ class GenerationTask(Task):
 
     def __init__(self, cfg: DictConfig, tokenizer):
         task_cfg = cfg.task
-        max_positions = cfg.model.architecture.get("n_positions", 1024)
+        max_positions = model_positions(cfg)
         self.name = task_cfg.name
         self.cfg = task_cfg
         self.seed = cfg.seed

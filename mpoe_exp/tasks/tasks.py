@@ -28,6 +28,7 @@ from mpoe_exp.tasks.generation import (
     causal_lm_loss,
     causal_lm_nll,
     check_sampling_config,
+    model_positions,
     perplexity_metrics,
     sample_and_score,
     wikitext_references,
@@ -56,7 +57,7 @@ class LanguageModelingTask(Task):
 
     def __init__(self, cfg: DictConfig, tokenizer):
         task_cfg, data_dir = cfg.task, task_data_dir(cfg)
-        max_positions = cfg.model.architecture.get("n_positions", 1024)
+        max_positions = model_positions(cfg)
         self.name = task_cfg.name
         self.cfg = task_cfg
         self.tokenizer = tokenizer
@@ -103,7 +104,7 @@ TASK_TYPES = Registry(
     "task type (task.type)",
     {"glue": GlueTask, "lm": LanguageModelingTask, "glue_multitask": MultiTaskGlue, "generation": GenerationTask},
 )
-# what an encoder (model.family bert) runs a task type as
+# what an encoder (a family of kind encoder: BERT) runs a task type as
 ENCODER_TASK_TYPES = Registry("task type on an encoder", {"glue": GlueClassificationTask})
 
 
@@ -112,7 +113,9 @@ def build_task(cfg: DictConfig, tokenizer) -> Task:
     kind = cfg.task.type
     if kind not in TASK_TYPES:
         raise UserError(f"task type {kind!r} is not available; known: {sorted(TASK_TYPES)}")
-    if cfg.model.family == "bert":
+    from mpoe_exp.backbones import FAMILIES
+
+    if FAMILIES[cfg.model.family].kind == "encoder":
         if kind not in ENCODER_TASK_TYPES:
             raise UserError(f"task type {kind!r} does not run on an encoder; encoders run {sorted(ENCODER_TASK_TYPES)}")
         return ENCODER_TASK_TYPES[kind](cfg, tokenizer)
