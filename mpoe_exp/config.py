@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp.conf_files import CONFIG_DIR, with_matched
 from mpoe_exp.errors import UserError
+from mpoe_exp.spec import TrainSpec
 
 CONFIG_NAME = "config"
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -229,6 +230,11 @@ def model_shapes(model_cfg: DictConfig):
     from mpoe_exp.backbones import shapes_of
 
     return shapes_of(model_cfg.family, OmegaConf.to_container(model_cfg.architecture, resolve=True))
+
+
+def train_spec(cfg: DictConfig) -> TrainSpec:
+    """The run's `train` section as its typed spec (mpoe_exp/spec.py)."""
+    return TrainSpec.from_mapping(OmegaConf.to_container(cfg.train, resolve=True))
 
 
 def method_label(cfg: DictConfig) -> str:

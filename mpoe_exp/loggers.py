@@ -17,13 +17,13 @@ records after its last logged step are sent: by exact resume they equal the ones
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from omegaconf import DictConfig, OmegaConf
-
-from mpoe_exp.config import method_label
 from mpoe_exp.errors import UserError
+from mpoe_exp.registry import Registry
 
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
@@ -39,7 +39,24 @@ def wandb_run_id(directory: Path) -> str:
     return run_id
 
 
+@dataclass(frozen=True)
+class RunLabels:
+    """What a logger files a run under: its directory, its group (experiment/model/method/task), its name (the
+    seed), its parameter counts and its whole config."""
+
+    directory: Path
+    group: str = ""
+    name: str = ""
+    parameters: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
 class NullLogger:
+    """`logger=none`: takes no settings."""
+
+    def __init__(self, labels: RunLabels | None = None):
+        pass
+
     def resume(self, step: int) -> None:
         pass
 
@@ -66,12 +83,23 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class WandbLogger:
-    def __init__(self, cfg: DictConfig, directory: Path, parameters: dict[str, int]):
+    """`logger=wandb`: its keyword-only parameters are the logger section's keys (the schema reads them)."""
+
+    def __init__(
+        self,
+        labels: RunLabels,
+        *,
+        project: str,
+        entity: str | None,
+        mode: Literal["online", "offline", "disabled"],  # offline: no network; `wandb sync` uploads later
+        tags: list[str],
+    ):
         try:
             import wandb
         except ImportError:
             raise UserError("logger=wandb needs the wandb package: pip install wandb") from None
-        self.wandb, self.cfg, self.directory, self.parameters = wandb, cfg, directory, parameters
+        self.wandb, self.labels, self.directory, self.parameters = wandb, labels, labels.directory, labels.parameters
+        self.settings = {"project": project, "entity": entity, "mode": mode, "tags": list(tags or [])}
         self.run = None
         self.first_step = 0  # records of earlier steps are in the W&B run already
 
@@ -98,17 +126,13 @@ class WandbLogger:
         self.run.summary.update({f"parameters/{k}": v for k, v in self.parameters.items()})
 
     def _init(self, **resumption):
-        cfg = self.cfg
-        settings = cfg.logger
+        labels = self.labels
         return self.wandb.init(
-            project=settings.project,
-            entity=settings.entity,
-            mode=settings.mode,
-            group=f"{cfg.experiment_name}/{cfg.model.name}/{method_label(cfg)}/{cfg.task.name}",
-            name=f"seed={cfg.seed}",
+            **self.settings,
+            group=labels.group,
+            name=labels.name,
             dir=str(self.directory),
-            config=OmegaConf.to_container(cfg, resolve=True),
-            tags=list(settings.tags or []),
+            config=labels.config,
             **resumption,
         )
 
@@ -125,10 +149,11 @@ class WandbLogger:
         self.run.finish()
 
 
-def make_logger(cfg: DictConfig, directory: Path, parameters: dict[str, int]):
-    kind = cfg.logger.name
-    if kind == "none":
-        return NullLogger()
-    if kind == "wandb":
-        return WandbLogger(cfg, directory, parameters)
-    raise UserError(f"unknown logger {kind!r}: use logger=none or logger=wandb")
+# logger.name -> its class; a class's keyword-only constructor parameters are the other keys of the logger section
+LOGGERS = Registry("logger (logger=...)", {"none": NullLogger, "wandb": WandbLogger})
+
+
+def make_logger(settings: Mapping[str, Any], labels: RunLabels):
+    """The logger of the `logger` section (plain values: name and the class's settings) for a run."""
+    settings = dict(settings)
+    return LOGGERS[settings.pop("name")](labels, **settings)

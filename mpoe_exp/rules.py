@@ -1,13 +1,18 @@
 """The rules a config key follows (`Rule`: type, range, choices, null, may be absent) and nested sections of
-keys (`Section`): the vocabulary of the schema (schema.py) and of what each expert-layer kind declares it takes
-(moe/kinds.py)."""
+keys (`Section`): the vocabulary of the typed run spec (spec.py, whose annotations carry them), of the schema
+(schema.py) and of what each expert-layer kind declares it takes (moe/kinds.py); and the check of a section of
+keys against its table (`check_table`), whose refusals are one line naming the key and what it allows."""
 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from mpoe_exp.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -98,3 +103,77 @@ class Section:
     keys: Table | Callable[[dict, dict], tuple[Table, str]] = field(default_factory=dict)
     null: bool = False  # the whole section may be null (task: a dry run needs none)
     optional: bool = False
+
+
+# --- rules from type annotations ---------------------------------------------------------------------------
+
+
+def annotation_rule(annotation: Any) -> Rule:
+    """A rule from a type annotation: the rule of `Annotated[type, rule]`; for bool, int, float, str, a Literal,
+    list[X] or X | None, the type's."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return next(m for m in annotation.__metadata__ if isinstance(m, Rule | Section))
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        rule = annotation_rule(inner[0]) if len(inner) == 1 else anything()
+        return rule.or_null() if type(None) in args else rule
+    if typing.get_origin(annotation) is typing.Literal:
+        return choice(*args)
+    if typing.get_origin(annotation) is list:
+        return list_of(annotation_rule(args[0]) if args else anything())
+    simple = {bool: boolean(), int: integer(), float: number(), str: string()}
+    return simple.get(annotation, anything())
+
+
+# --- the check -------------------------------------------------------------------------------------------------
+
+
+class Unresolved:
+    """A value whose interpolation cannot resolve yet (${task.name} with no task chosen): not checked here."""
+
+
+def check_table(prefix: str, node: dict, table: Table, root: dict, variant: str = "") -> None:
+    where = prefix[:-1] or "the top level"
+    context = f" ({variant})" if variant else ""
+    for key in node:
+        if key not in table:
+            allowed = ", ".join(k for k in table if k != "hydra")
+            raise UserError(f"unknown key {prefix}{key}: {where} takes {allowed}{context}")
+    for key, rule in table.items():
+        full = f"{prefix}{key}"
+        if key not in node:
+            if not rule.optional:
+                what = "a section" if isinstance(rule, Section) else rule.allowed
+                raise UserError(f"missing key {full}: {where} needs it ({what}){context}")
+            continue
+        value = node[key]
+        if isinstance(rule, Section):
+            check_section(full, value, rule, root)
+        elif not isinstance(value, Unresolved) and not rule.accepts(value):
+            raise UserError(f"{full}={show(value)} is not allowed: {full} must be {rule.allowed}")
+
+
+def check_section(full: str, value: Any, section: Section, root: dict) -> None:
+    if (value is None and section.null) or isinstance(value, Unresolved):
+        return
+    if not isinstance(value, dict):
+        raise UserError(f"{full}={show(value)} is not allowed: {full} is a section of keys (choose it by group)")
+    if callable(section.keys):
+        table, variant = section.keys(value, root)
+    else:
+        table, variant = section.keys, ""
+    check_table(f"{full}.", value, table, root, variant)
+
+
+def show(value: Any) -> str:
+    """A value as a command line would write it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, list):
+        return f"[{','.join(show(item) for item in value)}]"
+    return str(value)

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import cpu_malloc, results
-from mpoe_exp.config import method_label
+from mpoe_exp.config import method_label, train_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.models import build_model, parameter_report
 from mpoe_exp.run_record import RunRecord
@@ -16,7 +16,7 @@ from mpoe_exp.run_record import RunRecord
 
 def run(cfg: DictConfig) -> Path:
     """Run (or resume, or skip if finished) the experiment of `cfg`; returns its run directory."""
-    from mpoe_exp.loggers import WANDB_RUN_ID_FILE, NullLogger, make_logger
+    from mpoe_exp.loggers import WANDB_RUN_ID_FILE, NullLogger
     from mpoe_exp.tasks.tasks import build_task
     from mpoe_exp.training import (
         LAST,
@@ -27,6 +27,7 @@ def run(cfg: DictConfig) -> Path:
         setup_distributed,
     )
 
+    train = train_spec(cfg)
     directory = results.run_dir(cfg)
     digest = results.config_hash(cfg)
     dist = setup_distributed()
@@ -40,7 +41,7 @@ def run(cfg: DictConfig) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device, dist)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train.tf32
     seed_everything(cfg.seed)
     model, tokenizer = build_model(cfg)
     model.to(device)
@@ -48,8 +49,8 @@ def run(cfg: DictConfig) -> Path:
     kept = set_cpu_malloc(cfg.get("cpu_malloc", "system"), device)
     task = build_task(cfg, tokenizer)
     parameters = parameter_report(model)
-    logger = make_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
-    trainer = Trainer(model, task, cfg.train, directory, cfg.seed, device, logger, dist, digest)
+    logger = run_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
+    trainer = Trainer(model, task, train, directory, cfg.seed, device, logger, dist, digest)
     if dist.is_main:
         print_plan(cfg, directory, digest, device, parameters, trainer, kept)
     summary = run_summary(cfg, digest, task, dist.world_size, parameters)
@@ -71,6 +72,20 @@ def run(cfg: DictConfig) -> Path:
     logger.finish({"test": test_metrics, "best_validation": best["validation"], "best_step": state.best_step})
     print_outcome(path, task, best, test_metrics)
     return directory
+
+
+def run_logger(cfg: DictConfig, directory: Path, parameters: dict[str, int]):
+    """The run's logger (`logger=`), filing it under experiment/model/method/task, named by its seed."""
+    from mpoe_exp.loggers import RunLabels, make_logger
+
+    labels = RunLabels(
+        directory=directory,
+        group=f"{cfg.experiment_name}/{cfg.model.name}/{method_label(cfg)}/{cfg.task.name}",
+        name=f"seed={cfg.seed}",
+        parameters=parameters,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return make_logger(OmegaConf.to_container(cfg.logger, resolve=True), labels)
 
 
 def run_summary(cfg: DictConfig, digest: str, task, world_size: int, parameters: dict[str, int]) -> dict:

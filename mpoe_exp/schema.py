@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import replace
@@ -39,8 +38,11 @@ from mpoe_exp.rules import (
     Rule,
     Section,
     Table,
+    Unresolved,
+    annotation_rule,
     anything,
     boolean,
+    check_table,
     choice,
     integer,
     is_int,
@@ -49,31 +51,11 @@ from mpoe_exp.rules import (
     number,
     string,
 )
+from mpoe_exp.spec import TrainSpec
 
 # --- the tables ------------------------------------------------------------------------------------------------
 
-TRAIN: Table = {
-    "lr": number(gt=0),
-    "epochs": integer(ge=1),
-    "max_steps": integer(ge=1, null=True),  # null: `epochs`
-    "batch_size": integer(ge=1),
-    "grad_accum_steps": integer(ge=1),
-    "group_by_length": boolean(optional=True),  # batches of similar lengths (Trainer.epoch_order)
-    "warmup_steps": integer(ge=0, null=True),  # null: warmup_ratio * total steps
-    "warmup_ratio": number(ge=0, lt=1),
-    "weight_decay": number(ge=0),
-    "adam_eps": number(gt=0),
-    "grad_clip": number(ge=0, null=True),  # 0 or null: no clipping
-    "label_smoothing": number(ge=0, lt=1),
-    "precision": choice("fp32", "bf16", "fp16", optional=True),
-    "tf32": boolean(),
-    "eval_every": integer(ge=1, null=True, optional=True),  # null: from evals_per_epoch
-    "evals_per_epoch": integer(ge=1, optional=True),
-    "min_evals": integer(ge=1, optional=True),
-    "checkpoint_every": integer(ge=1, optional=True),  # optimizer steps between resume checkpoints
-    "eval_batch_size": integer(ge=1),
-    "log_every": integer(ge=1),
-}
+TRAIN: Table = TrainSpec.table()  # the spec's annotations (mpoe_exp/spec.py)
 
 ABLATION: Table = {"name": string(), "mpo_only": boolean()}
 
@@ -194,31 +176,7 @@ TASKS: Mapping[str, Table] = {  # task.type -> its keys besides TASK_COMMON (tas
     },
 }
 
-LOGGERS: Mapping[str, Table] = {
-    "none": {},
-    "wandb": {
-        "project": string(),
-        "entity": string(null=True),
-        "mode": choice("online", "offline", "disabled"),
-        "tags": list_of(string()),
-    },
-}
-
-
 # --- sections whose keys depend on their content ----------------------------------------------------------------
-
-
-def _annotation_rule(annotation: Any) -> Rule:
-    """A rule from a constructor parameter's type annotation (bool, int, float, str, or X | None)."""
-    args = typing.get_args(annotation)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        rule = _annotation_rule(inner[0]) if len(inner) == 1 else anything()
-        return rule.or_null() if type(None) in args else rule
-    if typing.get_origin(annotation) is typing.Literal:
-        return choice(*args)
-    simple = {bool: boolean(), int: integer(), float: number(), str: string()}
-    return simple.get(annotation, anything())
 
 
 def layer_keys(types_by_name: dict[str, Any]) -> dict[str, Rule]:
@@ -226,7 +184,7 @@ def layer_keys(types_by_name: dict[str, Any]) -> dict[str, Rule]:
     every one may be left out."""
     keys = {}
     for name, annotation in types_by_name.items():
-        rule = _annotation_rule(annotation)
+        rule = annotation_rule(annotation)
         if name in LAYER_KEY_RANGES:
             nullable = type(None) in typing.get_args(annotation)
             rule = LAYER_KEY_RANGES[name].or_null() if nullable else LAYER_KEY_RANGES[name]
@@ -235,14 +193,21 @@ def layer_keys(types_by_name: dict[str, Any]) -> dict[str, Rule]:
 
 
 def router_keys(router_cls: type, fixed: tuple[str, ...] = ()) -> dict[str, Rule]:
-    """method.router.* keys of a router class: its keyword-only constructor parameters (less `fixed`), typed by
-    VALUE_RANGES or else by their annotations; a parameter with a default may be left out."""
-    hints = typing.get_type_hints(router_cls.__init__)
-    keys: dict[str, Rule] = {"type": string()}
-    for parameter in inspect.signature(router_cls.__init__).parameters.values():
+    """method.router.* keys of a router class: its type and its keyword-only constructor parameters (less
+    `fixed`)."""
+    return {"type": string(), **constructor_keys(router_cls, fixed)}
+
+
+def constructor_keys(cls: type, fixed: tuple[str, ...] = ()) -> dict[str, Rule]:
+    """The config keys of a class built from them (a router, a logger): its keyword-only constructor parameters
+    (less `fixed`), typed by VALUE_RANGES or else by their annotations; a parameter with a default may be left
+    out."""
+    hints = typing.get_type_hints(cls.__init__)
+    keys: dict[str, Rule] = {}
+    for parameter in inspect.signature(cls.__init__).parameters.values():
         if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name in fixed:
             continue
-        rule = VALUE_RANGES.get(parameter.name) or _annotation_rule(hints.get(parameter.name))
+        rule = VALUE_RANGES.get(parameter.name) or annotation_rule(hints.get(parameter.name))
         keys[parameter.name] = replace(rule, optional=parameter.default is not inspect.Parameter.empty)
     return keys
 
@@ -352,7 +317,12 @@ def _task_section(task: dict, cfg: dict) -> tuple[Table, str]:
 
 
 def _logger_section(logger: dict, cfg: dict) -> tuple[Table, str]:
-    return {"name": choice(*LOGGERS), **LOGGERS.get(logger.get("name"), {})}, f"logger={logger.get('name')}"
+    """The logger's name and its class's keyword-only constructor parameters (loggers.LOGGERS)."""
+    from mpoe_exp.loggers import LOGGERS
+
+    name = logger.get("name")
+    keys = constructor_keys(LOGGERS[name]) if name in LOGGERS else {}
+    return {"name": choice(*LOGGERS), **keys}, f"logger={name}"
 
 
 DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))
@@ -387,67 +357,17 @@ CONFIG: Table = {
 def check_config(cfg: DictConfig) -> None:
     """Refuse, with one line naming the key and what it allows, any value, missing key or unknown key of `cfg`."""
     resolved = {key: _plain(cfg, key) for key in cfg if key != "hydra"}
-    _check_table("", resolved, CONFIG, resolved)
-
-
-class _Unresolved:
-    """A value whose interpolation cannot resolve yet (${task.name} with no task chosen): not checked here."""
+    check_table("", resolved, CONFIG, resolved)
 
 
 def _plain(node: DictConfig | ListConfig, key: Any) -> Any:
-    """node[key] resolved into plain Python (dicts, lists, scalars), _Unresolved where an interpolation fails."""
+    """node[key] resolved into plain Python (dicts, lists, scalars), Unresolved where an interpolation fails."""
     try:
         value = node[key]
     except InterpolationResolutionError:
-        return _Unresolved()
+        return Unresolved()
     if isinstance(value, DictConfig):
         return {k: _plain(value, k) for k in value}
     if isinstance(value, ListConfig):
         return [_plain(value, i) for i in range(len(value))]
     return value
-
-
-def _check_table(prefix: str, node: dict, table: Table, root: dict, variant: str = "") -> None:
-    where = prefix[:-1] or "the top level"
-    context = f" ({variant})" if variant else ""
-    for key in node:
-        if key not in table:
-            allowed = ", ".join(k for k in table if k != "hydra")
-            raise UserError(f"unknown key {prefix}{key}: {where} takes {allowed}{context}")
-    for key, rule in table.items():
-        full = f"{prefix}{key}"
-        if key not in node:
-            if not rule.optional:
-                what = "a section" if isinstance(rule, Section) else rule.allowed
-                raise UserError(f"missing key {full}: {where} needs it ({what}){context}")
-            continue
-        value = node[key]
-        if isinstance(rule, Section):
-            _check_section(full, value, rule, root)
-        elif not isinstance(value, _Unresolved) and not rule.accepts(value):
-            raise UserError(f"{full}={_show(value)} is not allowed: {full} must be {rule.allowed}")
-
-
-def _check_section(full: str, value: Any, section: Section, root: dict) -> None:
-    if (value is None and section.null) or isinstance(value, _Unresolved):
-        return
-    if not isinstance(value, dict):
-        raise UserError(f"{full}={_show(value)} is not allowed: {full} is a section of keys (choose it by group)")
-    if callable(section.keys):
-        table, variant = section.keys(value, root)
-    else:
-        table, variant = section.keys, ""
-    _check_table(f"{full}.", value, table, root, variant)
-
-
-def _show(value: Any) -> str:
-    """A value as a command line would write it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return value if value else "''"
-    if isinstance(value, list):
-        return f"[{','.join(_show(item) for item in value)}]"
-    return str(value)

@@ -48,16 +48,15 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mpoe_exp.errors import UserError
 from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.results import atomic_replace, atomic_write_text
+from mpoe_exp.spec import EVALS_PER_EPOCH, MIN_EVALS, TrainSpec
 from mpoe_exp.tasks.protocol import Task
 
 LAST, BEST = "last.pt", "best.pt"
-EVALS_PER_EPOCH, MIN_EVALS, CHECKPOINT_EVERY = 4, 5, 200  # defaults of train.evals_per_epoch, min_evals, ...
 
 
 class TrainingDiverged(UserError):
@@ -305,12 +304,8 @@ class StepPlan:
         return [s for s in range(1, self.total_steps + 1) if self.evaluates_at(s)]
 
 
-def plan_steps(num_examples: int, train_cfg: DictConfig) -> StepPlan:
+def plan_steps(num_examples: int, train_cfg: TrainSpec) -> StepPlan:
     """The plan of a run over `num_examples` training examples with the `train.*` settings."""
-    for key in ("eval_every", "evals_per_epoch", "min_evals", "checkpoint_every"):
-        value = train_cfg.get(key)
-        if value is not None and value < 1:
-            raise UserError(f"train.{key} must be a positive number of steps, got {value}")
     if train_cfg.batch_size > num_examples:  # the global batch: each of several processes takes a share of it
         raise UserError(
             f"train.batch_size={train_cfg.batch_size} is more than the {num_examples} training examples: a batch "
@@ -320,15 +315,9 @@ def plan_steps(num_examples: int, train_cfg: DictConfig) -> StepPlan:
     steps_per_epoch = math.ceil(micro_batches / train_cfg.grad_accum_steps)
     total = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
     interval = evaluation_interval(
-        total,
-        steps_per_epoch,
-        train_cfg.get("eval_every"),
-        train_cfg.get("evals_per_epoch", EVALS_PER_EPOCH),
-        train_cfg.get("min_evals", MIN_EVALS),
+        total, steps_per_epoch, train_cfg.eval_every, train_cfg.evals_per_epoch, train_cfg.min_evals
     )
-    return StepPlan(
-        micro_batches, steps_per_epoch, total, interval, train_cfg.get("checkpoint_every", CHECKPOINT_EVERY)
-    )
+    return StepPlan(micro_batches, steps_per_epoch, total, interval, train_cfg.checkpoint_every)
 
 
 # --- one optimizer step ---------------------------------------------------------------------------------------
@@ -527,7 +516,7 @@ class Trainer:
         self,
         model,
         task: Task,
-        train_cfg: DictConfig,
+        train_cfg: TrainSpec,
         run_dir: Path,
         seed: int,
         device,
@@ -646,7 +635,7 @@ class Trainer:
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.features), generator=generator).tolist()
-        if not self.cfg.get("group_by_length", False):
+        if not self.cfg.group_by_length:
             return order
         lengths = [len(f["input_ids"]) for f in self.features]
         return length_grouped_order(order, lengths, self.cfg.batch_size, generator)

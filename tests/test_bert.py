@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config, load_model, save_model
-from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.config import DEMO_DATA_DIR, train_spec
 from mpoe_exp.models import ffn_sites, model_source, packaged_model_dir, upcycle
 from mpoe_exp.moe import ExpertLayer
 from mpoe_exp.results import RESULTS_FILE
@@ -200,7 +200,7 @@ def test_one_seed_gives_every_method_the_same_head_and_the_same_data_order():
         cfg = compose_config([*base, f"method={method}"])
         model, tokenizer = build_model(cfg)
         heads.append({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
-        trainer = Trainer(model, build_task(cfg, tokenizer), cfg.train, Path("unused"), cfg.seed, "cpu")
+        trainer = Trainer(model, build_task(cfg, tokenizer), train_spec(cfg), Path("unused"), cfg.seed, "cpu")
         orders.append([trainer.epoch_order(epoch) for epoch in range(2)])
     assert heads[0] and all(h.keys() == heads[0].keys() for h in heads)
     assert all(torch.equal(h[k], heads[0][k]) for h in heads for k in h)

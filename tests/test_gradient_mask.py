@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from mpoe_exp.config import train_spec
 from mpoe_exp.gradient_mask import CentralGradientMask
 
 NUM_STEPS = 20
@@ -381,7 +382,7 @@ def tiny_trainer(tmp_path, *overrides: str, freeze_centrals: bool = False, model
         for p in central_parameters(model):
             p.requires_grad_(False)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, RandomSeq2SeqTask(), cfg.train, tmp_path, cfg.seed, torch.device("cpu"))
+    trainer = Trainer(model, RandomSeq2SeqTask(), train_spec(cfg), tmp_path, cfg.seed, torch.device("cpu"))
     return trainer, model
 
 
@@ -487,7 +488,7 @@ def test_default_mask_updates_the_centrals_on_about_half_of_200_steps(tmp_path):
 
     cfg = compose_config(["method=mpoe", "train.max_steps=200", "train.batch_size=4", "train.lr=1e-3"])
     model = OneMPOLayer(cfg.method)
-    trainer = Trainer(model, RegressionTask(), cfg.train, tmp_path, cfg.seed, torch.device("cpu"))
+    trainer = Trainer(model, RegressionTask(), train_spec(cfg), tmp_path, cfg.seed, torch.device("cpu"))
     assert trainer.mask.prob == 0.5
     snapshots = central_snapshots_per_step(trainer, model)
     trainer.fit()

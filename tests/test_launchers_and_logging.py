@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from mpoe_exp import compose_config
 from mpoe_exp.config import DEMO_DATA_DIR
@@ -130,20 +131,33 @@ def test_force_starts_a_new_wandb_run_and_a_fresh_train_log(tmp_path, monkeypatc
     assert [record["step"] for record in log] == [2, 4]  # only the forced run's evaluations
 
 
+# the logger section of conf/logger/wandb.yaml, less its name: WandbLogger's keyword-only parameters
+WANDB_SETTINGS = {"project": "mpoe-exp", "entity": None, "mode": "online", "tags": []}
+
+
+def test_the_wandb_settings_are_the_logger_sections_keys():
+    from mpoe_exp.loggers import LOGGERS
+    from mpoe_exp.schema import constructor_keys
+
+    section = OmegaConf.to_container(compose_config(["logger=wandb"]).logger)
+    assert section == {"name": "wandb", **WANDB_SETTINGS}
+    assert set(constructor_keys(LOGGERS["wandb"])) == set(WANDB_SETTINGS)
+
+
 def test_a_resumed_run_rewinds_its_wandb_run_to_the_resume_checkpoint(tmp_path, monkeypatch):
     import wandb
 
-    from mpoe_exp.loggers import WandbLogger
+    from mpoe_exp.loggers import RunLabels, WandbLogger
 
     runs = []
     monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeWandbRun(**kw)) or runs[-1])
-    cfg = compose_config(["experiment=quickstart", "logger=wandb", f"runs_dir={tmp_path}"])
-    first = WandbLogger(cfg, tmp_path, {"total": 10})
+    labels = RunLabels(tmp_path, parameters={"total": 10})
+    first = WandbLogger(labels, **WANDB_SETTINGS)
     first.resume(0)
     for step in (2, 4, 6):
         first.log({"step": step, "loss": 1.0})
     # killed after the evaluation of step 6; its resume checkpoint is step 4's
-    resumed = WandbLogger(cfg, tmp_path, {"total": 10})
+    resumed = WandbLogger(labels, **WANDB_SETTINGS)
     resumed.resume(4)
     for step in (6, 8):
         resumed.log({"step": step, "loss": 0.5})
@@ -157,7 +171,7 @@ def test_a_resumed_run_rewinds_its_wandb_run_to_the_resume_checkpoint(tmp_path, 
 def test_a_refused_rewind_resumes_the_wandb_run_and_sends_only_new_steps(tmp_path, monkeypatch, capsys):
     import wandb
 
-    from mpoe_exp.loggers import WANDB_RUN_ID_FILE, WandbLogger
+    from mpoe_exp.loggers import WANDB_RUN_ID_FILE, RunLabels, WandbLogger
 
     runs = []
 
@@ -170,7 +184,7 @@ def test_a_refused_rewind_resumes_the_wandb_run_and_sends_only_new_steps(tmp_pat
 
     monkeypatch.setattr(wandb, "init", init)
     (tmp_path / WANDB_RUN_ID_FILE).write_text("earlierrun\n")
-    logger = WandbLogger(compose_config(["experiment=quickstart", "logger=wandb"]), tmp_path, {})
+    logger = WandbLogger(RunLabels(tmp_path), **WANDB_SETTINGS)
     logger.resume(4)
     for step in (6, 8):
         logger.log({"step": step, "loss": 0.5})

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 from test_gradient_mask import RandomSeq2SeqTask, tiny_trainer
 
-from mpoe_exp.config import CONFIG_DIR, available, compose_config, expand_sweep
+from mpoe_exp.config import CONFIG_DIR, available, compose_config, expand_sweep, train_spec
+from mpoe_exp.spec import TrainSpec
 from mpoe_exp.training import (
     BEST,
     LAST,
@@ -31,8 +32,10 @@ from mpoe_exp.training import (
 
 
 def train_cfg(**values):
-    base = {"batch_size": 32, "grad_accum_steps": 1, "epochs": 3, "max_steps": None, "eval_every": None}
-    return OmegaConf.create({**base, "evals_per_epoch": 4, "min_evals": 5, "checkpoint_every": 200, **values})
+    """The default `train` spec with `values` changed."""
+    base = OmegaConf.to_container(compose_config(["model=tiny-t5"]).train, resolve=True)
+    base.update(batch_size=32, grad_accum_steps=1, epochs=3, max_steps=None, eval_every=None)
+    return TrainSpec.from_mapping({**base, "evals_per_epoch": 4, "min_evals": 5, "checkpoint_every": 200, **values})
 
 
 @pytest.mark.parametrize(
@@ -67,8 +70,10 @@ def test_evaluation_interval_is_a_pure_function_of_the_run():
 def test_nonpositive_cadence_is_refused(key):
     from mpoe_exp.errors import UserError
 
-    with pytest.raises(UserError, match=f"train.{key} must be a positive"):
-        plan_steps(100, train_cfg(**{key: 0}))
+    with pytest.raises(
+        UserError, match=f"^train.{key}=0 is not allowed: train.{key} must be (null or )?an integer >= 1$"
+    ):
+        train_cfg(**{key: 0})
 
 
 def test_a_batch_larger_than_the_training_split_is_refused():
@@ -125,7 +130,7 @@ def test_every_run_of_every_experiment_is_evaluated_at_least_five_times():
                 key = tuple(o for o in overrides if not o.startswith(("seed=", "train.lr=", "method=", "ablation=")))
                 if key not in evaluations:
                     cfg = compose(config_name="config", overrides=list(key))
-                    evaluations[key] = plan_steps(training_examples(cfg), cfg.train).evaluation_steps()
+                    evaluations[key] = plan_steps(training_examples(cfg), train_spec(cfg)).evaluation_steps()
                 assert len(evaluations[key]) >= 5, (experiment, overrides, evaluations[key])
                 checked += 1
     assert checked > 1000  # every table, extra and smoke experiment, and the quickstart
