@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from mpoe_exp import compose_config, cpu_malloc, mpo
+from mpoe_exp.config import run_spec
 from mpoe_exp.moe import FeedForwardSpec, MergedExpertsFeedForward, MPOExperts, build_layer
 
 D_MODEL, D_FF = 768, 3072
@@ -372,7 +373,7 @@ def training_state_bytes(method: str, model: str = "t5-base") -> dict[str, int]:
     from mpoe_exp.models import build_model
 
     cfg = compose_config([f"model={model}", f"method={method}"])
-    net, _ = build_model(cfg, meta=True)
+    net, _ = build_model(run_spec(cfg), meta=True)
     params = list({id(p): p for p in net.parameters() if p.requires_grad}.values())
     for p in params:
         p.grad = torch.empty_like(p)

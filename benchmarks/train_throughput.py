@@ -31,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpoe_exp import compose_config
+from mpoe_exp.config import run_spec
 from mpoe_exp.gradient_mask import CentralGradientMask
 from mpoe_exp.models import build_model
 from mpoe_exp.training import TrainingStep, adamw, training_hooks
@@ -67,7 +68,7 @@ class Run:
         overrides = [o for o in overrides or [] if method != "dense" or not o.lstrip("+").startswith("method.")]
         cfg = compose_config([*SHAPES[shape], f"method={method}", *overrides])
         torch.manual_seed(0)
-        self.model, _ = build_model(cfg)
+        self.model, _ = build_model(run_spec(cfg))
         self.model.to(device).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         if optimizer == "fused":  # the trainer's

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mpoe_exp import compose_config, cpu_malloc
+from mpoe_exp.config import run_spec
 from mpoe_exp.models import load_backbone, parameter_report, upcycle
 
 
@@ -50,7 +51,7 @@ def main(overrides: list[str]) -> dict:
     cfg = compose_config(["model=t5-base", "method=mpoe++", "model.pretrained=false", *overrides])
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = load_backbone(cfg.model)
+    model = load_backbone(run_spec(cfg).model)
     dense_params = parameter_report(model)["total"]
     after_backbone = peak_rss_gb()
     upcycle(model, cfg.method)

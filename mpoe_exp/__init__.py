@@ -6,10 +6,10 @@ model code and no torch."""
 from mpoe_exp.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "build_model", "compose_config", "load_model", "save_model"]
+__all__ = ["UserError", "build_model", "compose_config", "load_model", "run_spec", "save_model"]
 
-_LAZY = {"compose_config": "mpoe_exp.config", "build_model": "mpoe_exp.models", "load_model": "mpoe_exp.models",
-         "save_model": "mpoe_exp.models"}  # fmt: skip
+_LAZY = {"compose_config": "mpoe_exp.config", "run_spec": "mpoe_exp.config", "build_model": "mpoe_exp.models",
+         "load_model": "mpoe_exp.models", "save_model": "mpoe_exp.models"}  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp.conf_files import CONFIG_DIR, with_matched
 from mpoe_exp.errors import UserError
-from mpoe_exp.spec import TrainSpec
+from mpoe_exp.spec import ModelSpec, RunSpec, TrainSpec
 
 CONFIG_NAME = "config"
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -184,10 +184,11 @@ def check_architecture(model_cfg: DictConfig) -> None:
     divide the hidden size, a token id outside the vocabulary, a vocabulary smaller than the byte-level tokenizer's."""
     from mpoe_exp.backbones import FAMILIES
     from mpoe_exp.models import model_config
-    from mpoe_exp.schema import TOKEN_IDS
+    from mpoe_exp.spec import TOKEN_IDS
 
     try:
-        config = model_config(model_cfg)  # the class's defaults filled in, aliases resolved
+        # the class's defaults filled in, aliases resolved
+        config = model_config(ModelSpec.from_mapping(plain(model_cfg)))
     except Exception as err:  # a check of transformers' own that the schema does not make
         reason = " ".join(str(err).split())
         raise UserError(f"model.architecture of model={model_cfg.name} is refused by transformers: {reason}") from None
@@ -230,6 +231,26 @@ def model_shapes(model_cfg: DictConfig):
     from mpoe_exp.backbones import shapes_of
 
     return shapes_of(model_cfg.family, OmegaConf.to_container(model_cfg.architecture, resolve=True))
+
+
+def run_spec(cfg: DictConfig, *, train: bool = True) -> RunSpec:
+    """The typed spec of a composed, checked config (mpoe_exp/spec.py). train=False: without the train section (a
+    dry run, whose task may be unresolved)."""
+    chosen = isinstance(cfg.get("task"), DictConfig) and "type" in cfg.task  # a dry run may have none
+    task = plain(cfg.task) if chosen else None
+    return RunSpec(
+        seed=cfg.seed,
+        model=ModelSpec.from_mapping(plain(cfg.model)),
+        method=plain(cfg.method),
+        train=train_spec(cfg) if train else None,
+        task=task,
+        data_dir=cfg.data_dir if task is not None else None,
+    )
+
+
+def plain(node: DictConfig) -> dict:
+    """A config section as plain resolved values."""
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def train_spec(cfg: DictConfig) -> TrainSpec:

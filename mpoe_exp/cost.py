@@ -33,7 +33,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import mpo
-from mpoe_exp.config import CONFIG_DIR, compose_config, expand_sweep, model_shapes
+from mpoe_exp.config import CONFIG_DIR, compose_config, expand_sweep, model_shapes, run_spec
 from mpoe_exp.results import run_dir
 
 PAPER_EXPERIMENTS = ("table1_t5_base", "table1_t5_large", "table1_gpt2", "table2", "table3", "table4")
@@ -57,7 +57,7 @@ def _body_parameters(model_name: str) -> dict[str, int]:
     from mpoe_exp.models import load_backbone
 
     cfg = compose_config([f"model={model_name}", "method=dense"])
-    model = load_backbone(cfg.model, meta=True)
+    model = load_backbone(run_spec(cfg, train=False).model, meta=True)
     embeddings = FAMILIES[cfg.model.family].embedding_prefixes
     parts = {"encoder": 0, "decoder": 0, "body": 0}
     for name, p in model.named_parameters():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp.conf_files import method_config
-from mpoe_exp.config import CONFIG_DIR, method_label
+from mpoe_exp.config import CONFIG_DIR, method_label, run_spec
 from mpoe_exp.models import build_model, parameter_report
 
 PAPER_PARAMETERS = CONFIG_DIR / "paper" / "parameters.yaml"
@@ -19,15 +21,14 @@ def paper_figure(cfg: DictConfig) -> float | None:
 
 def matched_total(cfg: DictConfig, method: str) -> int:
     """The total parameter count of cfg's model with `method` (a conf/method file as it is) instead of cfg's."""
-    other = cfg.copy()
-    other.method = OmegaConf.create(method_config(method))
+    other = dataclasses.replace(run_spec(cfg, train=False), method=method_config(method))
     model, _ = build_model(other, meta=True)
     return parameter_report(model)["total"]
 
 
 def dry_run(cfg: DictConfig) -> dict[str, int]:
     """Print and return the parameter report of cfg's model."""
-    model, _ = build_model(cfg, meta=True)
+    model, _ = build_model(run_spec(cfg, train=False), meta=True)
     report = parameter_report(model)
     paper = paper_figure(cfg)
     print(f"model={cfg.model.name} method={method_label(cfg)}")

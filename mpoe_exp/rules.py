@@ -109,10 +109,12 @@ class Section:
 
 
 def annotation_rule(annotation: Any) -> Rule:
-    """A rule from a type annotation: the rule of `Annotated[type, rule]`; for bool, int, float, str, a Literal,
+    """A rule from a type annotation: the rule of `Annotated[type, rule]` (or of `Annotated[type, make_rule]`,
+    for choices that grow after import, like the registered model families); for bool, int, float, str, a Literal,
     list[X] or X | None, the type's."""
-    if typing.get_origin(annotation) is typing.Annotated:
-        return next(m for m in annotation.__metadata__ if isinstance(m, Rule | Section))
+    if typing.get_origin(annotation) is typing.Annotated:  # a rule, or a function making it when checked
+        rule = annotation.__metadata__[0]
+        return rule if isinstance(rule, Rule | Section) else rule()
     args = typing.get_args(annotation)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         inner = [a for a in args if a is not type(None)]

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import cpu_malloc, results
-from mpoe_exp.config import method_label, train_spec
+from mpoe_exp.config import method_label, run_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.models import build_model, parameter_report
 from mpoe_exp.run_record import RunRecord
@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> Path:
         setup_distributed,
     )
 
-    train = train_spec(cfg)
+    spec = run_spec(cfg)  # typed, once; the modules below receive it
     directory = results.run_dir(cfg)
     digest = results.config_hash(cfg)
     dist = setup_distributed()
@@ -41,16 +41,16 @@ def run(cfg: DictConfig) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device, dist)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train.tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.train.tf32
     seed_everything(cfg.seed)
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(spec)
     model.to(device)
     set_cpu_threads(cfg.get("cpu_threads", "auto"), device, model)
     kept = set_cpu_malloc(cfg.get("cpu_malloc", "system"), device)
     task = build_task(cfg, tokenizer)
     parameters = parameter_report(model)
     logger = run_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
-    trainer = Trainer(model, task, train, directory, cfg.seed, device, logger, dist, digest)
+    trainer = Trainer(model, task, spec.train, directory, cfg.seed, device, logger, dist, digest)
     if dist.is_main:
         print_plan(cfg, directory, digest, device, parameters, trainer, kept)
     summary = run_summary(cfg, digest, task, dist.world_size, parameters)

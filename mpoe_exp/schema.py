@@ -19,7 +19,6 @@ hidden size) are checked after this, in config.validate_config.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 import typing
@@ -51,7 +50,7 @@ from mpoe_exp.rules import (
     number,
     string,
 )
-from mpoe_exp.spec import TrainSpec
+from mpoe_exp.spec import ModelSpec, TrainSpec
 
 # --- the tables ------------------------------------------------------------------------------------------------
 
@@ -88,50 +87,6 @@ LAYER_KEY_RANGES: Table = {
     "shared_experts": integer(ge=0),
     "bottleneck_reduction": integer(ge=1),
 }
-
-
-# model.architecture: the fields of the family's transformers config class (`architecture_keys`). Ranges of the
-# fields known by name, in any family; the other fields are checked against the type of the class's default value.
-SIZES = (
-    *("vocab_size", "d_model", "d_kv", "head_dim", "d_ff", "num_layers", "num_heads"),  # T5
-    *("relative_attention_num_buckets", "relative_attention_max_distance"),
-    *("n_positions", "n_embd", "n_layer", "n_head"),  # GPT-2
-    *("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"),
-    "type_vocab_size",
-)
-DROPOUTS = (
-    *("dropout_rate", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
-    *("hidden_dropout_prob", "attention_probs_dropout_prob"),
-)
-TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
-TOKEN_ID = integer(ge=0)
-ARCHITECTURE_RANGES: Table = {
-    **{key: integer(ge=1) for key in SIZES},
-    "num_decoder_layers": integer(ge=1, null=True),  # null: num_layers
-    "n_inner": integer(ge=1, null=True),  # null: 4 * n_embd
-    **{key: number(ge=0, lt=1) for key in DROPOUTS},
-    "classifier_dropout": number(ge=0, lt=1, null=True),
-    "layer_norm_epsilon": number(gt=0),
-    "layer_norm_eps": number(gt=0),
-    "initializer_range": number(gt=0),  # the std of the initial weights
-    "initializer_factor": number(gt=0),
-    "chunk_size_feed_forward": integer(ge=0),
-    **{key: TOKEN_ID.or_null() for key in TOKEN_IDS},
-    "eos_token_id": Rule(  # T5 and GPT-2 also take a list of end tokens
-        "null, an integer >= 0 or a list of them",
-        lambda v: v is None or TOKEN_ID.accepts(v) or list_of(TOKEN_ID, nonempty=True).accepts(v),
-    ),
-    "tie_word_embeddings": boolean(),
-}
-# Fields that every config class takes (transformers' PretrainedConfig), though a class's defaults may lack them:
-# T5Config has no decoder_start_token_id, which T5 needs to shift its targets right.
-COMMON_FIELDS = (*TOKEN_IDS, "tie_word_embeddings")
-# Fields of a config class that are no part of an architecture: the task head's (models.head_config sets them), the
-# form of the outputs and the dtype (the run sets them), and transformers' bookkeeping.
-NOT_ARCHITECTURE = frozenset(
-    {"num_labels", "id2label", "label2id", "problem_type", "return_dict", "output_hidden_states", "output_attentions"}
-    | {"dtype", "torch_dtype", "model_type", "transformers_version", "architectures"}
-)
 
 
 SAMPLING: Table = {  # unconditional samples scored with BLEU on the test split (tasks/generation.py)
@@ -212,72 +167,6 @@ def constructor_keys(cls: type, fixed: tuple[str, ...] = ()) -> dict[str, Rule]:
     return keys
 
 
-@functools.cache
-def _activation_rules() -> tuple[Rule, Rule]:
-    """(an activation name of transformers' ACT2FN, T5's feed_forward_proj: such a name or gated-<name>)."""
-    from transformers.activations import ACT2FN
-
-    names = sorted(ACT2FN)
-    activation = Rule(f"one of {', '.join(names)}", lambda v: isinstance(v, str) and v in names)
-    gated = Rule(
-        f"an activation or gated-<activation> ({', '.join(names)})",
-        lambda v: isinstance(v, str) and v.removeprefix("gated-") in names,
-    )
-    return activation, gated
-
-
-def _default_rule(value: Any) -> Rule:
-    """A rule from a field's default value: its type (a float field also takes an integer); anything for null."""
-    if isinstance(value, bool):
-        return boolean()
-    simple = {int: integer(), float: number(), str: string(), list: list_of(anything()), dict: mapping("a mapping")}
-    return next((rule for kind, rule in simple.items() if isinstance(value, kind)), anything())
-
-
-def architecture_keys(family: str) -> dict[str, Rule]:
-    """model.architecture.* keys of a family: the fields of its transformers config class, their aliases (its
-    attribute_map) and COMMON_FIELDS, less NOT_ARCHITECTURE; ranged by ARCHITECTURE_RANGES (activations: by the
-    names transformers knows), else typed by the default value. Any may be left out: the class's default."""
-    return _architecture_keys(FAMILIES[family].config_class())
-
-
-@functools.cache
-def _architecture_keys(config_class: type) -> dict[str, Rule]:
-    activation, feed_forward_proj = _activation_rules()
-    named = {**ARCHITECTURE_RANGES, "hidden_act": activation, "activation_function": activation}
-    named.update(dense_act_fn=activation, feed_forward_proj=feed_forward_proj)
-    defaults = config_class().to_dict()
-    fields = [k for k in defaults if not k.startswith("_") and k not in NOT_ARCHITECTURE]
-    keys = {key: named.get(key) or _default_rule(defaults[key]) for key in fields}
-    aliases = config_class.attribute_map
-    keys.update({alias: named.get(alias) or keys[field] for alias, field in aliases.items() if field in keys})
-    keys.update({key: named[key] for key in COMMON_FIELDS if key not in keys})
-    return {key: replace(keys[key], optional=True) for key in sorted(keys)}
-
-
-def _architecture_section(architecture: dict, cfg: dict) -> tuple[Table, str]:
-    family = cfg["model"].get("family")
-    if family not in FAMILIES:  # refused as model.family, or unresolved
-        return {key: anything() for key in architecture}, f"model.family={family}"
-    config_class = FAMILIES[family].config_class_name
-    return architecture_keys(family), f"model.family={family}: the fields of transformers.{config_class}"
-
-
-def _model_section(model: dict, cfg: dict) -> tuple[Table, str]:
-    table: Table = {
-        "name": string(),
-        "family": choice(*FAMILIES),  # the registered families (mpoe_exp/backbones/), when checked
-        "hub_id": string(null=True),
-        "path": string(null=True),
-        "package": string(null=True, optional=True),  # a pip package shipping the weights (models.packaged_model_dir)
-        "label_smoothing": number(ge=0, lt=1, optional=True),  # the family's default; before the task's
-        "pretrained": boolean(),
-        "tokenizer": choice("pretrained", "byte"),
-        "architecture": Section(lambda arch, cfg: _architecture_section(arch, cfg)),  # the family's config class
-    }
-    return table, ""
-
-
 def _router_section(router: dict, method: dict) -> tuple[Table, str]:
     layer_name = method.get("layer", "moe")
     layer = LAYER_KINDS[layer_name]
@@ -342,7 +231,7 @@ CONFIG: Table = {
     "cpu_threads": CPU_THREADS,
     "cpu_malloc": choice("system", "keep", optional=True),
     "train": Section(TRAIN),
-    "model": Section(_model_section),
+    "model": Section(lambda model, cfg: (ModelSpec.table(), "")),
     "method": Section(_method_section),
     "ablation": Section(ABLATION),
     "task": Section(_task_section, null=True, optional=True),  # a dry run needs none (runner checks)

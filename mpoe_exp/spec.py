@@ -15,12 +15,27 @@ gives the types and the one table per section without a second error vocabulary 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
-from mpoe_exp.rules import Table, annotation_rule, boolean, check_table, choice, integer, number
+from mpoe_exp.rules import (
+    Rule,
+    Section,
+    Table,
+    annotation_rule,
+    anything,
+    boolean,
+    check_table,
+    choice,
+    integer,
+    list_of,
+    mapping,
+    number,
+    string,
+)
 
 EVALS_PER_EPOCH, MIN_EVALS, CHECKPOINT_EVERY = 4, 5, 200  # defaults of train.evals_per_epoch, min_evals, ...
 
@@ -45,8 +60,14 @@ class Spec:
         """The spec of plain config values (resolved, no interpolation left), refused in one line if they break
         a rule, lack a key or hold an unknown one."""
         values = dict(values)
-        check_table(f"{cls.section}.", values, cls.table(), values)
+        check_table(f"{cls.section}.", values, cls.table(), {cls.section: values})
         return cls(**values)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain values that `from_mapping` reads back into this spec: optional keys left at None are left out."""
+        optional = {k for k, rule in self.table().items() if rule.optional}
+        values = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: v for k, v in values.items() if not (v is None and k in optional)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,3 +96,142 @@ class TrainSpec(Spec):
     checkpoint_every: Annotated[int, integer(ge=1)] = CHECKPOINT_EVERY  # optimizer steps between resume checkpoints
     eval_batch_size: Annotated[int, integer(ge=1)]
     log_every: Annotated[int, integer(ge=1)]
+
+
+def families():
+    """The registered model families (mpoe_exp/backbones/; imported when first needed: it loads torch)."""
+    from mpoe_exp.backbones import FAMILIES
+
+    return FAMILIES
+
+
+def registered_family() -> Rule:
+    """model.family: one of the families registered when the config is checked."""
+    return choice(*families())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec(Spec):
+    """The backbone: its family, where its weights and tokenizer come from, and its architecture (the fields of the
+    family's transformers config class, for random weights and the dry run)."""
+
+    section: ClassVar[str] = "model"
+
+    name: Annotated[str, string()]
+    family: Annotated[str, registered_family]
+    hub_id: Annotated[str | None, string(null=True)]
+    path: Annotated[str | None, string(null=True)]
+    package: Annotated[str | None, string(null=True)] = None  # a pip package shipping the weights
+    label_smoothing: Annotated[float | None, number(ge=0, lt=1)] = None  # the family's default; before the task's
+    pretrained: Annotated[bool, boolean()]
+    tokenizer: Annotated[str, choice("pretrained", "byte")]
+    architecture: Annotated[dict[str, Any], Section(architecture_section)]  # keys: the family's config class
+
+
+# model.architecture: the fields of the family's transformers config class (`architecture_keys`). Ranges of the
+# fields known by name, in any family; the other fields are checked against the type of the class's default value.
+SIZES = (
+    *("vocab_size", "d_model", "d_kv", "head_dim", "d_ff", "num_layers", "num_heads"),  # T5
+    *("relative_attention_num_buckets", "relative_attention_max_distance"),
+    *("n_positions", "n_embd", "n_layer", "n_head"),  # GPT-2
+    *("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"),
+    "type_vocab_size",
+)
+DROPOUTS = (
+    *("dropout_rate", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
+    *("hidden_dropout_prob", "attention_probs_dropout_prob"),
+)
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+TOKEN_ID = integer(ge=0)
+ARCHITECTURE_RANGES: Table = {
+    **{key: integer(ge=1) for key in SIZES},
+    "num_decoder_layers": integer(ge=1, null=True),  # null: num_layers
+    "n_inner": integer(ge=1, null=True),  # null: 4 * n_embd
+    **{key: number(ge=0, lt=1) for key in DROPOUTS},
+    "classifier_dropout": number(ge=0, lt=1, null=True),
+    "layer_norm_epsilon": number(gt=0),
+    "layer_norm_eps": number(gt=0),
+    "initializer_range": number(gt=0),  # the std of the initial weights
+    "initializer_factor": number(gt=0),
+    "chunk_size_feed_forward": integer(ge=0),
+    **{key: TOKEN_ID.or_null() for key in TOKEN_IDS},
+    "eos_token_id": Rule(  # T5 and GPT-2 also take a list of end tokens
+        "null, an integer >= 0 or a list of them",
+        lambda v: v is None or TOKEN_ID.accepts(v) or list_of(TOKEN_ID, nonempty=True).accepts(v),
+    ),
+    "tie_word_embeddings": boolean(),
+}
+# Fields that every config class takes (transformers' PretrainedConfig), though a class's defaults may lack them:
+# T5Config has no decoder_start_token_id, which T5 needs to shift its targets right.
+COMMON_FIELDS = (*TOKEN_IDS, "tie_word_embeddings")
+# Fields of a config class that are no part of an architecture: the task head's (models.head_config sets them), the
+# form of the outputs and the dtype (the run sets them), and transformers' bookkeeping.
+NOT_ARCHITECTURE = frozenset(
+    {"num_labels", "id2label", "label2id", "problem_type", "return_dict", "output_hidden_states", "output_attentions"}
+    | {"dtype", "torch_dtype", "model_type", "transformers_version", "architectures"}
+)
+
+
+@functools.cache
+def _activation_rules() -> tuple[Rule, Rule]:
+    """(an activation name of transformers' ACT2FN, T5's feed_forward_proj: such a name or gated-<name>)."""
+    from transformers.activations import ACT2FN
+
+    names = sorted(ACT2FN)
+    activation = Rule(f"one of {', '.join(names)}", lambda v: isinstance(v, str) and v in names)
+    gated = Rule(
+        f"an activation or gated-<activation> ({', '.join(names)})",
+        lambda v: isinstance(v, str) and v.removeprefix("gated-") in names,
+    )
+    return activation, gated
+
+
+def _default_rule(value: Any) -> Rule:
+    """A rule from a field's default value: its type (a float field also takes an integer); anything for null."""
+    if isinstance(value, bool):
+        return boolean()
+    simple = {int: integer(), float: number(), str: string(), list: list_of(anything()), dict: mapping("a mapping")}
+    return next((rule for kind, rule in simple.items() if isinstance(value, kind)), anything())
+
+
+def architecture_keys(family: str) -> dict[str, Rule]:
+    """model.architecture.* keys of a family: the fields of its transformers config class, their aliases (its
+    attribute_map) and COMMON_FIELDS, less NOT_ARCHITECTURE; ranged by ARCHITECTURE_RANGES (activations: by the
+    names transformers knows), else typed by the default value. Any may be left out: the class's default."""
+    return _architecture_keys(families()[family].config_class())
+
+
+@functools.cache
+def _architecture_keys(config_class: type) -> dict[str, Rule]:
+    activation, feed_forward_proj = _activation_rules()
+    named = {**ARCHITECTURE_RANGES, "hidden_act": activation, "activation_function": activation}
+    named.update(dense_act_fn=activation, feed_forward_proj=feed_forward_proj)
+    defaults = config_class().to_dict()
+    fields = [k for k in defaults if not k.startswith("_") and k not in NOT_ARCHITECTURE]
+    keys = {key: named.get(key) or _default_rule(defaults[key]) for key in fields}
+    aliases = config_class.attribute_map
+    keys.update({alias: named.get(alias) or keys[field] for alias, field in aliases.items() if field in keys})
+    keys.update({key: named[key] for key in COMMON_FIELDS if key not in keys})
+    return {key: dataclasses.replace(keys[key], optional=True) for key in sorted(keys)}
+
+
+def architecture_section(architecture: dict, cfg: dict) -> tuple[Table, str]:
+    family = cfg["model"].get("family")
+    if family not in families():  # refused as model.family, or unresolved
+        return {key: anything() for key in architecture}, f"model.family={family}"
+    config_class = families()[family].config_class_name
+    return architecture_keys(family), f"model.family={family}: the fields of transformers.{config_class}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """What the modules below the runner receive of a run (config.run_spec builds it from the composed config,
+    once the whole config has been checked): the seed, the typed sections, and the sections not typed yet as
+    plain resolved values (method: its keys depend on its layer kind; task: on its type)."""
+
+    seed: int
+    model: ModelSpec
+    method: dict[str, Any]
+    train: TrainSpec | None = None  # None: a dry run, which trains nothing
+    task: dict[str, Any] | None = None  # None: no task chosen (a bare dry run)
+    data_dir: str | None = None  # the root of local data (tasks/data_location.py); None: the hub

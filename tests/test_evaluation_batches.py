@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mpoe_exp import build_model, compose_config, metrics
-from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.config import DEMO_DATA_DIR, run_spec
 from mpoe_exp.tasks.tasks import length_sorted_batches
 
 MODELS = ["tiny-t5", "tiny-bert"]
@@ -24,7 +24,7 @@ def test_length_sorted_batches_cover_every_example_once_shortest_first():
 @pytest.fixture(params=MODELS)
 def glue(request, monkeypatch):
     cfg = compose_config([f"model={request.param}", "task=rte", f"data_dir={DEMO_DATA_DIR / 'glue'}"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     from mpoe_exp.tasks.tasks import build_task
 
     task = build_task(cfg, tokenizer)

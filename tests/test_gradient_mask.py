@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpoe_exp.config import train_spec
+from mpoe_exp.config import run_spec, train_spec
 from mpoe_exp.gradient_mask import CentralGradientMask
 
 NUM_STEPS = 20
@@ -286,7 +286,7 @@ def test_mask_on_upcycled_tiny_t5():
 
     torch.manual_seed(0)
     cfg = compose_config(["model=tiny-t5", "method=mpoe"])
-    model, _ = build_model(cfg)
+    model, _ = build_model(run_spec(cfg))
     model.train()
     centrals = central_parameters(model)
     assert len(centrals) == 2 * 2 * 2  # encoder + decoder layers (2 + 2), 2 matrices each
@@ -377,7 +377,7 @@ def tiny_trainer(tmp_path, *overrides: str, freeze_centrals: bool = False, model
         ["model=tiny-t5", "method=mpoe", "train.batch_size=4", "train.lr=1e-2", "train.max_steps=1", *overrides]
     )
     torch.manual_seed(model_seed)
-    model, _ = build_model(cfg)
+    model, _ = build_model(run_spec(cfg))
     if freeze_centrals:
         for p in central_parameters(model):
             p.requires_grad_(False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config, load_model, save_model
+from mpoe_exp.config import run_spec
 from mpoe_exp.models import ffn_sites, parameter_report, upcycle
 from mpoe_exp.moe import MoEFeedForward, MPOExperts, moe_layers
 
@@ -61,7 +62,7 @@ def dense_model(request):
     name, overrides = request.param
     torch.manual_seed(0)
     cfg = compose_config([f"model={name}", "method=dense", *overrides])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     model.eval()
     inputs = model_inputs(cfg, tokenizer)
     with torch.no_grad():
@@ -116,7 +117,7 @@ def test_switch_with_fedus_gate_is_not_the_identity(dense_model):
 
 def test_mpo_layers_share_one_central_tensor_per_matrix():
     cfg = compose_config(["model=tiny-t5", "method=mpoe"])
-    model, _ = build_model(cfg)
+    model, _ = build_model(run_spec(cfg))
     experts = [m for m in model.modules() if isinstance(m, MPOExperts)]
     assert len(experts) == 4
     for e in experts:
@@ -124,7 +125,7 @@ def test_mpo_layers_share_one_central_tensor_per_matrix():
             assert central.dim() == 4  # (r, i, j, r'): no expert dimension
             assert all(aux.shape[0] == 8 for aux in e.auxiliary[name])
     no_sharing = compose_config(["model=tiny-t5", "method=mpoe", "ablation=no_sharing"])
-    model, _ = build_model(no_sharing)
+    model, _ = build_model(run_spec(no_sharing))
     central = next(m for m in model.modules() if isinstance(m, MPOExperts)).central["wi"]
     assert central.dim() == 5 and central.shape[0] == 8
 
@@ -134,7 +135,7 @@ def test_mpo_layers_share_one_central_tensor_per_matrix():
 def test_save_and_load_roundtrip(tmp_path, model_name, method):
     torch.manual_seed(1)
     cfg = compose_config([f"model={model_name}", f"method={method}"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     # move away from the upcycled initialization so that experts differ
     with torch.no_grad():
         for p in model.parameters():
@@ -143,10 +144,10 @@ def test_save_and_load_roundtrip(tmp_path, model_name, method):
     inputs = model_inputs(cfg, tokenizer)
     with torch.no_grad():
         expected = model(**inputs).logits
-    save_model(model, cfg, tmp_path / "ckpt", tokenizer)
+    save_model(model, run_spec(cfg), tmp_path / "ckpt", tokenizer)
     loaded, loaded_tokenizer, loaded_cfg = load_model(tmp_path / "ckpt")
     loaded.eval()
-    assert loaded_cfg.method.name == method
+    assert loaded_cfg.method["name"] == method
     assert parameter_report(loaded) == parameter_report(model)
     with torch.no_grad():
         logits = loaded(**model_inputs(cfg, loaded_tokenizer)).logits
@@ -179,15 +180,15 @@ PAPER_SHAPED_TOTALS = [
     "overrides,total", PAPER_SHAPED_TOTALS, ids=lambda x: "-".join(x) if isinstance(x, list) else ""
 )
 def test_parameter_totals_match_the_reference_shapes(overrides, total):
-    model, tokenizer = build_model(compose_config(overrides), meta=True)
+    model, tokenizer = build_model(run_spec(compose_config(overrides)), meta=True)
     assert tokenizer is None
     assert parameter_report(model)["total"] == total
 
 
 def test_switch_total_and_mpoe_split():
-    switch = parameter_report(build_model(compose_config(["model=t5-base", "method=switch"]), meta=True)[0])
+    switch = parameter_report(build_model(run_spec(compose_config(["model=t5-base", "method=switch"])), meta=True)[0])
     assert round(switch["total"] / 1e6, 1) == 1015.8
-    mpoe = parameter_report(build_model(compose_config(["model=t5-base", "method=mpoe"]), meta=True)[0])
+    mpoe = parameter_report(build_model(run_spec(compose_config(["model=t5-base", "method=mpoe"])), meta=True)[0])
     # 24 layers x 2 matrices: one shared central (= I*J = 2,359,296) each; 8 experts x 184,720 auxiliary each
     assert mpoe["expert_shared"] == 24 * 2 * 2_359_296
     assert mpoe["expert_specific"] == 24 * 2 * 8 * 184_720
@@ -300,7 +301,7 @@ def test_upcycling_frees_each_dense_ffn_as_soon_as_it_is_replaced(monkeypatch):
 
     import mpoe_exp.models as models
 
-    model, _ = build_model(compose_config(["model=tiny-t5"]))
+    model, _ = build_model(run_spec(compose_config(["model=tiny-t5"])))
     refs = [weakref.ref(w) for site in ffn_sites(model) for w in site.weights.values()]
     per_site = len(refs) // len(list(ffn_sites(model)))
     built = []
@@ -323,19 +324,19 @@ def test_pretrained_model_offline_gives_a_clear_error():
 
     cfg = compose_config(["model=t5-base"])
     with pytest.raises(UserError, match="model.path"):
-        build_model(cfg)
+        build_model(run_spec(cfg))
 
 
 def test_local_checkpoint_by_path(tmp_path):
     """model.path loads a save_pretrained folder (how offline clusters use real checkpoints)."""
     torch.manual_seed(0)
-    dense, tokenizer = build_model(compose_config(["model=tiny-gpt2"]))
+    dense, tokenizer = build_model(run_spec(compose_config(["model=tiny-gpt2"])))
     dense.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     cfg = compose_config(
         ["model=tiny-gpt2", "model.pretrained=true", f"model.path={tmp_path}", "model.tokenizer=pretrained"]
     )
-    model, loaded_tokenizer = build_model(cfg)
+    model, loaded_tokenizer = build_model(run_spec(cfg))
     assert torch.equal(model.transformer.wte.weight, dense.transformer.wte.weight)
     assert loaded_tokenizer("abc").input_ids == tokenizer("abc").input_ids
 
@@ -344,7 +345,7 @@ def test_local_checkpoint_by_path(tmp_path):
 @pytest.mark.parametrize("method", [m for m in METHOD_FILES if m != "dense"])
 def test_upcycled_model_trains_on_cuda_in_bf16(method):
     cfg = compose_config(["model=tiny-t5", f"method={method}"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     model = model.cuda().train()
     inputs = {k: v.cuda() for k, v in model_inputs(cfg, tokenizer).items()}
     labels = inputs.pop("decoder_input_ids")
@@ -377,13 +378,13 @@ def test_build_model_is_deterministic_for_a_config_and_leaves_the_global_rng_alo
     """Random weights and router/noise initialization come from cfg.seed, not from the caller's RNG state."""
     cfg = compose_config([f"model={model_name}", f"method={method}", "seed=3"])
     torch.manual_seed(100)
-    first, _ = build_model(cfg)
+    first, _ = build_model(run_spec(cfg))
     state = torch.get_rng_state()
-    second, _ = build_model(cfg)  # the global RNG has moved on (or not): the model must not care
+    second, _ = build_model(run_spec(cfg))  # the global RNG has moved on (or not): the model must not care
     assert torch.equal(torch.get_rng_state(), state), "build_model must not consume the caller's RNG"
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    other, _ = build_model(compose_config([f"model={model_name}", f"method={method}", "seed=4"]))
+    other, _ = build_model(run_spec(compose_config([f"model={model_name}", f"method={method}", "seed=4"])))
     c = other.state_dict()
     embedding = "shared.weight" if model_name == "tiny-t5" else "transformer.wte.weight"
     assert not torch.equal(a[embedding], c[embedding])
@@ -398,7 +399,7 @@ def test_build_model_is_deterministic_for_a_config_and_leaves_the_global_rng_alo
 @functools.cache
 def meta_parameter_report(overrides: tuple[str, ...]) -> dict[str, int]:
     """parameter_report of a model built on the meta device (cached: several tests count the same models)."""
-    return parameter_report(build_model(compose_config(list(overrides)), meta=True)[0])
+    return parameter_report(build_model(run_spec(compose_config(list(overrides))), meta=True)[0])
 
 
 @pytest.mark.parametrize("m", [3, 5, 7, 9])
@@ -406,7 +407,7 @@ def meta_parameter_report(overrides: tuple[str, ...]) -> dict[str, int]:
 def test_ablation_m_gives_m_local_tensors_per_mpo_matrix(model_name, m):
     cfg = compose_config([f"model={model_name}", "method=mpoe", f"ablation=m{m}"])
     assert cfg.method.mpo.num_tensors == m
-    model, _ = build_model(cfg, meta=model_name == "gpt2")
+    model, _ = build_model(run_spec(cfg), meta=model_name == "gpt2")
     experts = [e for e in model.modules() if isinstance(e, MPOExperts)]
     assert len(experts) == (4 if model_name == "tiny-t5" else 12)
     for e in experts:

@@ -17,7 +17,7 @@ from torch import nn
 from mpoe_exp import compose_config
 from mpoe_exp.backbones import FAMILIES, Backbone, FFNSite, ModelShapes
 from mpoe_exp.backbones.byte_level import byte_level_tokenizer
-from mpoe_exp.config import DEMO_DATA_DIR, validate_config
+from mpoe_exp.config import DEMO_DATA_DIR, run_spec, validate_config
 from mpoe_exp.errors import UserError
 from mpoe_exp.models import build_model, ffn_sites, load_model, parameter_report, save_model, upcycle
 from mpoe_exp.moe import FeedForwardSpec
@@ -120,7 +120,7 @@ def dense():
     try:
         torch.manual_seed(0)
         cfg = llama_config("method=dense")
-        model, tokenizer = build_model(cfg)
+        model, tokenizer = build_model(run_spec(cfg))
         inputs = dict(tokenizer(["the cat sat on the mat.", "short"], return_tensors="pt", padding=True))
         return model.eval(), inputs, logits_at_real_tokens(model.eval(), inputs)
     finally:
@@ -214,13 +214,13 @@ def test_tiny_llama_lm_run_on_the_demo_data(tmp_path):
 def test_save_and_load_roundtrip(tmp_path):
     torch.manual_seed(1)
     cfg = llama_config("method=mpoe")
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     inputs = dict(tokenizer(["a b c", "d"], return_tensors="pt", padding=True))
     expected = logits_at_real_tokens(model.eval(), inputs)
-    save_model(model, cfg, tmp_path / "ckpt", tokenizer)
+    save_model(model, run_spec(cfg), tmp_path / "ckpt", tokenizer)
     loaded, loaded_tokenizer, _ = load_model(tmp_path / "ckpt")
     assert parameter_report(loaded) == parameter_report(model)
     assert torch.equal(logits_at_real_tokens(loaded.eval(), inputs), expected)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mpoe_exp import UserError, build_model, compose_config
-from mpoe_exp.config import CONFIG_DIR, DEMO_DATA_DIR
+from mpoe_exp.config import CONFIG_DIR, DEMO_DATA_DIR, run_spec
 from mpoe_exp.models import upcycle
 from mpoe_exp.moe import GroupTop1Router, NoisyTopKRouter, SwitchRouter
 from mpoe_exp.results import RESULTS_FILE
@@ -53,7 +53,7 @@ def test_autocast_refuses_an_unknown_precision(precision):
 
 @pytest.fixture(scope="module", params=["tiny-t5", "tiny-gpt2"])
 def dense_backbone(request):
-    model, _ = build_model(compose_config([f"model={request.param}"]))
+    model, _ = build_model(run_spec(compose_config([f"model={request.param}"])))
     return request.param, model.eval()
 
 

@@ -133,4 +133,4 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     namespace = dict(setup)
     code = code.replace("mask.step(optimizer)", "loss.backward(); mask.step(torch.optim.AdamW(model.parameters()))")
     exec(compile("import torch\n" + code, "README.md", "exec"), namespace)
-    assert (tmp_path / "ckpt").is_dir() and namespace["cfg"].method.name == "mpoe"
+    assert (tmp_path / "ckpt").is_dir() and namespace["saved"].method["name"] == "mpoe"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mpoe_exp import results, tables
-from mpoe_exp.config import compose_config
+from mpoe_exp.config import compose_config, run_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.runner import run
 
@@ -222,14 +222,14 @@ def test_model_files_are_identified_by_their_content(tmp_path, monkeypatch):
 
     cfg = compose_config(BASE)
     torch.manual_seed(0)
-    T5ForConditionalGeneration(model_config(cfg.model)).save_pretrained(tmp_path / "t5")
+    T5ForConditionalGeneration(model_config(run_spec(cfg).model)).save_pretrained(tmp_path / "t5")
     monkeypatch.chdir(tmp_path)
     pretrained = [*BASE, "model.pretrained=true"]
     spellings = ["t5", "./t5/", str(tmp_path / "t5")]
     hashes = {results.config_hash(compose_config([*pretrained, f"model.path={s}"])) for s in spellings}
     assert len(hashes) == 1
     torch.manual_seed(1)
-    T5ForConditionalGeneration(model_config(cfg.model)).save_pretrained(tmp_path / "t5")
+    T5ForConditionalGeneration(model_config(run_spec(cfg).model)).save_pretrained(tmp_path / "t5")
     assert results.config_hash(compose_config([*pretrained, "model.path=t5"])) not in hashes
     with pytest.raises(UserError, match="is not a folder"):
         results.config_hash(compose_config([*pretrained, "model.path=nowhere"]))

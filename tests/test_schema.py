@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mpoe_exp import compose_config, schema
-from mpoe_exp.config import available
+from mpoe_exp import compose_config, schema, spec
+from mpoe_exp.config import available, run_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import GroupTop1Router
 from mpoe_exp.moe.layer import ROUTERS
@@ -230,13 +230,14 @@ def test_every_model_config_passes_and_its_architecture_builds_the_config_class(
     from mpoe_exp.models import head_config, model_config
 
     cfg = compose_config([f"model={model}", "dry_run=true"])
-    config = model_config(cfg.model, head_config(cfg))  # what a random-weight build or a dry run passes on
+    spec = run_spec(cfg)
+    config = model_config(spec.model, head_config(spec))  # what a random-weight build or a dry run passes on
     for key, value in cfg.model.architecture.items():
         assert getattr(config, key) == value, (model, key)
 
 
 def test_architecture_keys_come_from_the_family_config_class():
-    t5, gpt2 = schema.architecture_keys("t5"), schema.architecture_keys("gpt2")
+    t5, gpt2 = spec.architecture_keys("t5"), spec.architecture_keys("gpt2")
     assert {"d_model", "d_ff", "num_heads", "initializer_factor", "use_cache"} <= set(t5)
     assert {"hidden_size", "decoder_start_token_id", "tie_word_embeddings"} <= set(t5)  # an alias; common fields
     assert "n_embd" in gpt2 and "n_embd" not in t5 and "d_model" not in gpt2
@@ -252,5 +253,5 @@ def test_an_integer_for_a_float_field_is_built_as_a_float():
     from mpoe_exp.models import model_config
 
     cfg = compose_config([*T5, "model.architecture.layer_norm_epsilon=1", "model.architecture.dropout_rate=0"])
-    config = model_config(cfg.model)
+    config = model_config(run_spec(cfg).model)
     assert config.layer_norm_epsilon == 1.0 and isinstance(config.layer_norm_epsilon, float)

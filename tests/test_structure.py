@@ -81,7 +81,7 @@ def test_no_function_in_the_package_is_longer_than_60_lines():
 
 
 def test_every_task_class_implements_the_task_protocol():
-    from mpoe_exp import build_model, compose_config
+    from mpoe_exp import build_model, compose_config, run_spec
     from mpoe_exp.config import demo_data_for
     from mpoe_exp.tasks.tasks import ENCODER_TASK_TYPES, TASK_TYPES, Task, build_task
 
@@ -93,7 +93,7 @@ def test_every_task_class_implements_the_task_protocol():
         ("tiny-bert", "rte"),
     ]:  # fmt: skip
         cfg = compose_config([f"model={model}", f"task={task}", f"data_dir={demo_data_for(task)}"])
-        instance = build_task(cfg, build_model(cfg)[1])
+        instance = build_task(cfg, build_model(run_spec(cfg))[1])
         assert isinstance(instance, Task)  # the attributes are there, not only declared
         built.add(type(instance))
     assert built == classes
@@ -185,6 +185,7 @@ def test_make_tables_imports_no_model_code(tmp_path):
     shutil.copytree(ROOT / "docs" / "minilm_converged" / "runs", runs)
     script = f"""
 import json, sys
+from mpoe_exp.config import run_spec
 from mpoe_exp import tables
 tables.main([{str(runs)!r}, "--experiment", "minilm_converged"])
 print(json.dumps(sorted(sys.modules)))

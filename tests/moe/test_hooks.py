@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config
+from mpoe_exp.config import run_spec
 from mpoe_exp.moe import MPOExperts, central_parameters, collect_aux_loss
 from mpoe_exp.training import NO_EXPERTS, training_hooks
 
 
 def built(*overrides: str):
     cfg = compose_config(["model=tiny-t5", *overrides])
-    return build_model(cfg)[0], cfg
+    return build_model(run_spec(cfg))[0], cfg
 
 
 def batch(vocab: int = 64) -> dict[str, torch.Tensor]:

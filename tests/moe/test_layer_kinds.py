@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config
-from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.config import DEMO_DATA_DIR, run_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import LAYER_KINDS, DenseExperts, LayerKind, MoEFeedForward, placement, router_of
 from mpoe_exp.results import RESULTS_FILE
@@ -68,7 +68,7 @@ def test_a_layer_kind_registered_outside_the_package_trains_evaluates_and_genera
     results = json.loads((run(cfg) / RESULTS_FILE).read_text())
     assert results["status"] == "finished" and results["steps"] == 4
 
-    built, tokenizer = build_model(cfg)
+    built, tokenizer = build_model(run_spec(cfg))
     layers = [m for m in built.modules() if isinstance(m, RecordingLayer)]
     assert layers and not [m for m in built.modules() if type(m) is MoEFeedForward]
     build_task(cfg, tokenizer).evaluate(built.eval(), "test", 8, "cpu")  # T5: greedy labels; GPT-2: samples
@@ -83,8 +83,8 @@ def test_generation_reads_the_declaration(recording_kind):
     from mpoe_exp.moe import needs_full_sequence
 
     cfg = compose_config(["model=tiny-gpt2", "method=switch", "+method.layer=recording"])
-    assert needs_full_sequence(build_model(cfg)[0])
-    assert not needs_full_sequence(build_model(compose_config(["model=tiny-gpt2", "method=switch"]))[0])
+    assert needs_full_sequence(build_model(run_spec(cfg))[0])
+    assert not needs_full_sequence(build_model(run_spec(compose_config(["model=tiny-gpt2", "method=switch"])))[0])
 
 
 def test_a_key_or_router_the_kind_does_not_take_is_refused(recording_kind):

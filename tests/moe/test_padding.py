@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config
+from mpoe_exp.config import run_spec
 from mpoe_exp.moe import DROPPED, FeedForwardSpec, build_layer, build_moe_layer, expert_layers, moe_layers
 
 D, E = 8, 4
@@ -143,7 +144,7 @@ def model_call(family: str, padded: bool) -> tuple[dict, dict]:
 def test_padding_changes_no_layer_output_at_real_tokens_of_a_tiny_model(family):
     """A Switch capacity that binds: counted padding would drop other real tokens and enlarge the capacity."""
     overrides = ["method=switch", "method.router.capacity_factor_eval=1.0"]
-    model, _ = build_model(compose_config([f"model=tiny-{family}", *overrides]))
+    model, _ = build_model(run_spec(compose_config([f"model=tiny-{family}", *overrides])))
     model.eval()
     outputs = capture_outputs(model)
     results = []
@@ -165,7 +166,7 @@ def test_padding_changes_no_layer_output_at_real_tokens_of_a_tiny_model(family):
 
 def test_t5_generation_hands_no_stale_mask_to_the_decoder():
     """After a call with labels, a call without them (generation's decoder steps) routes every decoder token."""
-    model, _ = build_model(compose_config(["model=tiny-t5", "method=switch"]))
+    model, _ = build_model(run_spec(compose_config(["model=tiny-t5", "method=switch"])))
     model.eval()
     inputs, _ = model_call("t5", padded=True)
     with torch.no_grad():

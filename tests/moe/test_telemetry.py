@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mpoe_exp import build_model, compose_config
-from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.config import DEMO_DATA_DIR, run_spec
 from mpoe_exp.loggers import flatten
 from mpoe_exp.models import head_config, load_backbone, parameter_report, upcycle
 from mpoe_exp.moe import DROPPED, RoutedLayer, reset_routing_stats, routing_stats, routing_summary
@@ -52,7 +52,7 @@ def test_every_validation_records_the_routing_of_every_routed_layer(tmp_path, ca
         assert not any("routing" in h for h in history + logged)
         assert "routing:" not in capsys.readouterr().out
         return
-    names = routed_names(build_model(cfg)[0])
+    names = routed_names(build_model(run_spec(cfg))[0])
     for record in history:
         assert list(record["routing"]) == names  # every routed layer, in module order
         for entry in record["routing"].values():
@@ -71,7 +71,7 @@ def test_every_validation_records_the_routing_of_every_routed_layer(tmp_path, ca
 def perturbed_switch_model(capacity_factor=None):
     limit = "null" if capacity_factor is None else capacity_factor
     overrides = ["model=tiny-bert", "method=switch", f"method.router.capacity_factor_eval={limit}"]
-    model, _ = build_model(compose_config(overrides))
+    model, _ = build_model(run_spec(compose_config(overrides)))
     with torch.no_grad():  # decisive routers: tokens spread over the experts unevenly
         for layer in model.modules():
             if isinstance(layer, RoutedLayer):
@@ -119,7 +119,7 @@ def test_counts_add_up_over_the_pass_and_restart_at_each_reset():
 
 def test_aux_drift_is_zero_at_the_upcycled_start_and_measured_from_it_after_a_rebuild():
     cfg = compose_config(["model=tiny-bert", "method=mpoe"])
-    model, _ = build_model(cfg)
+    model, _ = build_model(run_spec(cfg))
     batch = bert_batch([5, 9], 9)
     start = recorded(model.eval(), batch)
     assert start and all(entry["aux_drift"] == [0.0] * 8 for entry in start.values())
@@ -132,26 +132,27 @@ def test_aux_drift_is_zero_at_the_upcycled_start_and_measured_from_it_after_a_re
     for entry in moved.values():
         assert entry["aux_drift"][3] == pytest.approx(0.5, rel=1e-2) and 0 < max(entry["aux_drift"][:3]) < 0.1
     # a resumed run builds its model by upcycling again, then loads the checkpoint: the start is the upcycled one
-    rebuilt, _ = build_model(cfg)
+    rebuilt, _ = build_model(run_spec(cfg))
     rebuilt.load_state_dict(model.state_dict())
     assert recorded(rebuilt.eval(), batch) == moved
     # the copy is neither a parameter nor in the state dict: the keys and counts of a model built empty (load_model,
     # and what checkpoints from before the telemetry hold), which loads it and has no start to drift from
-    empty = upcycle(load_backbone(cfg.model, head=head_config(cfg)), cfg.method, from_weights=False)
+    spec = run_spec(cfg)
+    empty = upcycle(load_backbone(spec.model, head=head_config(spec)), spec.method, from_weights=False)
     assert set(empty.state_dict()) == set(model.state_dict()) and parameter_report(empty) == parameter_report(model)
     empty.load_state_dict(model.state_dict())
     assert all("aux_drift" not in entry for entry in recorded(empty.eval(), batch).values())
 
 
 def test_cartesian_reports_each_sublayer_and_meo_counts_each_sequences_real_tokens():
-    model, _ = build_model(compose_config(["model=tiny-bert", "method=cartesian"]))
+    model, _ = build_model(run_spec(compose_config(["model=tiny-bert", "method=cartesian"])))
     stats = recorded(model.eval(), bert_batch([5, 9], 9))
     assert [name.rsplit(".", 1)[1] for name in stats] == ["a", "b"] * 2
     for entry in stats.values():  # one choice in each group of 4 experts
         check_entry(entry, 8)
         assert sum(entry["load"][:4]) == pytest.approx(0.5) and sum(entry["load"][4:]) == pytest.approx(0.5)
 
-    model, _ = build_model(compose_config(["model=tiny-bert", "method=meo"]))
+    model, _ = build_model(run_spec(compose_config(["model=tiny-bert", "method=meo"])))
     layers = [m for m in model.modules() if isinstance(m, RoutedLayer)]
     seen = []
     layers[0].router.register_forward_hook(lambda m, args, routing: seen.append(routing.expert_index))

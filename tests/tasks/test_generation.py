@@ -14,7 +14,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from omegaconf import OmegaConf
 
 from mpoe_exp import compose_config, metrics
-from mpoe_exp.config import DEMO_DATA_DIR
+from mpoe_exp.config import DEMO_DATA_DIR, run_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.models import build_model
 from mpoe_exp.results import RESULTS_FILE
@@ -78,7 +78,7 @@ def sampling_cfg(**overrides):
 def tiny_model():
     cfg = compose_config(["model=tiny-gpt2", "method=mpoe"])
     torch.manual_seed(0)
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     return model.eval(), tokenizer
 
 
@@ -103,7 +103,7 @@ def news_run(tmp_path_factory):
 
 def test_sentences_become_start_tokens_end_sequences_cut_at_max_length():
     cfg = compose_config(["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", "task.max_length=40"])
-    _, tokenizer = build_model(cfg)
+    _, tokenizer = build_model(run_spec(cfg))
     task = build_task(cfg, tokenizer)
     assert isinstance(task, GenerationTask)
     assert task.split_sizes == {"train": 190, "validation": 10, "test": 50}
@@ -178,7 +178,7 @@ def test_sample_scores_are_metrics_bleu_of_the_decoded_samples(tiny_model):
 
 def test_samples_fit_the_model_positions_and_stop_at_the_end_token(monkeypatch):
     cfg = compose_config(["model=tiny-gpt2", "model.architecture.n_positions=16"])
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(run_spec(cfg))
     model.eval()
     calls = []
     generate = model.generate
@@ -224,14 +224,14 @@ def test_bad_sampling_settings_are_refused_before_training(override, message):
     overrides = ["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", override]
     with pytest.raises(UserError, match=re.escape(message)):
         cfg = compose_config(overrides)
-        _, tokenizer = build_model(cfg)
+        _, tokenizer = build_model(run_spec(cfg))
         build_task(cfg, tokenizer)
 
 
 def test_wikitext2_sample_settings_are_checked_only_when_bleu_is_asked_for():
     base = ["model=tiny-gpt2", "task=wikitext2", f"data_dir={DEMO_DATA_DIR / 'wikitext2'}", "task.block_size=64"]
     cfg = compose_config(base)
-    _, tokenizer = build_model(cfg)
+    _, tokenizer = build_model(run_spec(cfg))
     with pytest.raises(UserError, match="task.sample_length"):  # refused by the schema, before any work
         compose_config([*base, "task.sample_length=0"])
     cfg.task.sample_length = 0  # past the schema (a config built in Python): the task checks it too
