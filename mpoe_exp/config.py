@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp.conf_files import CONFIG_DIR, with_matched
 from mpoe_exp.errors import UserError
-from mpoe_exp.spec import ModelSpec, RunSpec, TrainSpec
+from mpoe_exp.spec import ModelSpec, RunSpec, TrainSpec, task_spec
 
 CONFIG_NAME = "config"
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -171,7 +171,7 @@ def check_model_path_is_read(model_cfg: DictConfig) -> None:
     """Refuse `model.path` on a model that reads no model files: it would be ignored."""
     from mpoe_exp.fingerprints import reads_model_files
 
-    if model_cfg.get("path") and not reads_model_files(model_cfg):
+    if model_cfg.get("path") and not reads_model_files(ModelSpec.from_mapping(plain(model_cfg))):
         raise UserError(
             f"model.path={model_cfg.path} is not used: model={model_cfg.name} has random weights "
             f"(model.pretrained=false) and the byte-level tokenizer (model.tokenizer=byte); drop model.path, or set "
@@ -237,7 +237,7 @@ def run_spec(cfg: DictConfig, *, train: bool = True) -> RunSpec:
     """The typed spec of a composed, checked config (mpoe_exp/spec.py). train=False: without the train section (a
     dry run, whose task may be unresolved)."""
     chosen = isinstance(cfg.get("task"), DictConfig) and "type" in cfg.task  # a dry run may have none
-    task = plain(cfg.task) if chosen else None
+    task = task_spec(plain(cfg.task)) if chosen else None
     return RunSpec(
         seed=cfg.seed,
         model=ModelSpec.from_mapping(plain(cfg.model)),

@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Any
 
 from mpoe_exp.errors import UserError
+
+if TYPE_CHECKING:
+    from mpoe_exp.spec import ModelSpec, RunSpec
 
 _CHUNK = 1 << 20
 _cache: dict[tuple, str] = {}
@@ -58,15 +59,15 @@ def folder_digest(folder: Path) -> str:
     return _cache[signature]
 
 
-def data_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+def data_fingerprint(spec: RunSpec) -> dict[str, Any]:
     """{"files": digest} of the data the run's task reads, or {"hub": name} for data from the hub."""
     from mpoe_exp.tasks import glue_data
     from mpoe_exp.tasks.data_location import task_data_dir
 
-    task = cfg.task
-    folder = task_data_dir(cfg)
+    task = spec.task
+    folder = task_data_dir(spec)
     if folder is None:
-        return {"hub": task.get("hub_path") or task.get("text_task") or task.name}
+        return {"hub": getattr(task, "hub_path", None) or getattr(task, "text_task", None) or task.name}
     if task.type == "glue":
         return {"files": folder_digest(glue_data.source_folder(task.glue_task, folder))}
     if task.type == "glue_multitask":
@@ -74,25 +75,24 @@ def data_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return {"files": folder_digest(Path(folder))}
 
 
-def reads_model_files(model_cfg: DictConfig) -> bool:
+def reads_model_files(model_cfg: ModelSpec) -> bool:
     """Whether a run reads model files: pre-trained weights, or a pre-trained tokenizer."""
     return bool(model_cfg.pretrained) or model_cfg.tokenizer == "pretrained"
 
 
-def model_files_fingerprint(cfg: DictConfig) -> dict[str, Any] | None:
+def model_files_fingerprint(model: ModelSpec) -> dict[str, Any] | None:
     """{"files": digest} of the folder pre-trained weights or tokenizer load from, {"hub": id}, or None when the run
     reads no model files (random weights, byte-level tokenizer)."""
     from mpoe_exp.models import packaged_model_dir
 
-    model = cfg.model
     if not reads_model_files(model):
         return None
-    if model.get("path"):
+    if model.path:
         folder = Path(str(model.path)).expanduser()
         if not folder.is_dir():
             raise UserError(f"model.path={model.path} is not a folder; pass a save_pretrained folder")
         return {"files": folder_digest(folder)}
-    packaged = packaged_model_dir(model.get("package"))
+    packaged = packaged_model_dir(model.package)
     if packaged is not None:
         return {"files": folder_digest(packaged)}
     return {"hub": model.hub_id}

@@ -36,7 +36,7 @@ def head_config(spec: RunSpec) -> dict[str, Any]:
     classifier: its number of labels); none for a language-model head."""
     from mpoe_exp.glue_tasks import GLUE
 
-    return FAMILIES[spec.model.family].head_config(GLUE.get((spec.task or {}).get("glue_task")))
+    return FAMILIES[spec.model.family].head_config(GLUE.get(getattr(spec.task, "glue_task", None)))
 
 
 def model_config(model_spec: ModelSpec, head: dict[str, Any] | None = None):

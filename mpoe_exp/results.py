@@ -110,12 +110,14 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     """Everything that can change a run's numbers: `configured_identity` plus fingerprints of the data and model
     files the run reads (mpoe_exp/fingerprints.py), so that how a path is spelled, or where the files lie, does not
     matter and new files at an old path are a new run."""
+    from mpoe_exp.config import run_spec
     from mpoe_exp.fingerprints import data_fingerprint, model_files_fingerprint
 
+    spec = run_spec(cfg, train=False)
     return {
         **configured_identity(cfg),
-        "data_fingerprint": data_fingerprint(cfg),
-        "model_files_fingerprint": model_files_fingerprint(cfg),
+        "data_fingerprint": data_fingerprint(spec),
+        "model_files_fingerprint": model_files_fingerprint(spec.model),
     }
 
 

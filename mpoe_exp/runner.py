@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> Path:
     model.to(device)
     set_cpu_threads(cfg.get("cpu_threads", "auto"), device, model)
     kept = set_cpu_malloc(cfg.get("cpu_malloc", "system"), device)
-    task = build_task(cfg, tokenizer)
+    task = build_task(spec, tokenizer)
     parameters = parameter_report(model)
     logger = run_logger(cfg, directory, parameters) if dist.is_main else NullLogger()
     trainer = Trainer(model, task, spec.train, directory, cfg.seed, device, logger, dist, digest)

@@ -22,16 +22,13 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import InterpolationResolutionError
 
-from mpoe_exp.backbones import FAMILIES
 from mpoe_exp.errors import UserError
-from mpoe_exp.glue_tasks import GLUE_TASKS
 from mpoe_exp.moe import LAYER_KINDS, ROUTERS
 from mpoe_exp.rules import (
     Rule,
@@ -45,12 +42,11 @@ from mpoe_exp.rules import (
     choice,
     integer,
     is_int,
-    list_of,
     mapping,
     number,
     string,
 )
-from mpoe_exp.spec import ModelSpec, TrainSpec
+from mpoe_exp.spec import TASK_SPECS, ModelSpec, TaskSpec, TrainSpec
 
 # --- the tables ------------------------------------------------------------------------------------------------
 
@@ -88,48 +84,6 @@ LAYER_KEY_RANGES: Table = {
     "bottleneck_reduction": integer(ge=1),
 }
 
-
-SAMPLING: Table = {  # unconditional samples scored with BLEU on the test split (tasks/generation.py)
-    "num_samples": integer(ge=1),
-    "top_k": integer(ge=0),
-    "bleu_n": list_of(integer(ge=1)).or_null(),  # null or []: no samples scored
-    "self_bleu_n": list_of(integer(ge=1)).or_null(),
-    "max_references": integer(ge=1, null=True),
-    "sample_batch_size": integer(ge=1, null=True),
-}
-GLUE_TEXT: Table = {"hub_path": string(), "max_source_length": integer(ge=1), "max_target_length": integer(ge=1)}
-GLUE_NAME = Rule(  # as tasks/glue_data.py reads a task name: "SST-2" and "sst-2" are sst2
-    f"a GLUE task ({', '.join(GLUE_TASKS)}; any case, hyphens ignored)",
-    lambda v: isinstance(v, str) and v.lower().replace("-", "") in GLUE_TASKS,
-)
-TASK_COMMON: Table = {  # and `families`, a list of registered families (`_task_section`)
-    "name": string(),
-    "data_seed": integer(ge=0),
-    "data_dir": string(null=True, optional=True),  # this task's own data folder (tasks/data_location.py)
-    "label_smoothing": number(ge=0, lt=1, optional=True),  # the task's default for train.label_smoothing
-}
-TASKS: Mapping[str, Table] = {  # task.type -> its keys besides TASK_COMMON (tasks/tasks.py TASK_TYPES)
-    "glue": {
-        **GLUE_TEXT,
-        "glue_task": choice(*GLUE_TASKS),
-        # seeded subsets after the split rule, for budget runs (tasks/glue_data.py load_glue_splits); null: all
-        "train_size": integer(ge=1, null=True, optional=True),
-        "validation_size": integer(ge=1, null=True, optional=True),
-    },
-    "glue_multitask": {
-        **GLUE_TEXT,
-        "tasks": list_of(GLUE_NAME, nonempty=True),  # duplicates: refused by tasks/multitask.py
-        "temperature": number(gt=0),
-        "mixture_size": integer(ge=1, null=True, optional=True),
-    },
-    "lm": {"text_task": choice("wikitext2"), "block_size": integer(ge=1), "sample_length": integer(ge=1), **SAMPLING},
-    "generation": {
-        "text_task": choice("emnlp_news", "imdb"),
-        "max_length": integer(ge=2),
-        "references": choice("first", "sample", optional=True),
-        **SAMPLING,
-    },
-}
 
 # --- sections whose keys depend on their content ----------------------------------------------------------------
 
@@ -200,9 +154,7 @@ def _task_section(task: dict, cfg: dict) -> tuple[Table, str]:
     kind = task.get("type")
     if kind is None:  # settings for the task a sweep chooses later (smoke_gpt2.yaml): checked once it is chosen
         return {key: anything() for key in task}, "no task chosen"
-    keys = {"type": choice(*TASKS), "name": TASK_COMMON["name"], "families": list_of(choice(*FAMILIES), nonempty=True)}
-    keys.update(TASK_COMMON)
-    return {**keys, **TASKS.get(kind, {})}, f"task.type={kind}"
+    return TASK_SPECS.get(kind, TaskSpec).table(), f"task.type={kind}"
 
 
 def _logger_section(logger: dict, cfg: dict) -> tuple[Table, str]:

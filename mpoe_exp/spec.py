@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
+from mpoe_exp.glue_tasks import GLUE_TASKS
 from mpoe_exp.rules import (
     Rule,
     Section,
@@ -226,12 +227,116 @@ def architecture_section(architecture: dict, cfg: dict) -> tuple[Table, str]:
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """What the modules below the runner receive of a run (config.run_spec builds it from the composed config,
-    once the whole config has been checked): the seed, the typed sections, and the sections not typed yet as
-    plain resolved values (method: its keys depend on its layer kind; task: on its type)."""
+    once the whole config has been checked): the seed, the typed sections, and the method as plain resolved values
+    (its keys depend on its layer kind, its router's on the router type; the schema has checked them)."""
 
     seed: int
     model: ModelSpec
     method: dict[str, Any]
     train: TrainSpec | None = None  # None: a dry run, which trains nothing
-    task: dict[str, Any] | None = None  # None: no task chosen (a bare dry run)
+    task: TaskSpec | None = None  # None: no task chosen (a bare dry run)
     data_dir: str | None = None  # the root of local data (tasks/data_location.py); None: the hub
+
+
+# --- task: one spec per task.type ------------------------------------------------------------------------------
+
+
+def registered_families() -> Rule:
+    """task.families: the registered model families the task was written for (it also runs on their kind)."""
+    return list_of(registered_family(), nonempty=True)
+
+
+def task_types() -> Rule:
+    return choice(*TASK_SPECS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec(Spec):
+    """What every task has; a task type's spec adds its own keys (TASK_SPECS)."""
+
+    section: ClassVar[str] = "task"
+
+    type: Annotated[str, task_types]
+    name: Annotated[str, string()]
+    families: Annotated[list[str], registered_families]
+    data_seed: Annotated[int, integer(ge=0)]
+    data_dir: Annotated[str | None, string(null=True)] = None  # this task's own data folder (tasks/data_location.py)
+    label_smoothing: Annotated[float | None, number(ge=0, lt=1)] = None  # the default of train.label_smoothing
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlueTextSpec(TaskSpec):
+    """GLUE as text: where the hub has it and how long the inputs and (T5's) targets may be."""
+
+    hub_path: Annotated[str, string()]
+    max_source_length: Annotated[int, integer(ge=1)]
+    max_target_length: Annotated[int, integer(ge=1)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlueSpec(GlueTextSpec):
+    """One GLUE task (task.type glue); train_size, validation_size: seeded subsets after the split rule, for budget
+    runs (tasks/glue_data.py load_glue_splits); null: all."""
+
+    glue_task: Annotated[str, choice(*GLUE_TASKS)]
+    train_size: Annotated[int | None, integer(ge=1, null=True)] = None
+    validation_size: Annotated[int | None, integer(ge=1, null=True)] = None
+
+
+GLUE_NAME = Rule(  # as tasks/glue_data.py reads a task name: "SST-2" and "sst-2" are sst2
+    f"a GLUE task ({', '.join(GLUE_TASKS)}; any case, hyphens ignored)",
+    lambda v: isinstance(v, str) and v.lower().replace("-", "") in GLUE_TASKS,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiTaskSpec(GlueTextSpec):
+    """The GLUE tasks as one temperature-sampled mixture (task.type glue_multitask; tasks/multitask.py)."""
+
+    tasks: Annotated[list[str], list_of(GLUE_NAME, nonempty=True)]  # duplicates: refused by tasks/multitask.py
+    temperature: Annotated[float, number(gt=0)]
+    mixture_size: Annotated[int | None, integer(ge=1, null=True)] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSpec(TaskSpec):
+    """Unconditional samples scored with BLEU on the test split (tasks/generation.py)."""
+
+    num_samples: Annotated[int, integer(ge=1)]
+    top_k: Annotated[int, integer(ge=0)]  # 0: no top-k filtering
+    bleu_n: Annotated[list[int] | None, list_of(integer(ge=1)).or_null()]  # null or []: no samples scored
+    self_bleu_n: Annotated[list[int] | None, list_of(integer(ge=1)).or_null()]
+    max_references: Annotated[int | None, integer(ge=1, null=True)]
+    sample_batch_size: Annotated[int | None, integer(ge=1, null=True)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LanguageModelingSpec(SamplingSpec):
+    """Causal LM on WikiText-2 (task.type lm), with samples from the start token."""
+
+    text_task: Annotated[str, choice("wikitext2")]
+    block_size: Annotated[int, integer(ge=1)]
+    sample_length: Annotated[int, integer(ge=1)]  # new tokens per sample
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSpec(SamplingSpec):
+    """One sentence per sequence, then samples (task.type generation: EMNLP2017 News, IMDB)."""
+
+    text_task: Annotated[str, choice("emnlp_news", "imdb")]
+    max_length: Annotated[int, integer(ge=2)]
+    references: Annotated[str, choice("first", "sample")] = "first"
+
+
+TASK_SPECS: dict[str, type[TaskSpec]] = {
+    "glue": GlueSpec,
+    "glue_multitask": MultiTaskSpec,
+    "lm": LanguageModelingSpec,
+    "generation": GenerationSpec,
+}
+
+
+def task_spec(values: Mapping[str, Any]) -> TaskSpec:
+    """The spec of a task section, by its type."""
+    kind = values.get("type")
+    return TASK_SPECS.get(kind, TaskSpec).from_mapping(values)

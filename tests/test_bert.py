@@ -93,7 +93,7 @@ def test_glue_on_an_encoder_is_classification_with_the_tasks_labels(task, labels
     cfg = compose_config(["model=tiny-bert", f"task={task}", f"data_dir={DEMO_DATA_DIR / 'glue'}"])
     model, tokenizer = build_model(run_spec(cfg))
     assert model.config.num_labels == labels
-    glue = build_task(cfg, tokenizer)
+    glue = build_task(run_spec(cfg), tokenizer)
     assert isinstance(glue, GlueClassificationTask)
     batch = glue.collate(glue.train_features()[:4])
     assert batch["labels"].dtype == (torch.float if task == "stsb" else torch.long)
@@ -104,7 +104,7 @@ def test_glue_on_an_encoder_is_classification_with_the_tasks_labels(task, labels
 def test_evaluation_features_are_encoded_once(monkeypatch):
     cfg = compose_config(["model=tiny-bert", "task=rte", f"data_dir={DEMO_DATA_DIR / 'glue'}"])
     model, tokenizer = build_model(run_spec(cfg))
-    glue = build_task(cfg, tokenizer)
+    glue = build_task(run_spec(cfg), tokenizer)
     calls = []
     original = glue.tokenizer.__call__
     monkeypatch.setattr(type(glue.tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or original(*a, **k))
@@ -200,7 +200,7 @@ def test_one_seed_gives_every_method_the_same_head_and_the_same_data_order():
         cfg = compose_config([*base, f"method={method}"])
         model, tokenizer = build_model(run_spec(cfg))
         heads.append({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
-        trainer = Trainer(model, build_task(cfg, tokenizer), train_spec(cfg), Path("unused"), cfg.seed, "cpu")
+        trainer = Trainer(model, build_task(run_spec(cfg), tokenizer), train_spec(cfg), Path("unused"), cfg.seed, "cpu")
         orders.append([trainer.epoch_order(epoch) for epoch in range(2)])
     assert heads[0] and all(h.keys() == heads[0].keys() for h in heads)
     assert all(torch.equal(h[k], heads[0][k]) for h in heads for k in h)

@@ -27,7 +27,7 @@ def glue(request, monkeypatch):
     model, tokenizer = build_model(run_spec(cfg))
     from mpoe_exp.tasks.tasks import build_task
 
-    task = build_task(cfg, tokenizer)
+    task = build_task(run_spec(cfg), tokenizer)
     seen = []  # the predictions glue_metrics is given, per evaluation
     score = metrics.glue_metrics
     monkeypatch.setattr(

@@ -218,11 +218,11 @@ def test_the_schema_covers_every_task_type_and_layer():
     from mpoe_exp.moe import LAYER_KINDS
     from mpoe_exp.tasks.glue_data import GLUE_TASKS
 
-    assert set(schema.TASKS) == set(TASK_TYPES)
+    assert set(spec.TASK_SPECS) == set(TASK_TYPES)
     for name, kind in LAYER_KINDS.items():  # the schema reads the layer kinds from their registry
         keys, _ = schema._method_section({"experts": kind.experts[0], "layer": name}, {})
         assert keys["layer"].accepts(name) and all(keys["experts"].accepts(e) for e in kind.experts)
-    assert schema.GLUE_TASKS == GLUE_TASKS
+    assert spec.GLUE_TASKS == GLUE_TASKS
 
 
 @pytest.mark.parametrize("model", available("model"))

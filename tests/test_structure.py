@@ -93,7 +93,7 @@ def test_every_task_class_implements_the_task_protocol():
         ("tiny-bert", "rte"),
     ]:  # fmt: skip
         cfg = compose_config([f"model={model}", f"task={task}", f"data_dir={demo_data_for(task)}"])
-        instance = build_task(cfg, build_model(run_spec(cfg))[1])
+        instance = build_task(run_spec(cfg), build_model(run_spec(cfg))[1])
         assert isinstance(instance, Task)  # the attributes are there, not only declared
         built.add(type(instance))
     assert built == classes
@@ -185,7 +185,6 @@ def test_make_tables_imports_no_model_code(tmp_path):
     shutil.copytree(ROOT / "docs" / "minilm_converged" / "runs", runs)
     script = f"""
 import json, sys
-from mpoe_exp.config import run_spec
 from mpoe_exp import tables
 tables.main([{str(runs)!r}, "--experiment", "minilm_converged"])
 print(json.dumps(sorted(sys.modules)))

@@ -100,7 +100,7 @@ def training_examples(cfg) -> int:
 
     task = cfg.task
     if cfg.data_dir is not None:
-        return len(build_task(cfg, load_tokenizer(run_spec(cfg).model)).train_features())
+        return len(build_task(run_spec(cfg), load_tokenizer(run_spec(cfg).model)).train_features())
     if task.type == "glue_multitask":
         return task.mixture_size
     if task.type == "lm":

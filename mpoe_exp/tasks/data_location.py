@@ -14,10 +14,12 @@ the run is refused with a message saying where the data was expected. No `data_d
 from __future__ import annotations
 
 from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from mpoe_exp.errors import UserError
+
+if TYPE_CHECKING:
+    from mpoe_exp.spec import RunSpec, TaskSpec
 
 GLUE_FOLDER = "glue"
 TEXT_FOLDERS = ("wikitext2", "emnlp_news", "imdb")  # text_task -> its folder under a data root: the same name
@@ -31,26 +33,26 @@ SIGNATURES = {
 }
 
 
-def task_folder(task_cfg: DictConfig) -> str:
+def task_folder(task: TaskSpec) -> str:
     """The folder name of a task under a data root: "glue" for GLUE tasks, else its text task's name."""
-    return task_cfg.get("text_task") or GLUE_FOLDER
+    return getattr(task, "text_task", None) or GLUE_FOLDER
 
 
-def task_data_dir(cfg: DictConfig) -> str | None:
-    """The data folder of `cfg.task` by the precedence of the module docstring; None: load from the hub."""
-    own = cfg.task.get("data_dir")
+def task_data_dir(spec: RunSpec) -> str | None:
+    """The data folder of the run's task by the precedence of the module docstring; None: load from the hub."""
+    own = spec.task.data_dir
     if own is not None:
         if not Path(own).expanduser().is_dir():
             raise UserError(
-                f"task.data_dir {str(own)!r} is not a folder; pass the folder that holds the {cfg.task.name} data"
+                f"task.data_dir {str(own)!r} is not a folder; pass the folder that holds the {spec.task.name} data"
             )
         return str(own)
-    if cfg.data_dir is None:
+    if spec.data_dir is None:
         return None
-    root = Path(cfg.data_dir).expanduser()
+    root = Path(spec.data_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"data_dir {str(root)!r} is not a folder; pass the folder that holds the data")
-    folder, name = task_folder(cfg.task), cfg.task.name
+    folder, name = task_folder(spec.task), spec.task.name
     if (root / folder).is_dir():
         return str(root / folder)
     layout = f"data_dir=<root> with one folder per task ({', '.join(f'<root>/{f}' for f in TASK_FOLDERS)})"

@@ -39,11 +39,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import needs_full_sequence
+from mpoe_exp.spec import RunSpec, SamplingSpec
 from mpoe_exp.tasks import text_data
 from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.losses import token_loss
@@ -130,31 +130,12 @@ def start_token_id(tokenizer) -> int:
     return token
 
 
-def check_sampling_config(task_cfg: DictConfig, length_key: str | None = None) -> None:
-    """Refuse sampling settings that cannot work, before any training; `length_key` names the task's sample-length
-    setting when it has its own (WikiText-2: sample_length)."""
-    num_samples = task_cfg.get("num_samples")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise UserError(f"task.num_samples must be a positive integer, got {num_samples!r}")
-    if task_cfg.get("self_bleu_n") and num_samples < 2:
+def check_sampling_config(task: SamplingSpec) -> None:
+    """Refuse sampling settings that cannot work together, before any training (each one alone: its spec)."""
+    if task.self_bleu_n and task.num_samples < 2:
         raise UserError(
-            f"task.num_samples={num_samples}: Self-BLEU scores each sample against the others and needs at least 2"
+            f"task.num_samples={task.num_samples}: Self-BLEU scores each sample against the others and needs at least 2"
         )
-    for key in ("bleu_n", "self_bleu_n"):
-        orders = task_cfg.get(key) or []
-        if any(not isinstance(n, int) or n < 1 for n in orders):
-            raise UserError(f"task.{key} must be a list of positive n-gram orders, got {list(orders)}")
-    top_k = task_cfg.get("top_k", 50)
-    if not isinstance(top_k, int) or top_k < 0:
-        raise UserError(f"task.top_k must be a non-negative integer (0: no top-k filtering), got {top_k!r}")
-    if length_key is not None:
-        length = task_cfg.get(length_key)
-        if not isinstance(length, int) or length < 1:
-            raise UserError(f"task.{length_key} (new tokens per sample) must be a positive integer, got {length!r}")
-    for key in ("max_references", "sample_batch_size"):
-        value = task_cfg.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise UserError(f"task.{key} must be a positive integer or null, got {value!r}")
 
 
 def max_sample_tokens(model, requested: int) -> int:
@@ -219,13 +200,13 @@ def generate_samples(
     return texts
 
 
-def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: DictConfig) -> dict:
+def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: SamplingSpec) -> dict:
     """BLEU-n (task.bleu_n) against `references` and Self-BLEU-n (task.self_bleu_n), x100, with the counts used;
     with BLEU also sacreBLEU's corpus BLEU on the same references, and its signature (`metrics.sacrebleu_corpus`)."""
     hypotheses = [metrics.tokenize(s) for s in samples]
     result: dict = {}
-    if task_cfg.get("bleu_n"):
-        max_references = task_cfg.get("max_references")
+    if task_cfg.bleu_n:
+        max_references = task_cfg.max_references
         # bleu() keeps the first max_references: tokenize only those (IMDB's test split has ~10^5 sentences).
         reference_tokens = [metrics.tokenize(r) for r in references[:max_references]]
         for n in task_cfg.bleu_n:
@@ -234,7 +215,7 @@ def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: D
             result["bleu_hypotheses"], result["bleu_references"] = score.num_hypotheses, score.num_references
         sacre = metrics.sacrebleu_corpus(samples, references[:max_references])
         result["sacrebleu"], result["sacrebleu_signature"] = sacre.score, sacre.signature
-    for n in task_cfg.get("self_bleu_n") or []:
+    for n in task_cfg.self_bleu_n or []:
         score = metrics.self_bleu(hypotheses, n, max_samples=task_cfg.num_samples)
         result[f"self_bleu{n}"] = score.score
         result["self_bleu_samples"] = score.num_hypotheses
@@ -244,7 +225,7 @@ def score_samples(samples: Sequence[str], references: Sequence[str], task_cfg: D
 
 
 def sample_and_score(
-    model, tokenizer, references: Sequence[str], task_cfg: DictConfig, seed: int, device, max_new_tokens: int
+    model, tokenizer, references: Sequence[str], task_cfg: SamplingSpec, seed: int, device, max_new_tokens: int
 ) -> dict:
     """Sample task.num_samples sentences (seeded by `seed`) and score them: `score_samples` plus the sampling
     settings and every sample under "samples" (so the scores can be recomputed from results.json)."""
@@ -253,27 +234,26 @@ def sample_and_score(
         tokenizer,
         num_samples=task_cfg.num_samples,
         max_new_tokens=max_new_tokens,
-        top_k=task_cfg.get("top_k", 50),
+        top_k=task_cfg.top_k,
         seed=seed,
         device=device,
-        batch_size=task_cfg.get("sample_batch_size") or DEFAULT_SAMPLE_BATCH_SIZE,
+        batch_size=task_cfg.sample_batch_size or DEFAULT_SAMPLE_BATCH_SIZE,
     )
     return {
         **score_samples(samples, references, task_cfg),
         "num_samples": len(samples),
         "sample_seed": seed,
-        "sample_top_k": task_cfg.get("top_k", 50),
+        "sample_top_k": task_cfg.top_k,
         "sample_max_new_tokens": max_sample_tokens(model, max_new_tokens),
         "samples": samples,
     }
 
 
-def model_positions(cfg: DictConfig) -> int:
+def model_positions(spec: RunSpec) -> int:
     """The longest sequence the run's model reads: its learned positions (GPT-2's n_positions), else 1024."""
     from mpoe_exp.backbones import shapes_of
 
-    architecture = OmegaConf.to_container(cfg.model.architecture, resolve=True)
-    return shapes_of(cfg.model.family, architecture).max_positions or 1024
+    return shapes_of(spec.model.family, spec.model.architecture).max_positions or 1024
 
 
 # --- the task --------------------------------------------------------------------------------------------------
@@ -282,12 +262,12 @@ def model_positions(cfg: DictConfig) -> int:
 class GenerationTask(Task):
     """Causal LM fine-tuning on one sentence per sequence; validation perplexity; test perplexity + sample scores."""
 
-    def __init__(self, cfg: DictConfig, tokenizer):
-        task_cfg = cfg.task
-        max_positions = model_positions(cfg)
+    def __init__(self, spec: RunSpec, tokenizer):
+        task_cfg = spec.task
+        max_positions = model_positions(spec)
         self.name = task_cfg.name
         self.cfg = task_cfg
-        self.seed = cfg.seed
+        self.seed = spec.seed
         self.tokenizer = tokenizer
         self.main_metric = "perplexity"
         self.greater_is_better = False
@@ -300,10 +280,10 @@ class GenerationTask(Task):
         if self.end_id is None:
             raise UserError("generation needs a tokenizer with an eos token to end sentences with")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
-        data_dir = task_data_dir(cfg)
+        data_dir = task_data_dir(spec)
         self.texts = text_data.load_text_splits(task_cfg.text_task, data_dir=data_dir, seed=task_cfg.data_seed)
         self.references = reference_sentences(
-            self.texts["test"], task_cfg.get("max_references"), task_cfg.get("references", "first"), task_cfg.data_seed
+            self.texts["test"], task_cfg.max_references, task_cfg.references, task_cfg.data_seed
         )
         self.sequences = {split: self.encode(lines) for split, lines in self.texts.items()}
         # Sentences cut at max_length (they lost their end token), per split.

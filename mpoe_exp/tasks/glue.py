@@ -12,10 +12,10 @@ Evaluation encodes each split once and runs it in batches of similar length (`le
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 
 from mpoe_exp import metrics
 from mpoe_exp.moe import needs_full_sequence
+from mpoe_exp.spec import RunSpec
 from mpoe_exp.tasks import glue_data
 from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.losses import token_loss
@@ -38,8 +38,8 @@ class _GlueSplits(Task):
     """What every GLUE task has, whatever the model reads: the task's splits by the split rule (and the subsets
     task.train_size / task.validation_size ask for), its main metric and its tokenizer."""
 
-    def __init__(self, cfg: DictConfig, tokenizer):
-        task_cfg, data_dir = cfg.task, task_data_dir(cfg)
+    def __init__(self, spec: RunSpec, tokenizer):
+        task_cfg, data_dir = spec.task, task_data_dir(spec)
         self.name = task_cfg.name
         self.glue_task = task_cfg.glue_task
         self.cfg = task_cfg
@@ -55,8 +55,8 @@ class _GlueSplits(Task):
 class GlueTask(_GlueSplits):
     """One GLUE task for an encoder-decoder model. Evaluation features are encoded once per split and kept."""
 
-    def __init__(self, cfg: DictConfig, tokenizer):
-        super().__init__(cfg, tokenizer)
+    def __init__(self, spec: RunSpec, tokenizer):
+        super().__init__(spec, tokenizer)
         self._encoded: dict[str, list[dict]] = {}
 
     def encode(self, example: dict) -> dict:
@@ -121,8 +121,8 @@ class GlueClassificationTask(_GlueSplits):
     features are encoded once per split and kept.
     """
 
-    def __init__(self, cfg: DictConfig, tokenizer):
-        super().__init__(cfg, tokenizer)
+    def __init__(self, spec: RunSpec, tokenizer):
+        super().__init__(spec, tokenizer)
         self.regression = self.glue_task == "stsb"
         self._encoded: dict[str, list[dict]] = {}
 

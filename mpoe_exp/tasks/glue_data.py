@@ -415,9 +415,9 @@ def load_glue_splits(
     return splits
 
 
-def subset_sizes(task_cfg) -> dict[str, int | None]:
-    """The subsets a task config asks for: task.train_size and task.validation_size (absent or null: all)."""
-    return {"train": task_cfg.get("train_size"), "validation": task_cfg.get("validation_size")}
+def subset_sizes(task) -> dict[str, int | None]:
+    """The subsets a GLUE task spec asks for: task.train_size and task.validation_size (null: all)."""
+    return {"train": task.train_size, "validation": task.validation_size}
 
 
 def glue_task_sizes(splits: Splits) -> dict[str, int]:

@@ -27,16 +27,17 @@ Evaluation runs every task on the split and returns a flat dict: "<task>/<metric
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import metrics
 from mpoe_exp.errors import UserError
+from mpoe_exp.spec import GlueSpec, MultiTaskSpec, RunSpec
 from mpoe_exp.tasks import glue_data
 from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.glue import GlueTask
@@ -85,12 +86,9 @@ def sample_mixture(
     return [(names[t], int(i)) for t, i in zip(slots.tolist(), indices.tolist())]
 
 
-def _task_list(task_cfg: DictConfig) -> list[str]:
-    """The canonical GLUE names of `task.tasks` (all 8 when absent), refusing unknown, duplicate or no tasks."""
-    raw = task_cfg.get("tasks")
-    names = [glue_data._task_name(t) for t in (glue_data.GLUE_TASKS if raw is None else raw)]
-    if not names:
-        raise UserError("task.tasks is empty; list the GLUE tasks of the mixture, e.g. task.tasks=[cola,rte,stsb]")
+def _task_list(task: MultiTaskSpec) -> list[str]:
+    """The canonical GLUE names of `task.tasks` (known and at least one: the spec's rule), refusing duplicates."""
+    names = [glue_data._task_name(t) for t in task.tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UserError(f"task.tasks lists {', '.join(duplicates)} more than once")
@@ -100,45 +98,38 @@ def _task_list(task_cfg: DictConfig) -> list[str]:
 class MultiTaskGlue(Task):
     """Several GLUE tasks for one encoder-decoder model: a temperature-sampled training mixture, evaluation on all."""
 
-    def __init__(self, cfg: DictConfig, tokenizer):
-        task_cfg = cfg.task
+    def __init__(self, spec: RunSpec, tokenizer):
+        task_cfg = spec.task
         self.name = task_cfg.name
         self.cfg = task_cfg
         self.tokenizer = tokenizer
         self.main_metric = AVERAGE_METRIC
         self.greater_is_better = True
         self.temperature = float(task_cfg.temperature)
-        self.seed = [int(task_cfg.data_seed), int(cfg.seed)]
+        self.seed = [int(task_cfg.data_seed), int(spec.seed)]
         self.tasks: dict[str, GlueTask] = {}
-        data_dir = task_data_dir(cfg)  # the GLUE folder every sub-task reads
+        data_dir = task_data_dir(spec)  # the GLUE folder every sub-task reads
         for glue_task in _task_list(task_cfg):
-            sub_cfg = OmegaConf.create(
-                {
-                    "data_dir": None,
-                    "task": {
-                        "data_dir": data_dir,
-                        "name": glue_task,
-                        "type": "glue",
-                        "glue_task": glue_task,
-                        "families": list(task_cfg.families),
-                        "hub_path": task_cfg.hub_path,
-                        "data_seed": task_cfg.data_seed,
-                        "max_source_length": task_cfg.max_source_length,
-                        "max_target_length": task_cfg.max_target_length,
-                    },
-                }
+            sub_task = GlueSpec(
+                type="glue",
+                name=glue_task,
+                families=list(task_cfg.families),
+                data_seed=task_cfg.data_seed,
+                data_dir=data_dir,
+                hub_path=task_cfg.hub_path,
+                max_source_length=task_cfg.max_source_length,
+                max_target_length=task_cfg.max_target_length,
+                glue_task=glue_task,
             )
-            self.tasks[glue_task] = GlueTask(sub_cfg, tokenizer)
+            self.tasks[glue_task] = GlueTask(dataclasses.replace(spec, task=sub_task, data_dir=None), tokenizer)
         self.split_sizes = {name: dict(task.split_sizes) for name, task in self.tasks.items()}
         self.train_sizes = {name: task.split_sizes["train"] for name, task in self.tasks.items()}
         try:
             self.probabilities = mixture_probabilities(self.train_sizes, self.temperature)
         except ValueError as err:
             raise UserError(f"task={self.name}: {err}") from None
-        size = task_cfg.get("mixture_size")
+        size = task_cfg.mixture_size
         self.mixture_size = sum(self.train_sizes.values()) if size is None else int(size)
-        if self.mixture_size < 1:
-            raise UserError(f"task.mixture_size must be a positive integer or null, got {size}")
         self._first = next(iter(self.tasks.values()))
 
     def mixture(self) -> list[tuple[str, int]]:

@@ -1,6 +1,6 @@
 """What the trainer and the runner need of a task: the `Task` protocol every task class implements.
 
-A task is built as `TaskClass(cfg, tokenizer)` from the whole run config and the model's tokenizer, and registered
+A task is built as `TaskClass(spec, tokenizer)` from the run's spec and the model's tokenizer, and registered
 by one line in `tasks.TASK_TYPES` (`ENCODER_TASK_TYPES` for the class an encoder runs a task type with).
 """
 

@@ -8,18 +8,18 @@
 - `GenerationTask` (generation.py): EMNLP News / IMDB, one sentence per sequence; validation perplexity; test
   perplexity plus BLEU-n and Self-BLEU-n of unconditional top-k samples.
 
-A task type is a class implementing the `Task` protocol (protocol.py), built as `TaskClass(cfg, tokenizer)` from
-the whole run config, plus one line in `TASK_TYPES` (`ENCODER_TASK_TYPES` for the class an encoder model runs a task
-type with).
+A task type is a class implementing the `Task` protocol (protocol.py), built as `TaskClass(spec, tokenizer)` from
+the run's spec (mpoe_exp/spec.py: its task is the type's spec, TASK_SPECS), plus one line in `TASK_TYPES`
+(`ENCODER_TASK_TYPES` for the class an encoder model runs a task type with).
 """
 
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 
 from mpoe_exp.errors import UserError
 from mpoe_exp.registry import Registry
+from mpoe_exp.spec import RunSpec
 from mpoe_exp.tasks import text_data
 from mpoe_exp.tasks.data_location import task_data_dir
 from mpoe_exp.tasks.generation import (
@@ -55,9 +55,9 @@ __all__ = [
 class LanguageModelingTask(Task):
     """Causal LM fine-tuning; evaluation is perplexity over the split's blocks."""
 
-    def __init__(self, cfg: DictConfig, tokenizer):
-        task_cfg, data_dir = cfg.task, task_data_dir(cfg)
-        max_positions = model_positions(cfg)
+    def __init__(self, spec: RunSpec, tokenizer):
+        task_cfg, data_dir = spec.task, task_data_dir(spec)
+        max_positions = model_positions(spec)
         self.name = task_cfg.name
         self.cfg = task_cfg
         self.tokenizer = tokenizer
@@ -72,10 +72,10 @@ class LanguageModelingTask(Task):
         self.split_sizes = {k: len(v) for k, v in self.blocks.items()}
         # Samples scored on test when the task config asks for BLEU (WikiText-2: BLEU-2/4; docs/method.md,
         # 'Language modelling and generation').
-        self.seed = cfg.seed
-        self.sample_references = wikitext_references(texts["test"]) if task_cfg.get("bleu_n") else None
+        self.seed = spec.seed
+        self.sample_references = wikitext_references(texts["test"]) if task_cfg.bleu_n else None
         if self.sample_references is not None:
-            check_sampling_config(task_cfg, length_key="sample_length")
+            check_sampling_config(task_cfg)
 
     def train_features(self) -> list[dict]:
         return [{"input_ids": b} for b in self.blocks["train"]]
@@ -108,15 +108,13 @@ TASK_TYPES = Registry(
 ENCODER_TASK_TYPES = Registry("task type on an encoder", {"glue": GlueClassificationTask})
 
 
-def build_task(cfg: DictConfig, tokenizer) -> Task:
-    """The task object of `cfg.task` with data from its folder (`data_location.task_data_dir`) or the hub."""
-    kind = cfg.task.type
-    if kind not in TASK_TYPES:
-        raise UserError(f"task type {kind!r} is not available; known: {sorted(TASK_TYPES)}")
+def build_task(spec: RunSpec, tokenizer) -> Task:
+    """The task object of the run's task with data from its folder (`data_location.task_data_dir`) or the hub."""
     from mpoe_exp.backbones import FAMILIES
 
-    if FAMILIES[cfg.model.family].kind == "encoder":
+    kind = spec.task.type
+    if FAMILIES[spec.model.family].kind == "encoder":
         if kind not in ENCODER_TASK_TYPES:
             raise UserError(f"task type {kind!r} does not run on an encoder; encoders run {sorted(ENCODER_TASK_TYPES)}")
-        return ENCODER_TASK_TYPES[kind](cfg, tokenizer)
-    return TASK_TYPES[kind](cfg, tokenizer)
+        return ENCODER_TASK_TYPES[kind](spec, tokenizer)
+    return TASK_TYPES[kind](spec, tokenizer)

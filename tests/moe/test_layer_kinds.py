@@ -71,7 +71,7 @@ def test_a_layer_kind_registered_outside_the_package_trains_evaluates_and_genera
     built, tokenizer = build_model(run_spec(cfg))
     layers = [m for m in built.modules() if isinstance(m, RecordingLayer)]
     assert layers and not [m for m in built.modules() if type(m) is MoEFeedForward]
-    build_task(cfg, tokenizer).evaluate(built.eval(), "test", 8, "cpu")  # T5: greedy labels; GPT-2: samples
+    build_task(run_spec(cfg), tokenizer).evaluate(built.eval(), "test", 8, "cpu")  # T5: greedy labels; GPT-2: samples
     lengths = layers[-1].lengths  # the last layer: T5's last decoder block, GPT-2's last block
     assert 2 in lengths and 3 in lengths, "generation must re-run the whole prefix at each step"
     if model == "tiny-t5":

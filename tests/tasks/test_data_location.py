@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpoe_exp import compose_config
-from mpoe_exp.config import DEMO_DATA_DIR, expand_sweep
+from mpoe_exp.config import DEMO_DATA_DIR, expand_sweep, run_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.models import byte_tokenizer
 from mpoe_exp.tasks import text_data
@@ -56,12 +56,14 @@ def test_the_readme_table1_nlg_command_gives_every_task_its_own_data(data_root):
     for overrides in sorted(distinct):
         cfg = compose_config(list(overrides))
         name = cfg.task.name
-        assert task_data_dir(cfg) == str(data_root / name)
+        assert task_data_dir(run_spec(cfg)) == str(data_root / name)
         demo = text_data.load_text_splits(name, data_dir=str(DEMO_OF[name]), seed=cfg.task.data_seed)
         if name not in loaded:  # the same task in every method: built once
-            task = build_task(cfg, tokenizer)
+            task = build_task(run_spec(cfg), tokenizer)
             texts = task.texts if isinstance(task, GenerationTask) else None
-            loaded[name] = text_data.load_text_splits(name, data_dir=task_data_dir(cfg), seed=cfg.task.data_seed)
+            loaded[name] = text_data.load_text_splits(
+                name, data_dir=task_data_dir(run_spec(cfg)), seed=cfg.task.data_seed
+            )
             assert texts is None or texts == demo
         assert loaded[name] == demo
     assert set(loaded) == {"wikitext2", "emnlp_news", "imdb"}
@@ -73,24 +75,24 @@ def test_task_data_dir_beats_the_root_and_the_root_folder_beats_the_root_itself(
     own = tmp_path / "my_imdb"
     shutil.copytree(DEMO_DATA_DIR / "imdb", own)
     cfg = compose_config(["model=tiny-gpt2", "task=imdb", f"data_dir={data_root}", f"task.data_dir={own}"])
-    assert task_data_dir(cfg) == str(own)
+    assert task_data_dir(run_spec(cfg)) == str(own)
     cfg = compose_config(["model=tiny-gpt2", "task=imdb", f"data_dir={data_root}"])
-    assert task_data_dir(cfg) == str(data_root / "imdb")
+    assert task_data_dir(run_spec(cfg)) == str(data_root / "imdb")
     # A single-task folder as data_dir still works: the GLUE download-script layout and a text task's folder.
     glue = compose_config(["model=tiny-t5", "task=rte", f"data_dir={DEMO_DATA_DIR / 'glue'}"])
-    assert task_data_dir(glue) == str(DEMO_DATA_DIR / "glue")
-    assert build_task(glue, byte_tokenizer("t5")).split_sizes["train"] > 0
+    assert task_data_dir(run_spec(glue)) == str(DEMO_DATA_DIR / "glue")
+    assert build_task(run_spec(glue), byte_tokenizer("t5")).split_sizes["train"] > 0
     news = compose_config(["model=tiny-gpt2", "task=emnlp_news", f"data_dir={DEMO_DATA_DIR / 'news'}"])
-    assert task_data_dir(news) == str(DEMO_DATA_DIR / "news")
+    assert task_data_dir(run_spec(news)) == str(DEMO_DATA_DIR / "news")
     assert compose_config(["model=tiny-gpt2", "task=imdb"]).data_dir is None  # no data_dir: the hub
-    assert task_data_dir(compose_config(["model=tiny-gpt2", "task=imdb"])) is None
+    assert task_data_dir(run_spec(compose_config(["model=tiny-gpt2", "task=imdb"]))) is None
 
 
 def test_glue_and_the_multitask_mixture_find_glue_under_the_root(data_root):
     cfg = compose_config(["model=tiny-t5", "task=glue_multitask", "task.tasks=[rte,stsb]", f"data_dir={data_root}"])
-    task = build_task(cfg, byte_tokenizer("t5"))
+    task = build_task(run_spec(cfg), byte_tokenizer("t5"))
     direct = compose_config(["model=tiny-t5", "task=rte", f"data_dir={DEMO_DATA_DIR / 'glue'}"])
-    assert task.split_sizes["rte"] == build_task(direct, byte_tokenizer("t5")).split_sizes
+    assert task.split_sizes["rte"] == build_task(run_spec(direct), byte_tokenizer("t5")).split_sizes
 
 
 @pytest.mark.parametrize(
@@ -109,9 +111,9 @@ def test_glue_and_the_multitask_mixture_find_glue_under_the_root(data_root):
 def test_a_folder_of_another_task_is_refused(data_root, make, task, message):
     cfg = compose_config(["model=tiny-gpt2", f"task={task}", f"data_dir={make(data_root)}"])
     with pytest.raises(UserError, match=message):
-        task_data_dir(cfg)
+        task_data_dir(run_spec(cfg))
     with pytest.raises(UserError, match=message):
-        build_task(cfg, byte_tokenizer("gpt2"))
+        build_task(run_spec(cfg), byte_tokenizer("gpt2"))
 
 
 def _texygen_copy(root: Path) -> Path:
@@ -132,16 +134,16 @@ def test_imdb_references_are_a_seeded_sample_of_the_test_set(tmp_path):
     (data / "test.txt").write_text("\n".join(test) + "\n")
     base = ["model=tiny-gpt2", "task=imdb", f"data_dir={data}", "task.max_references=50"]
     tokenizer = byte_tokenizer("gpt2")
-    references = build_task(compose_config(base), tokenizer).references
+    references = build_task(run_spec(compose_config(base)), tokenizer).references
     assert len(references) == len(set(references)) == 50 and set(references) <= set(test)
     assert references != test[:50]  # not the first reviews
     # The data seed's sample, in test-file order
     chosen = np.sort(np.random.default_rng(42).choice(200, size=50, replace=False))
     assert references == [test[i] for i in chosen]
-    assert build_task(compose_config(base), tokenizer).references == references  # reproducible
-    other = build_task(compose_config([*base, "task.data_seed=7"]), tokenizer).references
+    assert build_task(run_spec(compose_config(base)), tokenizer).references == references  # reproducible
+    other = build_task(run_spec(compose_config([*base, "task.data_seed=7"])), tokenizer).references
     assert other != references and len(other) == 50
     # all of them when the test set is smaller than max_references; EMNLP News keeps Texygen's first K
-    assert build_task(compose_config([*base, "task.max_references=500"]), tokenizer).references == test
+    assert build_task(run_spec(compose_config([*base, "task.max_references=500"])), tokenizer).references == test
     news = ["model=tiny-gpt2", "task=emnlp_news", f"task.data_dir={data}", "task.max_references=50"]
-    assert build_task(compose_config(news), tokenizer).references == test[:50]
+    assert build_task(run_spec(compose_config(news)), tokenizer).references == test[:50]

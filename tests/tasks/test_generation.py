@@ -11,7 +11,6 @@ import pytest
 import sacrebleu
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-from omegaconf import OmegaConf
 
 from mpoe_exp import compose_config, metrics
 from mpoe_exp.config import DEMO_DATA_DIR, run_spec
@@ -19,6 +18,7 @@ from mpoe_exp.errors import UserError
 from mpoe_exp.models import build_model
 from mpoe_exp.results import RESULTS_FILE
 from mpoe_exp.runner import run
+from mpoe_exp.spec import GenerationSpec
 from mpoe_exp.tasks import generation
 from mpoe_exp.tasks.generation import GenerationTask, generate_samples, sample_and_score, score_samples
 from mpoe_exp.tasks.tasks import build_task
@@ -63,7 +63,8 @@ def check_scores_of_saved_samples(test: dict, references: list[str], bleu_n, sel
 
 
 def sampling_cfg(**overrides):
-    cfg = {
+    """A generation task's spec with these sampling settings."""
+    sampling = {
         "num_samples": 6,
         "top_k": 50,
         "bleu_n": [2, 3],
@@ -71,7 +72,8 @@ def sampling_cfg(**overrides):
         "max_references": 500,
         "sample_batch_size": 4,
     }
-    return OmegaConf.create({**cfg, **overrides})
+    task = {"type": "generation", "name": "imdb", "families": ["gpt2"], "data_seed": 0, "text_task": "imdb"}
+    return GenerationSpec.from_mapping({**task, "max_length": 32, **sampling, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def news_run(tmp_path_factory):
 def test_sentences_become_start_tokens_end_sequences_cut_at_max_length():
     cfg = compose_config(["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", "task.max_length=40"])
     _, tokenizer = build_model(run_spec(cfg))
-    task = build_task(cfg, tokenizer)
+    task = build_task(run_spec(cfg), tokenizer)
     assert isinstance(task, GenerationTask)
     assert task.split_sizes == {"train": 190, "validation": 10, "test": 50}
     eot = tokenizer.eos_token_id
@@ -126,7 +128,7 @@ def test_sentences_become_start_tokens_end_sequences_cut_at_max_length():
 def test_validation_perplexity_is_mean_nll_over_predicted_tokens(tiny_model):
     cfg = compose_config(["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", "task.max_length=24"])
     model, tokenizer = tiny_model
-    task = build_task(cfg, tokenizer)
+    task = build_task(run_spec(cfg), tokenizer)
     with torch.no_grad():
         result = task.evaluate(model, "validation", 4, "cpu")
         assert set(result) == {"perplexity", "nll", "tokens"}  # no sampling outside the test split
@@ -145,7 +147,7 @@ def test_perplexity_evaluation_builds_no_autograd_graph_even_with_gradients_enab
 
     cfg = compose_config(["model=tiny-gpt2", "task=emnlp_news", f"data_dir={NEWS}", "task.max_length=24"])
     model, tokenizer = tiny_model
-    task = build_task(cfg, tokenizer)
+    task = build_task(run_spec(cfg), tokenizer)
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # float() of a tensor that requires grad warns
         result = task.evaluate(model, "validation", 4, "cpu")
@@ -225,20 +227,22 @@ def test_bad_sampling_settings_are_refused_before_training(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         cfg = compose_config(overrides)
         _, tokenizer = build_model(run_spec(cfg))
-        build_task(cfg, tokenizer)
+        build_task(run_spec(cfg), tokenizer)
 
 
-def test_wikitext2_sample_settings_are_checked_only_when_bleu_is_asked_for():
+def test_wikitext2_samples_only_when_bleu_is_asked_for_and_sample_settings_are_checked_by_the_spec():
     base = ["model=tiny-gpt2", "task=wikitext2", f"data_dir={DEMO_DATA_DIR / 'wikitext2'}", "task.block_size=64"]
     cfg = compose_config(base)
     _, tokenizer = build_model(run_spec(cfg))
     with pytest.raises(UserError, match="task.sample_length"):  # refused by the schema, before any work
         compose_config([*base, "task.sample_length=0"])
-    cfg.task.sample_length = 0  # past the schema (a config built in Python): the task checks it too
-    with pytest.raises(UserError, match="task.sample_length"):
-        build_task(cfg, tokenizer)
+    cfg.task.sample_length = 0  # past the schema (a config changed in Python): its spec refuses it
+    with pytest.raises(UserError, match="task.sample_length=0 is not allowed"):
+        run_spec(cfg)
+    cfg.task.sample_length = 8
+    assert build_task(run_spec(cfg), tokenizer).sample_references
     cfg.task.bleu_n = []
-    task = build_task(cfg, tokenizer)
+    task = build_task(run_spec(cfg), tokenizer)
     assert task.sample_references is None
 
 

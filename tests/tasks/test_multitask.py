@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mpoe_exp import compose_config
+from mpoe_exp.config import run_spec
 from mpoe_exp.errors import UserError
 from mpoe_exp.metrics import GLUE_MAIN_METRIC
 from mpoe_exp.models import byte_tokenizer
@@ -78,7 +79,7 @@ def one_thread():
 
 def make_task(glue_dir: Path, tokenizer, *overrides: str) -> MultiTaskGlue:
     cfg = compose_config(["model=tiny-t5", "task=glue_multitask", f"data_dir={glue_dir}", TASKS, *overrides])
-    task = build_task(cfg, tokenizer)
+    task = build_task(run_spec(cfg), tokenizer)
     assert isinstance(task, MultiTaskGlue)
     return task
 
