@@ -16,7 +16,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from mpoe_exp.config import validate_config
+    from mpoe_exp.config import run_spec, validate_config
     from mpoe_exp.dry_run import dry_run
 
     hydra_cfg = HydraConfig.get()
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
         validate_config(cfg)
         if cfg.dry_run:
             try:
-                dry_run(cfg)
+                dry_run(run_spec(cfg, train=False))
             except BrokenPipeError:  # `... dry_run=true | head -2`: the reader had enough
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp.conf_files import CONFIG_DIR, with_matched
 from mpoe_exp.errors import UserError
-from mpoe_exp.spec import ModelSpec, RunSpec, TrainSpec, task_spec
+from mpoe_exp.spec import AblationSpec, ModelSpec, RunSpec, TrainSpec, task_spec
 
 CONFIG_NAME = "config"
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -221,16 +221,11 @@ def byte_vocabulary(family) -> int:
 
 
 def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:
-    """(d_model, d_ff) of a model config's FFNs."""
-    shapes = model_shapes(model_cfg)
-    return shapes.d_model, shapes.d_ff
-
-
-def model_shapes(model_cfg: DictConfig):
-    """The sizes of a model config's backbone (backbones.ModelShapes), from its transformers config."""
+    """(d_model, d_ff) of a model config's FFNs (backbones.ModelShapes, from its transformers config)."""
     from mpoe_exp.backbones import shapes_of
 
-    return shapes_of(model_cfg.family, OmegaConf.to_container(model_cfg.architecture, resolve=True))
+    shapes = shapes_of(model_cfg.family, plain(model_cfg.architecture))
+    return shapes.d_model, shapes.d_ff
 
 
 def run_spec(cfg: DictConfig, *, train: bool = True) -> RunSpec:
@@ -245,6 +240,7 @@ def run_spec(cfg: DictConfig, *, train: bool = True) -> RunSpec:
         train=train_spec(cfg) if train else None,
         task=task,
         data_dir=cfg.data_dir if task is not None else None,
+        ablation=AblationSpec.from_mapping(plain(cfg.ablation)),
     )
 
 
@@ -259,6 +255,5 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
 
 
 def method_label(cfg: DictConfig) -> str:
-    """method[-ablation], as run directories and the paper's parameter table name it."""
-    name = cfg.ablation.get("name", "none")
-    return cfg.method.name if name == "none" else f"{cfg.method.name}-{name}"
+    """method[-ablation], as run directories and the paper's parameter table name it (RunSpec.method_label)."""
+    return run_spec(cfg, train=False).method_label

@@ -33,8 +33,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from mpoe_exp import mpo
-from mpoe_exp.config import CONFIG_DIR, compose_config, expand_sweep, model_shapes, run_spec
+from mpoe_exp.backbones import ModelShapes, shapes_of
+from mpoe_exp.config import CONFIG_DIR, compose_config, expand_sweep, run_spec
 from mpoe_exp.results import run_dir
+from mpoe_exp.spec import RunSpec
 
 PAPER_EXPERIMENTS = ("table1_t5_base", "table1_t5_large", "table1_gpt2", "table2", "table3", "table4")
 COST_FILE = CONFIG_DIR / "paper" / "cost.yaml"
@@ -67,40 +69,46 @@ def _body_parameters(model_name: str) -> dict[str, int]:
     return parts
 
 
-def _ffn_parameters(cfg: DictConfig) -> int:
-    shapes = model_shapes(cfg.model)
+def _shapes(spec: RunSpec) -> ModelShapes:
+    return shapes_of(spec.model.family, spec.model.architecture)
+
+
+def _ffn_parameters(spec: RunSpec) -> int:
+    shapes = _shapes(spec)
     return (3 if shapes.gated else 2) * shapes.d_model * shapes.d_ff
 
 
-def _reconstruction_flops(cfg: DictConfig) -> float:
+def _reconstruction_flops(spec: RunSpec) -> float:
     """FLOPs of one forward+backward reconstruction of every expert matrix of the model (MPO methods), else 0."""
-    method = cfg.method
-    if method.experts != "mpo":
+    method = spec.method
+    if method["experts"] != "mpo":
         return 0.0
-    shapes = model_shapes(cfg.model)
+    shapes = _shapes(spec)
     d_model, d_ff, layers = shapes.d_model, shapes.d_ff, shapes.layers + shapes.decoder_layers
-    overrides = OmegaConf.to_container(method.mpo.factorizations, resolve=True) if method.mpo.factorizations else {}
+    settings = method["mpo"]
     macs = 0
     for rows, cols in ((d_ff, d_model), (d_model, d_ff)):
-        row_shape, col_shape = mpo.factorization(rows, cols, method.mpo.num_tensors, overrides)
-        macs += mpo.contraction_macs(row_shape, col_shape, method.mpo.max_bond)
-    return 2 * 3 * method.num_experts * layers * macs
+        row_shape, col_shape = mpo.factorization(
+            rows, cols, settings["num_tensors"], settings.get("factorizations") or {}
+        )
+        macs += mpo.contraction_macs(row_shape, col_shape, settings.get("max_bond"))
+    return 2 * 3 * method["num_experts"] * layers * macs
 
 
-def run_cost(cfg: DictConfig, workload: dict) -> tuple[float, float]:
+def run_cost(spec: RunSpec, workload: dict) -> tuple[float, float]:
     """(training tokens, training FLOPs) of one run."""
-    shapes, task, train = model_shapes(cfg.model), cfg.task, cfg.train
+    shapes, task, train = _shapes(spec), spec.task, spec.train
     pad = workload["padding"]
     tasks = workload["tasks"]
-    top_k = cfg.method.router.get("top_k", 1) if cfg.method.experts != "none" else 1
-    ffn = _ffn_parameters(cfg)
-    parts = _body_parameters(cfg.model.name)
+    top_k = spec.method["router"].get("top_k", 1) if spec.method["experts"] != "none" else 1
+    ffn = _ffn_parameters(spec)
+    parts = _body_parameters(spec.model.name)
     if shapes.decoder_layers:  # an encoder-decoder: source and target lengths
         names = list(task.tasks) if task.type == "glue_multitask" else [task.name]
-        weights = _mixture_weights(names, task.get("temperature", 1), tasks)
+        weights = _mixture_weights(names, getattr(task, "temperature", 1), tasks)
         l_src = sum(w * tasks[n]["source_tokens"] for n, w in weights.items()) * pad
         l_tgt = sum(w * tasks[n]["target_tokens"] for n, w in weights.items()) * pad
-        examples = task.get("mixture_size") or sum(tasks[n]["train"] for n in names)
+        examples = getattr(task, "mixture_size", None) or sum(tasks[n]["train"] for n in names)
         n_enc, n_dec, d = shapes.layers, shapes.decoder_layers, shapes.d_model
         per_example = 6 * (parts["encoder"] * l_src + parts["decoder"] * l_tgt + d * shapes.vocab_size * l_tgt)
         per_example += 6 * (top_k - 1) * ffn * (n_enc * l_src + n_dec * l_tgt)
@@ -123,7 +131,7 @@ def run_cost(cfg: DictConfig, workload: dict) -> tuple[float, float]:
         micro_batches = math.ceil(examples / train.batch_size) * train.epochs
         examples_seen = examples * train.epochs
     optimizer_steps = math.ceil(micro_batches / train.grad_accum_steps)  # experts contracted once per step
-    flops = examples_seen * per_example + optimizer_steps * _reconstruction_flops(cfg)
+    flops = examples_seen * per_example + optimizer_steps * _reconstruction_flops(spec)
     return examples_seen * tokens_per_example, flops
 
 
@@ -147,7 +155,7 @@ def estimate(experiments: list[str], workload: dict | None = None) -> list[Estim
             key = tuple(o for o in overrides if o not in ignored)
             if key not in composed:  # compose once per costed setting: composing is the slow part
                 cfg = compose_config(list(key))
-                composed[key] = (cfg, *run_cost(cfg, workload))
+                composed[key] = (cfg, *run_cost(run_spec(cfg), workload))
             cfg, tokens, flops = composed[key]
             cfg = cfg.copy()
             for override in OverridesParser.create().parse_overrides(ignored):

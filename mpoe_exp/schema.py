@@ -46,13 +46,13 @@ from mpoe_exp.rules import (
     number,
     string,
 )
-from mpoe_exp.spec import TASK_SPECS, ModelSpec, TaskSpec, TrainSpec
+from mpoe_exp.spec import TASK_SPECS, AblationSpec, ModelSpec, TaskSpec, TrainSpec
 
 # --- the tables ------------------------------------------------------------------------------------------------
 
 TRAIN: Table = TrainSpec.table()  # the spec's annotations (mpoe_exp/spec.py)
 
-ABLATION: Table = {"name": string(), "mpo_only": boolean()}
+ABLATION: Table = AblationSpec.table()
 
 MPO: Table = {
     "num_tensors": integer(ge=1),  # odd and >= 3: mpo.factorization says why, in config.validate_config

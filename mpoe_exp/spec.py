@@ -225,6 +225,19 @@ def architecture_section(architecture: dict, cfg: dict) -> tuple[Table, str]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AblationSpec(Spec):
+    """The ablation a run is (Table 3/4): its name, and whether it only applies to MPO methods."""
+
+    section: ClassVar[str] = "ablation"
+
+    name: Annotated[str, string()]
+    mpo_only: Annotated[bool, boolean()]
+
+
+NO_ABLATION = AblationSpec(name="none", mpo_only=False)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """What the modules below the runner receive of a run (config.run_spec builds it from the composed config,
     once the whole config has been checked): the seed, the typed sections, and the method as plain resolved values
@@ -236,6 +249,13 @@ class RunSpec:
     train: TrainSpec | None = None  # None: a dry run, which trains nothing
     task: TaskSpec | None = None  # None: no task chosen (a bare dry run)
     data_dir: str | None = None  # the root of local data (tasks/data_location.py); None: the hub
+    ablation: AblationSpec = NO_ABLATION
+
+    @property
+    def method_label(self) -> str:
+        """method[-ablation], as run directories and the paper's parameter table name it."""
+        name = self.ablation.name
+        return self.method["name"] if name == "none" else f"{self.method['name']}-{name}"
 
 
 # --- task: one spec per task.type ------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def test_bad_input_is_refused_in_one_line_by_the_checks_the_dry_run_makes(args, 
     from mpoe_exp.errors import UserError
 
     with pytest.raises(UserError) as refused:
-        dry_run(compose_config([*args, "dry_run=true"]))
+        dry_run(run_spec(compose_config([*args, "dry_run=true"]), train=False))
     assert message in f"error: {refused.value}" and "\n" not in str(refused.value)
 
 
@@ -366,7 +366,7 @@ def test_upcycled_model_trains_on_cuda_in_bf16(method):
 def test_dry_run_prints_the_papers_figure_beside_ours(capsys, ablation, paper):
     from mpoe_exp.dry_run import dry_run
 
-    report = dry_run(compose_config(["model=gpt2", "method=mpoe", f"ablation={ablation}"]))
+    report = dry_run(run_spec(compose_config(["model=gpt2", "method=mpoe", f"ablation={ablation}"]), train=False))
     out = capsys.readouterr().out
     assert f"paper: {paper}" in out
     assert f"{report['total']:,}" in out

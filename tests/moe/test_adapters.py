@@ -215,7 +215,7 @@ def test_match_params_matches_mpoes_total_within_one_percent(capsys, model_name,
     from mpoe_exp.dry_run import dry_run
 
     cfg = compose_config([f"model={model_name}", "method=adapters"])
-    report = dry_run(cfg)
+    report = dry_run(run_spec(cfg, train=False))
     mpoe, _ = build_model(run_spec(compose_config([f"model={model_name}", "method=mpoe"])), meta=True)
     target = parameter_report(mpoe)["total"]
     assert abs(report["total"] / target - 1) <= 0.01
