@@ -7,8 +7,9 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mpoe_exp.conf_files import CONFIG_DIR, with_matched
 from mpoe_exp.errors import UserError
@@ -134,7 +135,6 @@ def validate_config(cfg: DictConfig) -> None:
     (mpoe_exp/schema.py), then the relations between keys."""
     from mpoe_exp import mpo
     from mpoe_exp.moe.kinds import kind_of
-    from mpoe_exp.schema import check_config
 
     method = cfg.method
     if cfg.ablation.get("mpo_only") and method.get("experts") != "mpo":  # first: it adds method.mpo keys
@@ -257,3 +257,30 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
 def method_label(cfg: DictConfig) -> str:
     """method[-ablation], as run directories and the paper's parameter table name it (RunSpec.method_label)."""
     return run_spec(cfg, train=False).method_label
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, with one line naming the key and what it allows, any value, missing key or unknown key of `cfg`
+    (the tables: mpoe_exp/schema.py, from the specs of mpoe_exp/spec.py)."""
+    from mpoe_exp.rules import check_table
+    from mpoe_exp.schema import CONFIG
+
+    resolved = {key: _plain(cfg, key) for key in cfg if key != "hydra"}
+    check_table("", resolved, CONFIG, resolved)
+
+
+def _plain(node: DictConfig | ListConfig, key: Any) -> Any:
+    """node[key] resolved into plain Python (dicts, lists, scalars), Unresolved where an interpolation fails."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from mpoe_exp.rules import Unresolved
+
+    try:
+        value = node[key]
+    except InterpolationResolutionError:
+        return Unresolved()
+    if isinstance(value, DictConfig):
+        return {k: _plain(value, k) for k in value}
+    if isinstance(value, ListConfig):
+        return [_plain(value, i) for i in range(len(value))]
+    return value

@@ -1,20 +1,15 @@
-"""The typed schema of every setting, checked before any work starts (`check_config`, from config.validate_config).
+"""The tables the composed config is checked with before any work starts (config.check_config): the top level,
+and the sections whose keys depend on a sibling's value.
 
-Each config section is a table `key -> Rule`; a rule says which values a key takes (type, range, choices, null)
-and whether it may be absent. A value outside its rule, a missing key or a key the section does not know (one a
-router, a layer or a task would silently ignore) is refused with one line: the full key, the value, what is allowed.
-
-Why a validation pass and not Hydra structured configs: the keys a section may hold depend on a sibling's value.
-`method.*` depends on the method's layer (moe, cartesian, meo), its experts (dense, mpo) and its router type (a
-noisy_top_k router has no capacity factors), `task.*` on the task type, `logger.*` on the logger; a structured config
-types one fixed set of keys per node and cannot switch on another key. What a method may set comes from its layer
-kind (`mpoe_exp.moe.LAYER_KINDS`: expert kinds, router types, its own keys), and router keys from each router
-class's constructor (keyword-only parameters, types from their annotations), so a new layer kind or a new router in
-`mpoe_exp.moe.routers.ROUTERS` needs no edit here; `VALUE_RANGES` adds the ranges of known parameter names.
-Likewise `model.architecture.*` takes the fields of the family's transformers config class (T5Config, GPT2Config,
-BertConfig), typed by their default values; `ARCHITECTURE_RANGES` adds the ranges of known field names.
-Relations between keys (top_k <= num_experts, the MPO factorization fitting the model, attention heads dividing the
-hidden size) are checked after this, in config.validate_config.
+Each config section is a table `key -> Rule` (mpoe_exp/rules.py); a value outside its rule, a missing key or a key
+the section does not know (one a router, a layer or a task would silently ignore) is refused with one line: the full
+key, the value, what is allowed. The train, model, task and ablation tables are their specs' (mpoe_exp/spec.py: the
+annotations of TrainSpec, ModelSpec, the task type's spec). What a method may set comes from its layer kind
+(`mpoe_exp.moe.LAYER_KINDS`: expert kinds, router types, its own keys), router keys and logger keys from each class's
+constructor (keyword-only parameters, types from their annotations), so a new layer kind, router or logger needs no
+edit here; `VALUE_RANGES` adds the ranges of known parameter names. Relations between keys (top_k <= num_experts,
+the MPO factorization fitting the model, attention heads dividing the hidden size) are checked after this, in
+config.validate_config.
 """
 
 from __future__ import annotations
@@ -25,20 +20,15 @@ import typing
 from dataclasses import replace
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
-from omegaconf.errors import InterpolationResolutionError
-
 from mpoe_exp.errors import UserError
 from mpoe_exp.moe import LAYER_KINDS, ROUTERS
 from mpoe_exp.rules import (
     Rule,
     Section,
     Table,
-    Unresolved,
     annotation_rule,
     anything,
     boolean,
-    check_table,
     choice,
     integer,
     is_int,
@@ -190,25 +180,3 @@ CONFIG: Table = {
     "logger": Section(_logger_section),
     "hydra": anything(optional=True),  # present when composed with return_hydra_config; Hydra checks it
 }
-
-
-# --- the check -------------------------------------------------------------------------------------------------
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Refuse, with one line naming the key and what it allows, any value, missing key or unknown key of `cfg`."""
-    resolved = {key: _plain(cfg, key) for key in cfg if key != "hydra"}
-    check_table("", resolved, CONFIG, resolved)
-
-
-def _plain(node: DictConfig | ListConfig, key: Any) -> Any:
-    """node[key] resolved into plain Python (dicts, lists, scalars), Unresolved where an interpolation fails."""
-    try:
-        value = node[key]
-    except InterpolationResolutionError:
-        return Unresolved()
-    if isinstance(value, DictConfig):
-        return {k: _plain(value, k) for k in value}
-    if isinstance(value, ListConfig):
-        return [_plain(value, i) for i in range(len(value))]
-    return value
