@@ -5,7 +5,10 @@ unmaps it when the block is freed. A training step allocates the same large tens
 layer's stacked weight gradients are 75 MB), so every step touches each of their pages for the first time again: one
 page fault per 4 KB, in the kernel. `keep_freed_memory()` sets glibc's two documented tunables (mallopt(3):
 M_MMAP_MAX = 0 serves every size from the heap, M_TRIM_THRESHOLD = -1 never gives the heap's top back), as starting
-the process with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>` would, but from inside it.
+the process with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>` would, but from inside it. The first steps still
+fault while the heap grows to its high-water mark, up to 8 times for a repeated large tensor: glibc's per-thread cache
+keeps up to 7 small freed chunks of a size unmerged, and one that sits between two freed large blocks stops them from
+merging into one the next request fits (tests/test_cpu_malloc.py shows it).
 
 It is off by default because it trades memory for that time: the heap fragments and never shrinks, so the resident
 size is the high-water mark of every step so far. BENCHMARKS.md measures both sides (t5-base mpoe, batch 32: a
