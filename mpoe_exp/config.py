@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mpoe_exp.conf_files import CONFIG_DIR, with_matched
+from mpoe_exp.conf_files import CONFIG_DIR
 from mpoe_exp.errors import UserError
 from mpoe_exp.spec import AblationSpec, ModelSpec, RunSpec, TrainSpec, task_spec
 
@@ -132,9 +132,9 @@ def expand_sweep(arguments: list[str]) -> list[list[str]]:
 
 def validate_config(cfg: DictConfig) -> None:
     """Refuse bad settings and bad combinations before any work starts: every key against its typed schema
-    (mpoe_exp/schema.py), then the relations between keys."""
-    from mpoe_exp import mpo
-    from mpoe_exp.moe.kinds import kind_of
+    (mpoe_exp/schema.py), the model architecture against its transformers class, then the method against the model:
+    its expert layer built on the meta device for each FFN, so the constructors that need a relation refuse it."""
+    from mpoe_exp.models import refuse_unbuildable
 
     method = cfg.method
     if cfg.ablation.get("mpo_only") and method.get("experts") != "mpo":  # first: it adds method.mpo keys
@@ -144,27 +144,10 @@ def validate_config(cfg: DictConfig) -> None:
     check_config(cfg)
     check_model_path_is_read(cfg.model)
     check_architecture(cfg.model)
-    if method.experts == "none":
-        return
-    layer_name, kind = kind_of(method)
-    refusal = kind.refusal(layer_name, with_matched(OmegaConf.to_container(method, resolve=True)))  # between its keys
-    if refusal:
-        raise UserError(refusal)
-    top_k = method.router.get("top_k")
-    if top_k is not None and top_k > method.num_experts:
-        raise UserError(
-            f"method.router.top_k={top_k} is not allowed: it must be in 1..{method.num_experts} (method.num_experts)"
-        )
-    if method.experts == "mpo":
-        d_model, d_ff = ffn_dims(cfg.model)
-        factorizations = method.mpo.get("factorizations")
-        overrides = OmegaConf.to_container(factorizations, resolve=True) if factorizations else {}
-        for rows, cols in ((d_ff, d_model), (d_model, d_ff)):
-            try:
-                mpo.factorization(rows, cols, method.mpo.num_tensors, overrides)
-            except ValueError as err:
-                where = f"model={cfg.model.name} method={method.name} method.mpo.num_tensors={method.mpo.num_tensors}"
-                raise UserError(f"{where}: {err}") from None
+    try:
+        refuse_unbuildable(ModelSpec.from_mapping(plain(cfg.model)), plain(method))
+    except UserError as err:
+        raise UserError(f"model={cfg.model.name} method={method.name}: {err}") from None
 
 
 def check_model_path_is_read(model_cfg: DictConfig) -> None:
@@ -218,14 +201,6 @@ def check_architecture(model_cfg: DictConfig) -> None:
 def byte_vocabulary(family) -> int:
     """The number of tokens of a family's byte-level tokenizer."""
     return len(family.byte_tokenizer())
-
-
-def ffn_dims(model_cfg: DictConfig) -> tuple[int, int]:
-    """(d_model, d_ff) of a model config's FFNs (backbones.ModelShapes, from its transformers config)."""
-    from mpoe_exp.backbones import shapes_of
-
-    shapes = shapes_of(model_cfg.family, plain(model_cfg.architecture))
-    return shapes.d_model, shapes.d_ff
 
 
 def run_spec(cfg: DictConfig, *, train: bool = True) -> RunSpec:

@@ -4,6 +4,9 @@ pre-trained weights or an architecture, upcycled into the method's MoE model; pa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +172,25 @@ def upcycle(model: nn.Module, method: Mapping[str, Any], *, from_weights: bool =
     family_of(model).hand_token_masks(model)  # each call's token mask to the routed layers (moe/kinds.py)
     model.training_hooks = MoETrainingHooks(model, mask_probability(method))  # what the trainer needs (moe/hooks.py)
     return model
+
+
+def refuse_unbuildable(model_spec: ModelSpec, method: Mapping[str, Any]) -> None:
+    """Build the method's expert layer for each distinct FFN of the model on the meta device (no weights, no
+    memory), so that a relation its constructors refuse (top_k > num_experts, an odd expert count for Cartesian's
+    two groups, an MPO factorization that does not fit the FFN) is a UserError before any work starts."""
+    method = with_matched(dict(method))
+    if method.get("experts", "none") == "none":
+        return
+    for spec, causal in _distinct_ffns(json.dumps(dataclasses.asdict(model_spec), sort_keys=True)):
+        with torch.no_grad():
+            build_layer(spec, method, causal=causal, device="meta", dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _distinct_ffns(model_spec_json: str) -> tuple[tuple[Any, bool], ...]:
+    """The distinct (FFN spec, causal) pairs of a model (as JSON of its ModelSpec), read off its meta build."""
+    backbone = load_backbone(ModelSpec(**json.loads(model_spec_json)), meta=True)
+    return tuple(dict.fromkeys((site.spec, site.causal) for site in ffn_sites(backbone)))
 
 
 def build_model(spec: RunSpec, *, meta: bool = False) -> tuple[nn.Module, Any]:

@@ -7,9 +7,10 @@ key, the value, what is allowed. The train, model, task and ablation tables are 
 annotations of TrainSpec, ModelSpec, the task type's spec). What a method may set comes from its layer kind
 (`mpoe_exp.moe.LAYER_KINDS`: expert kinds, router types, its own keys), router keys and logger keys from each class's
 constructor (keyword-only parameters, types from their annotations), so a new layer kind, router or logger needs no
-edit here; `VALUE_RANGES` adds the ranges of known parameter names. Relations between keys (top_k <= num_experts,
-the MPO factorization fitting the model, attention heads dividing the hidden size) are checked after this, in
-config.validate_config.
+edit here; `VALUE_RANGES` adds the ranges of known parameter names. Relations between keys are checked after this,
+each once, by the code that needs them: attention heads dividing the hidden size by config.check_architecture;
+top_k <= num_experts, Cartesian's even expert count and the MPO factorization fitting the model by the router and
+layer constructors, which config.validate_config runs on the meta device (models.refuse_unbuildable).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ TRAIN: Table = TrainSpec.table()  # the spec's annotations (mpoe_exp/spec.py)
 ABLATION: Table = AblationSpec.table()
 
 MPO: Table = {
-    "num_tensors": integer(ge=1),  # odd and >= 3: mpo.factorization says why, in config.validate_config
+    "num_tensors": integer(ge=1),  # odd and >= 3: the MPO layer says why (models.refuse_unbuildable)
     "max_bond": integer(ge=1, null=True, optional=True),
     "share_central": boolean(optional=True),
     "factorizations": mapping("a mapping {ROWSxCOLS: [[row factors], [col factors]]}", null=True, optional=True),

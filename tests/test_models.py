@@ -302,6 +302,7 @@ def test_upcycling_frees_each_dense_ffn_as_soon_as_it_is_replaced(monkeypatch):
     import mpoe_exp.models as models
 
     model, _ = build_model(run_spec(compose_config(["model=tiny-t5"])))
+    method = compose_config(["model=tiny-t5", "method=mpoe"]).method  # composing builds layers on meta: first
     refs = [weakref.ref(w) for site in ffn_sites(model) for w in site.weights.values()]
     per_site = len(refs) // len(list(ffn_sites(model)))
     built = []
@@ -314,7 +315,7 @@ def test_upcycling_frees_each_dense_ffn_as_soon_as_it_is_replaced(monkeypatch):
         return real_build_layer(*args, **kwargs)
 
     monkeypatch.setattr(models, "build_layer", build_layer)
-    upcycle(model, compose_config(["model=tiny-t5", "method=mpoe"]).method)
+    upcycle(model, method)
     assert len(built) == len(refs) // per_site > 1
     assert built == [0] * len(built)
 

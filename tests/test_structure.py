@@ -155,6 +155,23 @@ def test_the_trainer_knows_no_method_and_no_expert_kind():
     assert code_words(training) & (methods | kinds) == set()
 
 
+def test_a_method_s_relations_are_checked_by_the_constructors_that_need_them():
+    """top_k <= num_experts, Cartesian's even expert count and the MPO factorization are refused by the router and
+    layer that need them (built on the meta device before any work: models.refuse_unbuildable), not again by the
+    config code."""
+    import pytest
+
+    from mpoe_exp.moe import NoisyTopKRouter
+    from mpoe_exp.moe.adapters import TopKRouter
+
+    relations = {"top_k", "num_experts", "factorization", "num_tensors"}
+    assert relations & code_names(PACKAGE / "config.py") == set()
+    assert "factorization" not in code_names(PACKAGE / "schema.py")
+    for router in (NoisyTopKRouter, TopKRouter):
+        with pytest.raises(ValueError, match=r"top_k=5 is not allowed: it must be in 1\.\.4"):
+            router(8, 4, top_k=5)
+
+
 def test_tasks_import_nothing_from_training():
     """Layering: a task formats data, computes its loss and scores predictions; the trainer calls it, never the
     reverse (the token loss the tasks share is tasks/losses.py)."""

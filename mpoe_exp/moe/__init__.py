@@ -48,15 +48,6 @@ from mpoe_exp.moe.routers import (
 from mpoe_exp.moe.telemetry import reset_routing_stats, routing_stats, routing_summary
 
 
-def _cartesian_check(method) -> str | None:
-    if method["num_experts"] % 2:
-        return (
-            f"method=cartesian needs an even num_experts (two groups, one per half of the FFN), "
-            f"got {method['num_experts']}"
-        )
-    return None
-
-
 def _meo_keys(method) -> dict:
     keys: dict = {"level": Literal["sequence", "token"]}
     if method.get("level") == "token":  # the routing bottleneck exists only for token-level MEO
@@ -72,8 +63,7 @@ LAYER_KINDS["cartesian"] = LayerKind(
     ("dense",),
     ("group_top1",),
     lambda m: {"shared_experts": int},
-    fixed_router_keys=("groups",),
-    check=_cartesian_check,
+    fixed_router_keys=("groups",),  # two groups, one per half of the FFN; the router refuses an odd num_experts
 )
 LAYER_KINDS["meo"] = LayerKind(build_meo_layer, ("dense",), ("noisy_top_k",), _meo_keys)
 ROUTERS["switch_top_k"] = TopKRouter  # Switch's router, top-k (moe/adapters.py)

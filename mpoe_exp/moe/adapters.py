@@ -68,7 +68,7 @@ from mpoe_exp.errors import UserError
 from mpoe_exp.moe.experts import DenseExperts, FeedForwardSpec
 from mpoe_exp.moe.kinds import build_layer, placement, router_of
 from mpoe_exp.moe.layer import Dispatch, RoutedLayer, combine, grouped_mm
-from mpoe_exp.moe.routers import LinearRouter, Routing, no_autocast
+from mpoe_exp.moe.routers import LinearRouter, Routing, check_top_k, no_autocast
 
 LAYER = "adapter_moe"  # this kind's name in LAYER_KINDS (moe/__init__.py)
 
@@ -89,8 +89,7 @@ class TopKRouter(LinearRouter):
         renormalize: bool = False,
     ):
         super().__init__(d_model, num_experts, bias=True, init_std=init_std, fp32=True)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
+        check_top_k(top_k, num_experts)
         self.top_k, self.balance_loss_coef = top_k, balance_loss_coef
         self.straight_through, self.renormalize = straight_through, renormalize
 
@@ -188,7 +187,7 @@ def _matched_rank(spec: FeedForwardSpec, num_experts: int, name: str, matched: s
     with torch.device("meta"):
         try:
             target = build_layer(spec, json.loads(matched), device="meta")
-        except ValueError as err:  # an MPO factorization that does not fit this FFN
+        except (ValueError, UserError) as err:  # the matched method cannot be built for this FFN (its factorization)
             raise UserError(f"method.match_params={name}: {err}") from None
         router = TopKRouter(spec.d_model, num_experts)
     budget = sum(p.numel() for p in target.parameters())

@@ -21,6 +21,7 @@ model around it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,29 +77,30 @@ class LayerKind:
     fixed_router_keys: tuple[str, ...] = ()  # router constructor parameters it sets itself (not in the config)
     check: Callable[[Mapping[str, Any]], str | None] = _no_check  # a relation between keys broken, or None
 
-    def refusal(self, name: str, method: Mapping[str, Any]) -> str | None:
-        """Why `method` cannot build this kind (experts, router type, relations), or None."""
-        experts, router = method.get("experts"), (method.get("router") or {}).get("type")
-        if experts not in self.experts:
-            return f"method.layer={name} takes method.experts {' or '.join(self.experts)}, not {experts}"
-        if router not in self.routers:
-            return f"method.layer={name} takes method.router.type {' or '.join(self.routers)}, not {router}"
-        return self.check(method)
-
 
 LAYER_KINDS = Registry("expert layer kind (method.layer)")
 
 
-def kind_of(method: Mapping[str, Any]) -> tuple[str, LayerKind]:
-    name = method.get("layer", "moe")
-    return name, LAYER_KINDS[name]
-
-
 def router_of(method: Mapping[str, Any], d_model: int, device=None, **fixed: Any) -> Router:
-    """The router `method.router` describes (its type and constructor keywords), plus the keywords the layer fixes."""
+    """The router `method.router` describes (its type and constructor keywords), plus the keywords the layer fixes.
+    A relation its constructor refuses (top_k > num_experts, ...) is a UserError in the config's words."""
     settings = {k: v for k, v in dict(method["router"]).items() if k != "type"}
-    with torch.device(device or "cpu"):
-        return ROUTERS[method["router"]["type"]](d_model, method["num_experts"], **settings, **fixed)
+    try:
+        with torch.device(device or "cpu"):
+            return ROUTERS[method["router"]["type"]](d_model, method["num_experts"], **settings, **fixed)
+    except ValueError as err:
+        raise UserError(in_config_words(str(err), settings)) from None
+
+
+def in_config_words(message: str, router_keys: Mapping[str, Any]) -> str:
+    """A router constructor's message with its parameter names as config keys: `top_k=9 ... (num_experts)` ->
+    `method.router.top_k=9 ... (method.num_experts)`."""
+    names = "|".join(re.escape(name) for name in (*router_keys, "num_experts"))
+    return re.sub(
+        rf"(?<![\w.])({names})\b",
+        lambda m: f"method.{m[1]}" if m[1] == "num_experts" else f"method.router.{m[1]}",
+        message,
+    )
 
 
 def placement(weights: Mapping[str, torch.Tensor] | None, device=None, dtype=None) -> tuple[Any, Any]:
@@ -112,8 +114,8 @@ def placement(weights: Mapping[str, torch.Tensor] | None, device=None, dtype=Non
 def build_layer(spec, method, weights=None, biases=None, *, causal=False, device=None, dtype=None) -> ExpertLayer:
     """The expert layer of `method` (its `layer` key, default "moe") for one FFN; `causal`: the FFN sits in a causal
     stack (GPT-2, the T5 decoder), where a layer must not mix information across positions forward."""
-    name, kind = kind_of(method)
-    refusal = kind.refusal(name, method)
+    kind = LAYER_KINDS[method.get("layer", "moe")]
+    refusal = kind.check(method)  # a relation between the layer's own keys
     if refusal:
         raise UserError(refusal)
     return kind.build(spec, method, weights, biases, causal=causal, device=device, dtype=dtype)

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from mpoe_exp import mpo
+from mpoe_exp.errors import UserError
 from mpoe_exp.moe.experts import GRADIENT_IN_PLACE, DenseExperts, FeedForwardSpec, MPOExperts
 from mpoe_exp.moe.kinds import ExpertLayer, placement, router_of
 from mpoe_exp.moe.routers import DROPPED, ROUTERS, Routing
@@ -262,12 +263,8 @@ def build_moe_layer(
     kwargs: dict[str, Any] = {}
     if expert_kind == "mpo":
         mpo_cfg = method["mpo"]
-        overrides = dict(mpo_cfg.get("factorizations") or {})
         kwargs = {
-            "factorizations": {
-                n: mpo.factorization(*spec.matrix_shape(n), mpo_cfg["num_tensors"], overrides)
-                for n in spec.matrix_names
-            },
+            "factorizations": factorizations(spec, mpo_cfg),
             "max_bond": mpo_cfg.get("max_bond"),
             "share_central": mpo_cfg.get("share_central", True),
             "cache_in_eval": mpo_cfg.get("cache_in_eval", True),
@@ -278,6 +275,17 @@ def build_moe_layer(
     else:
         experts = experts_cls.from_dense(spec, method["num_experts"], dict(weights), dict(biases or {}), **kwargs)
     return MoEFeedForward(spec, router, experts, recompute=method.get("recompute", False))
+
+
+def factorizations(spec: FeedForwardSpec, mpo_cfg: Mapping[str, Any]) -> dict[str, tuple]:
+    """{matrix name: (row factors, col factors)} of `method.mpo` for each matrix of the FFN; a UserError naming the
+    key when m or a given factorization does not fit."""
+    overrides = dict(mpo_cfg.get("factorizations") or {})
+    m = mpo_cfg["num_tensors"]
+    try:
+        return {n: mpo.factorization(*spec.matrix_shape(n), m, overrides) for n in spec.matrix_names}
+    except ValueError as err:
+        raise UserError(f"method.mpo.num_tensors={m}: {err}") from None
 
 
 def moe_layers(model: nn.Module) -> list[RoutedLayer]:

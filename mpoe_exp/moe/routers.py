@@ -51,6 +51,12 @@ def no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def check_top_k(top_k: int, num_experts: int) -> None:
+    """A top-k router's one relation between its arguments, in words a config key can be put in front of."""
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} is not allowed: it must be in 1..{num_experts} (num_experts)")
+
+
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | None) -> int | None:
     """ceil(capacity_factor * tokens / experts); None means no limit."""
     if capacity_factor is None:
@@ -203,7 +209,7 @@ class GroupTop1Router(LinearRouter):
     ):
         super().__init__(d_model, num_experts, bias=True, init_std=init_std, fp32=True)
         if num_experts % groups:
-            raise ValueError(f"num_experts={num_experts} must be a multiple of the {groups} groups")
+            raise ValueError(f"num_experts={num_experts} is not allowed: the {groups} groups must split it evenly")
         self.groups = groups
         self.balance_loss_coef = balance_loss_coef
         self.straight_through = straight_through
@@ -237,8 +243,7 @@ class NoisyTopKRouter(Router):
         noise_eps: float = 1e-2,
     ):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
+        check_top_k(top_k, num_experts)
         self.num_experts = num_experts
         self.top_k = top_k
         self.noisy = noisy
