@@ -29,13 +29,12 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from mpoe_exp import mpo
 from mpoe_exp.backbones import ModelShapes, shapes_of
-from mpoe_exp.config import CONFIG_DIR, compose_config, expand_sweep, run_spec
-from mpoe_exp.results import run_dir
+from mpoe_exp.config import CONFIG_DIR, compose_config, run_spec
+from mpoe_exp.results import sweep_runs
 from mpoe_exp.spec import RunSpec
 
 PAPER_EXPERIMENTS = ("table1_t5_base", "table1_t5_large", "table1_gpt2", "table2", "table3", "table4")
@@ -58,9 +57,9 @@ def _body_parameters(model_name: str) -> dict[str, int]:
     from mpoe_exp.backbones import FAMILIES
     from mpoe_exp.models import load_backbone
 
-    cfg = compose_config([f"model={model_name}", "method=dense"])
-    model = load_backbone(run_spec(cfg, train=False).model, meta=True)
-    embeddings = FAMILIES[cfg.model.family].embedding_prefixes
+    model_spec = run_spec(compose_config([f"model={model_name}", "method=dense"]), train=False).model
+    model = load_backbone(model_spec, meta=True)
+    embeddings = FAMILIES[model_spec.family].embedding_prefixes
     parts = {"encoder": 0, "decoder": 0, "body": 0}
     for name, p in model.named_parameters():
         if "embed" in name or name.startswith(embeddings):
@@ -149,25 +148,16 @@ def estimate(experiments: list[str], workload: dict | None = None) -> list[Estim
     estimates = []
     for name in experiments:
         est = Estimate(name)
-        composed: dict[tuple[str, ...], tuple[DictConfig, float, float]] = {}
-        for overrides in expand_sweep([f"experiment={name}"]):
-            ignored = [o for o in overrides if o.split("=")[0] in IGNORED_KEYS]
-            key = tuple(o for o in overrides if o not in ignored)
-            if key not in composed:  # compose once per costed setting: composing is the slow part
-                cfg = compose_config(list(key))
-                composed[key] = (cfg, *run_cost(run_spec(cfg), workload))
-            cfg, tokens, flops = composed[key]
-            cfg = cfg.copy()
-            for override in OverridesParser.create().parse_overrides(ignored):
-                OmegaConf.update(cfg, override.key_or_group, override.value())
-            directory = str(run_dir(cfg))
-            est.runs += 1
-            if directory in seen:
-                est.runs_shared += 1
-                continue
-            seen.add(directory)
-            est.train_tokens += tokens
-            est.flops += flops
+        for spec, directories in sweep_runs(name, IGNORED_KEYS):
+            tokens, flops = run_cost(spec, workload)
+            for directory in map(str, directories):
+                est.runs += 1
+                if directory in seen:
+                    est.runs_shared += 1
+                    continue
+                seen.add(directory)
+                est.train_tokens += tokens
+                est.flops += flops
         estimates.append(est)
     return estimates
 

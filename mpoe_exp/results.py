@@ -41,6 +41,7 @@ from mpoe_exp.conf_files import with_matched
 from mpoe_exp.config import method_label
 from mpoe_exp.errors import UserError
 from mpoe_exp.run_record import HPARAMS, RESULTS_FILE, RunRecord
+from mpoe_exp.spec import RunSpec
 
 # Config keys left out of a run's identity, each with the reason (a dotted path; a prefix covers its subtree).
 # tests/test_run_identity.py lists every key of every config file against this table and shows, for each key left
@@ -160,6 +161,28 @@ def run_dir(cfg: DictConfig) -> Path:
         / hparams_tag(cfg)
         / f"seed={cfg.seed}"
     )
+
+
+def sweep_runs(experiment: str, same_cost: tuple[str, ...] = ()) -> Iterator[tuple[RunSpec, list[Path]]]:
+    """The runs of an experiment's sweep (`expand_sweep`) grouped by their setting less the keys `same_cost` (seed,
+    train.lr: keys that change nothing the caller reads of the spec): each group's spec, composed once for its
+    first run (composing is the slow part), and the run directories of all its runs, in sweep order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mpoe_exp.config import compose_config, expand_sweep, run_spec
+
+    groups: dict[tuple[str, ...], tuple[DictConfig, list[Path]]] = {}
+    for overrides in expand_sweep([f"experiment={experiment}"]):
+        varying = [o for o in overrides if o.split("=")[0] in same_cost]
+        key = tuple(o for o in overrides if o not in varying)
+        if key not in groups:
+            groups[key] = (compose_config(list(key)), [])
+        cfg = groups[key][0].copy()
+        for override in OverridesParser.create().parse_overrides(varying):
+            OmegaConf.update(cfg, override.key_or_group, override.value())
+        groups[key][1].append(run_dir(cfg))
+    for cfg, directories in groups.values():
+        yield run_spec(cfg), directories
 
 
 @contextlib.contextmanager

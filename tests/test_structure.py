@@ -267,3 +267,12 @@ def test_what_a_model_family_is_lives_in_its_backbone_file():
         if dep.startswith(above)
     }
     assert offending == set()
+
+
+def test_only_composition_the_runner_and_the_record_see_the_composed_config():
+    """Every module below the runner receives its typed spec (mpoe_exp/spec.py), not Hydra's DictConfig: only the
+    config composition (config.py, the CLI entry and the sweep callback Hydra calls), the runner and the run record
+    name it."""
+    allowed = {"config.py", "__main__.py", "sweep.py", "runner.py", "results.py"}
+    naming = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "DictConfig" in p.read_text()}
+    assert naming <= allowed, naming - allowed
