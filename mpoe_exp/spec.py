@@ -64,6 +64,11 @@ class Spec:
         check_table(f"{cls.section}.", values, cls.table(), {cls.section: values})
         return cls(**values)
 
+    @classmethod
+    def check_field(cls, name: str, value: Any) -> None:
+        """Refuse one value of the section by its field's rule (for code that takes it outside a spec)."""
+        check_table(f"{cls.section}.", {name: value}, {name: cls.table()[name]}, {cls.section: {name: value}})
+
     def to_mapping(self) -> dict[str, Any]:
         """Plain values that `from_mapping` reads back into this spec: optional keys left at None are left out."""
         optional = {k for k, rule in self.table().items() if rule.optional}

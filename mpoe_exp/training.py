@@ -167,12 +167,8 @@ def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
 def autocast(device: torch.device, precision: str):
     """Mixed precision context on any device (CPU autocast included): bf16 or fp16 autocast, fp32 does nothing.
     fp16 steps go through a GradScaler (the Trainer's, on every device)."""
+    TrainSpec.check_field("precision", precision)  # the one rule of train.precision (mpoe_exp/spec.py)
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise UserError(
-            f"train.precision={precision!r} is not a precision we train in; allowed: fp32, bf16, fp16 "
-            f"(e.g. train.precision=bf16)"
-        )
     if dtypes[precision] is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtypes[precision])
