@@ -156,7 +156,7 @@ def test_counted_flops_of_expert_weight_gradients_added_in_place_are_those_of_au
     counter has no formula for); the benchmark's counter sees the same arithmetic as autograd's grouped backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mpoe_exp.moe.experts import GRADIENT_IN_PLACE
+    from mpoe_exp.moe.experts import accumulate_in_place
     from mpoe_exp.moe.layer import grouped_mm
 
     counts = [10, 20, 0, 34]
@@ -166,8 +166,7 @@ def test_counted_flops_of_expert_weight_gradients_added_in_place_are_those_of_au
     for in_place in (False, True):
         weight = torch.randn(4, 48, 32, requires_grad=True)
         if in_place:
-            weight.grad = torch.zeros_like(weight)
-            setattr(weight, GRADIENT_IN_PLACE, True)
+            accumulate_in_place(weight)
         with FlopCounterMode(display=False) as counter:
             grouped_mm(rows, weight, offsets, counts).sum().backward()
         flops.append(counter.get_total_flops())

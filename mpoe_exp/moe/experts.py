@@ -29,9 +29,23 @@ from torch import nn
 
 from mpoe_exp import mpo
 
-# The attribute that marks a matrix whose weight gradient the experts' grouped matmul adds into its preallocated
-# .grad in place (`MPOExperts.begin_step`'s copies, for an optimizer step of several micro-batches).
+# The attribute of a matrix whose weight gradient the experts' grouped matmul adds in place into a preallocated sum
+# (`MPOExperts.begin_step`'s copies, for an optimizer step of several micro-batches): the sum itself.
 GRADIENT_IN_PLACE = "gradient_in_place"
+
+
+def accumulate_in_place(leaf: torch.Tensor) -> torch.Tensor:
+    """Mark the matrix stack `leaf` (E, out, in) so that `layer.grouped_mm` adds its weight gradients in place into
+    a sum of zeros, returned: in fp32 at least, so that the micro-batches of a bf16 or fp16 step are summed as an
+    fp32 optimizer step sums them, not rounded to 8 or 11 bits at every addition."""
+    total = torch.zeros_like(leaf, dtype=torch.promote_types(leaf.dtype, torch.float32))
+    setattr(leaf, GRADIENT_IN_PLACE, total)
+    return total
+
+
+def gradient_sum(leaf: torch.Tensor) -> torch.Tensor | None:
+    """The in-place gradient sum of a matrix marked by `accumulate_in_place`, or None."""
+    return getattr(leaf, GRADIENT_IN_PLACE, None)
 
 
 @dataclass(frozen=True)
@@ -223,9 +237,8 @@ class MPOExperts(nn.Module):
         contracted = self._contract()
         leaves = {n: w.detach().requires_grad_(w.requires_grad) for n, w in contracted.items()}
         for leaf in leaves.values():
-            if leaf.requires_grad:  # the micro-batches add their gradients in place (layer.grouped_mm)
-                leaf.grad = torch.zeros_like(leaf)
-                setattr(leaf, GRADIENT_IN_PLACE, True)
+            if leaf.requires_grad:  # the micro-batches add their gradients in place, in fp32 (layer.grouped_mm)
+                accumulate_in_place(leaf)
         self._step = (contracted, leaves)
 
     def end_step(self, backward: bool = True) -> None:
@@ -237,9 +250,9 @@ class MPOExperts(nn.Module):
         self._step = None
         if not backward:
             return
-        pairs = [(contracted[n], leaf.grad) for n, leaf in leaves.items() if leaf.grad is not None]
-        if pairs and pairs[0][0].requires_grad:
-            torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+        pairs = [(contracted[n], gradient_sum(leaf)) for n, leaf in leaves.items() if gradient_sum(leaf) is not None]
+        if pairs and pairs[0][0].requires_grad:  # the sum enters the contraction's backward in its dtype
+            torch.autograd.backward([w for w, _ in pairs], [g.to(w.dtype) for w, g in pairs])
 
     def _contract(self) -> dict[str, torch.Tensor]:
         return {n: mpo.contract(self.local_tensors(n), *self.factorizations[n]) for n in self.spec.matrix_names}
