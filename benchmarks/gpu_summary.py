@@ -1,9 +1,11 @@
-"""One summary table of benchmarks/gpu_check.sh's results: the GPU tests, the layer benchmark (fp32 and bf16) and
-training throughput (bf16), from the files the check wrote into its output folder.
+"""One summary table of benchmarks/gpu_check.sh's results: each part's time, the GPU tests, the layer benchmark (fp32
+and bf16) and training throughput (bf16, each setting in its own process), from the files the check wrote into its
+output folder.
 
-    python benchmarks/gpu_summary.py OUT_DIR   (pytest.txt, layers_{fp32,bf16}.json, train_bf16.json there)
+    python benchmarks/gpu_summary.py OUT_DIR   (phases.txt, pytest.txt, layers_{fp32,bf16}.json, train_bf16*.json)
 
-Prints Markdown; a part whose file is missing is reported as such, so a check cut short still says what ran.
+Prints Markdown; a part whose file is missing is reported as such, so a check cut short still says what ran. A
+training setting's "x dense" is its median step time over dense's at the same k, each measured in its own process.
 """
 
 from __future__ import annotations
@@ -43,21 +45,37 @@ def layer_rows(out: Path) -> list[str]:
     return rows
 
 
+def training_records(out: Path) -> list[tuple[dict, dict]]:
+    """(file record, method record) of every training setting the check measured, in file order."""
+    found = []
+    for path in sorted(out.glob("train_bf16*.json")):
+        record = json.loads(path.read_text())
+        found += [(record, {"method": name, "k": 1, **r}) for name, r in record["methods"].items()]
+    return found
+
+
 def train_rows(out: Path) -> list[str]:
-    path = out / "train_bf16.json"
-    if not path.is_file():
+    found = training_records(out)
+    if not found:
         return ["| training | bf16 | not run | | | |"]
-    record = json.loads(path.read_text())
+    dense = {r["k"]: r["step_ms"] for _, r in found if r["method"] == "dense"}
     rows = []
-    for method, r in record["methods"].items():
-        ratio = f"{r['x_dense']:.2f}" if r["x_dense"] else "-"
+    for record, r in found:
+        ratio = f"{r['step_ms'] / dense[r['k']]:.2f}" if r["k"] in dense else "-"
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
         where = f"{record['precision']}, {record['shape']}, batch {record['batch']}, {record['steps']} steps"
         rows.append(
-            f"| training {method} | {where} | {r['step_ms']:.0f} ms/step, {r['tokens_per_s']:,.0f} tokens/s | "
-            f"{ratio} | | {peak} |"
+            f"| training {r['method']} k={r['k']} | {where} | {r['step_ms']:.0f} ms/step, "
+            f"{r['tokens_per_s']:,.0f} tokens/s | {ratio} | | {peak} |"
         )
     return rows
+
+
+def phases_line(out: Path) -> str:
+    path = out / "phases.txt"
+    if not path.is_file():
+        return "Parts' times: not recorded"
+    return "Parts' times: " + "; ".join(line for line in path.read_text().splitlines() if line.strip())
 
 
 def summary(out: Path) -> str:
@@ -66,6 +84,7 @@ def summary(out: Path) -> str:
         f"GPU check on {machine}",
         "",
         tests_line(out),
+        phases_line(out),
         "",
         "| what | setting | time | x dense | x floor | peak GB |",
         "|---|---|---:|---:|---:|---:|",

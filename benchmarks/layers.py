@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from mpoe_exp import compose_config, cpu_malloc, mpo
 from mpoe_exp.config import run_spec
@@ -135,7 +135,19 @@ def forward_flops(name: str, layer: nn.Module, tokens: int, sequences: int = 1, 
     return choices * ffn + router + (0.0 if cached else reconstruction_flops(layer))
 
 
-@register_flop_formula(torch.ops.aten._grouped_mm)
+def register_missing_flop_formula(op) -> Callable:
+    """Decorator: `register_flop_formula(op)` unless torch's counter already has a formula for `op` (a later torch
+    may ship its own; registering twice is an error at import), in which case torch's is kept."""
+
+    def register(formula: Callable) -> Callable:
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
+        return formula
+
+    return register
+
+
+@register_missing_flop_formula(torch.ops.aten._grouped_mm)
 def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """torch's FLOP counter has no formula for grouped matmuls: every row of `a` meets one group's matrix."""
     if len(a_shape) == 2 and len(b_shape) == 3:  # (M, K) x (G, K, N)
@@ -145,7 +157,7 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(a_shape) * b_shape[-1]  # 3D x 3D (or 3D x 2D): batched
 
 
-@register_flop_formula(torch.ops.aten.addmm_)
+@register_missing_flop_formula(torch.ops.aten.addmm_)
 def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """Nor for addmm_, with which the experts add their weight gradients in place under gradient accumulation."""
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]

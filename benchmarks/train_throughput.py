@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> str:
         flops_ratio = flops[method, k] / flops["dense", k] if "dense" in runs else None
         name = method if len(args.grad_accum) == 1 else f"{method} k={k}"
         record[name] = {
-            "step_ms": step * 1e3, "tokens_per_s": k * tokens / step, "x_dense": ratio, "peak_gb": peak,
+            "method": method, "k": k, "step_ms": step * 1e3, "tokens_per_s": k * tokens / step, "x_dense": ratio,
+            "peak_gb": peak,
             "flops_per_token": per_token, "flops_x_dense": flops_ratio,
         }  # fmt: skip
         shown = [f"{r:.2f}" if r else "-" for r in (ratio, flops_ratio)]

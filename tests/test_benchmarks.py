@@ -201,8 +201,10 @@ def test_gpu_check_parts_run_in_bf16_on_cpu_and_summarize_in_one_table(tmp_path)
     runs = [
         ["benchmarks/layers.py", "--device", "cpu", "--precision", "bf16", "--tokens", "64", "--seq-len", "32",
          "--width", "64", "256", "--repeats", "1", "--warm-up", "0", "--json", str(tmp_path / "layers_bf16.json")],
-        ["benchmarks/train_throughput.py", "--device", "cpu", "--shape", "tiny", "--precision", "bf16", "--steps", "1",
-         "--batch", "2", "--methods", "dense", "switch", "mpoe", "--json", str(tmp_path / "train_bf16.json")],
+        *(["benchmarks/train_throughput.py", "--device", "cpu", "--shape", "tiny", "--precision", "bf16", "--steps",
+           "1", "--batch", "2", "--methods", method, "--grad-accum", k,
+           "--json", str(tmp_path / f"train_bf16_{method}_k{k}.json")]
+          for method, k in (("dense", "1"), ("switch", "1"), ("mpoe", "1"), ("dense", "2"), ("mpoe", "2"))),
     ]  # fmt: skip
     for args in runs:
         result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -215,8 +217,9 @@ def test_gpu_check_parts_run_in_bf16_on_cpu_and_summarize_in_one_table(tmp_path)
     assert "| layers | fp32 | not run |" in text  # a part that did not run says so
     for name in ("switch", "moe", "mpoe", "mpoe++", "cartesian", "meo"):
         assert f"| layer {name} | bf16, 64 tokens |" in text
-    for method in ("dense", "switch", "mpoe"):
-        assert f"| training {method} | bf16, tiny, batch 2, 1 steps |" in text
+    for method, k in (("dense", 1), ("switch", 1), ("mpoe", 1), ("dense", 2), ("mpoe", 2)):
+        assert f"| training {method} k={k} | bf16, tiny, batch 2, 1 steps |" in text
+    assert re.search(r"\| training dense k=2 \| [^|]+ \| [^|]+ \| 1\.00 \|", text)  # x dense across processes
 
 
 def test_gpu_summary_puts_the_parts_in_one_table_and_says_what_did_not_run(tmp_path):
@@ -225,17 +228,23 @@ def test_gpu_summary_puts_the_parts_in_one_table_and_says_what_did_not_run(tmp_p
 
     layer = {"fwd_bwd_ms": 2.5, "x_dense": 1.25, "x_floor": 1.5}
     (tmp_path / "layers_bf16.json").write_text(json.dumps({"tokens": {"64": {"switch": layer, "mpoe": layer}}}))
-    training = {"step_ms": 120.0, "tokens_per_s": 4096.0, "x_dense": None, "peak_gb": None}
-    record = {"precision": "bf16", "shape": "tiny", "batch": 2, "steps": 1, "methods": {"dense": training}}
-    (tmp_path / "train_bf16.json").write_text(json.dumps(record))
+    meta = {"precision": "bf16", "shape": "tiny", "batch": 2, "steps": 1}
+    for method, k, step_ms, peak in (("dense", 1, 120.0, None), ("mpoe", 1, 180.0, 2.5), ("mpoe", 8, 900.0, 3.0)):
+        training = {"method": method, "k": k, "step_ms": step_ms, "tokens_per_s": 4096.0, "peak_gb": peak}
+        record = {**meta, "methods": {method: training}}  # one setting per process, as gpu_check.sh runs them
+        (tmp_path / f"train_bf16_{method}_k{k}.json").write_text(json.dumps(record))
     (tmp_path / "pytest.txt").write_text("....\n5 passed in 3.2s\n")
+    (tmp_path / "phases.txt").write_text("GPU tests: 41 s of 100\nlayers fp32: 60 s of 60, cut at the limit\n")
     text = gpu_summary.summary(tmp_path)
     assert text.startswith("GPU check on unknown machine")
     assert "GPU tests (pytest -m gpu): 5 passed in 3.2s" in text
+    assert "Parts' times: GPU tests: 41 s of 100; layers fp32: 60 s of 60, cut at the limit" in text
+    assert "| training mpoe k=1 | bf16, tiny, batch 2, 1 steps | 180 ms/step, 4,096 tokens/s | 1.50 | | 2.5 |" in text
+    assert "| training mpoe k=8 | bf16, tiny, batch 2, 1 steps | 900 ms/step, 4,096 tokens/s | - | | 3.0 |" in text
     assert "| layers | fp32 | not run |" in text  # a part that did not run says so
     assert "| layer switch | bf16, 64 tokens | 2.50 ms fwd+bwd | 1.25 | 1.50 | |" in text
     assert "| layer mpoe | bf16, 64 tokens |" in text and "| layer moe |" not in text
-    assert "| training dense | bf16, tiny, batch 2, 1 steps | 120 ms/step, 4,096 tokens/s | - | | - |" in text
+    assert "| training dense k=1 | bf16, tiny, batch 2, 1 steps | 120 ms/step, 4,096 tokens/s | 1.00 | | - |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
@@ -379,3 +388,29 @@ def test_precision_comparison_pairs_each_mixed_precision_with_fp32_seed_by_seed(
     out = capsys.readouterr().out
     assert "| validation | fp32 | 60.0 70.0 80.0 | 70.0 | (reference) | 3 |" in out
     assert "| test | bf16 | 59.0 70.0 | 64.5 | -1.5 [" in out and "| 2 |" in out
+
+
+def test_a_torch_that_ships_its_own_grouped_mm_flop_formula_keeps_it(monkeypatch):
+    """The benchmarks register FLOP formulas for grouped matmuls and addmm_ only where torch has none: with torch's
+    own in place, importing them again neither fails (torch refuses duplicate registrations) nor replaces it."""
+    import importlib
+
+    from torch.utils import flop_counter
+
+    registry = dict(flop_counter.flop_registry)
+    monkeypatch.setattr(flop_counter, "flop_registry", registry)
+
+    def torchs_own(*args, **kwargs):
+        return 7
+
+    registry[torch.ops.aten._grouped_mm] = torchs_own
+    registry.pop(torch.ops.aten.addmm_, None)
+    try:
+        reloaded = importlib.reload(layers)
+        assert registry[torch.ops.aten._grouped_mm] is torchs_own
+        assert torch.ops.aten.addmm_ in registry  # the missing one is registered
+        with pytest.raises(RuntimeError, match="duplicate"):
+            flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(torchs_own)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(reloaded)
