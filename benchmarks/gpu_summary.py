@@ -15,7 +15,10 @@ import re
 import sys
 from pathlib import Path
 
-LAYERS = ("switch", "SwitchTransformersSparseMLP", "moe", "mpoe", "mpoe++", "cartesian", "meo")
+LAYERS = (
+    *("switch", "SwitchTransformersSparseMLP", "moe", "mpoe", "mpoe++", "cartesian", "meo"),
+    *("mpoe no-recompute", "mpoe++ no-recompute"),
+)
 
 
 def tests_line(out: Path) -> str:
@@ -31,7 +34,7 @@ def layer_rows(out: Path) -> list[str]:
     for precision in ("fp32", "bf16"):
         path = out / f"layers_{precision}.json"
         if not path.is_file():
-            rows.append(f"| layers | {precision} | not run | | | |")
+            rows.append(f"| layers | {precision} | not run | | | | |")
             continue
         record = json.loads(path.read_text())
         for tokens, by_layer in record["tokens"].items():
@@ -40,7 +43,7 @@ def layer_rows(out: Path) -> list[str]:
                     r = by_layer[name]
                     rows.append(
                         f"| layer {name} | {precision}, {tokens} tokens | {r['fwd_bwd_ms']:.2f} ms fwd+bwd | "
-                        f"{r['x_dense']:.2f} | {r['x_floor']:.2f} | |"
+                        f"{r['x_dense']:.2f} | {r['x_physical']:.2f} | {r['x_floor']:.2f} | |"
                     )
     return rows
 
@@ -57,7 +60,7 @@ def training_records(out: Path) -> list[tuple[dict, dict]]:
 def train_rows(out: Path) -> list[str]:
     found = training_records(out)
     if not found:
-        return ["| training | bf16 | not run | | | |"]
+        return ["| training | bf16 | not run | | | | |"]
     dense = {r["k"]: r["step_ms"] for _, r in found if r["method"] == "dense"}
     rows = []
     for record, r in found:
@@ -66,7 +69,7 @@ def train_rows(out: Path) -> list[str]:
         where = f"{record['precision']}, {record['shape']}, batch {record['batch']}, {record['steps']} steps"
         rows.append(
             f"| training {r['method']} k={r['k']} | {where} | {r['step_ms']:.0f} ms/step, "
-            f"{r['tokens_per_s']:,.0f} tokens/s | {ratio} | | {peak} |"
+            f"{r['tokens_per_s']:,.0f} tokens/s | {ratio} | | | {peak} |"
         )
     return rows
 
@@ -86,8 +89,8 @@ def summary(out: Path) -> str:
         tests_line(out),
         phases_line(out),
         "",
-        "| what | setting | time | x dense | x floor | peak GB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| what | setting | time | x dense | x physical floor | x floor + recompute | peak GB |",
+        "|---|---|---:|---:|---:|---:|---:|",
         *layer_rows(out),
         *train_rows(out),
     ]

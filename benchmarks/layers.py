@@ -17,9 +17,10 @@ the layers interleaved run by run so that drift on a shared machine hits all of 
 FFN of the same run. The analytic floor of a layer is its arithmetic, FLOPs = 2 x multiply-adds: the tokens' FFN matmuls
 (2 per choice for top-2) and the router, plus for MPO experts the reconstruction of every expert matrix
 (mpo.contraction_macs) and for MEO the merge (k |W| multiply-adds per matrix and sequence), x 3 for
-forward+backward, plus one more forward of the experts (matrices and FFN) for layers that recompute them in
-backward (method.recompute, the MPO methods' default); "floor" is that at the dense FFN's measured FLOP rate, and
-"/floor" the layer's time over it.
+forward+backward: the physical floor, at the dense FFN's measured FLOP rate, and "/physical" the layer's time over
+it. Layers that recompute their experts (matrices and FFN) in backward (method.recompute, the MPO methods' default,
+a memory-for-time choice) do one more forward of them ("recompute GFLOP"); "/(physical + recompute)" is the time
+over the floor with that work added. mpoe and mpoe++ are measured both ways ("mpoe no-recompute": recompute off).
 "counted fwd" is what torch's FLOP counter sees in one forward (matmuls, grouped matmuls included), a check on
 the analytic figure. Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes
 autograd saves for backward (what a checkpoint would not store). `--precision bf16` runs every layer under bf16
@@ -62,6 +63,8 @@ from mpoe_exp.moe import FeedForwardSpec, MergedExpertsFeedForward, MPOExperts, 
 D_MODEL, D_FF = 768, 3072
 OURS = ("switch", "moe", "mpoe", "mpoe++", "cartesian", "meo")
 REFERENCE = "SwitchTransformersSparseMLP"
+NO_RECOMPUTE = ("mpoe", "mpoe++")  # also measured with method.recompute=false, as "<name> no-recompute"
+NO_RECOMPUTE_SUFFIX = "no-recompute"
 
 
 def method_config(name: str) -> dict:
@@ -92,6 +95,10 @@ def build_layers(device: torch.device) -> dict[str, nn.Module]:
     layers[REFERENCE] = reference
     for name in OURS:
         layers[name] = build_layer(spec, method_config(name), weights, {})
+    for name in NO_RECOMPUTE:  # the MPO methods recompute their matrices in backward by default; also without
+        layers[f"{name} {NO_RECOMPUTE_SUFFIX}"] = build_layer(
+            spec, {**method_config(name), "recompute": False}, weights, {}
+        )
     return {name: layer.to(device) for name, layer in layers.items()}
 
 
@@ -286,17 +293,21 @@ def measure(
             results[name]["counted_fwd"] = counted_forward_flops(layer, x)
         results[name]["flops_fwd"] = forward_flops(name, layer, tokens, sequences)
         results[name]["flops_fb"] = results[name]["flops_fwd"] + backward_flops(name, layer, tokens, sequences)
+        results[name]["flops_physical"] = 3 * results[name]["flops_fwd"]  # forward + backward, nothing recomputed
     return results
 
 
 def ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Per layer: forward+backward time over the dense FFN's, and over the layer's floor (at the dense FFN's rate)."""
+    """Per layer: forward+backward time over the dense FFN's, over its physical floor (its arithmetic with nothing
+    recomputed) and over that floor plus what it recomputes in backward, both at the dense FFN's rate."""
     dense = results["dense"]
     rate = dense["flops_fb"] / dense["forward_backward"]
     return {
         name: {
             "x_dense": r["forward_backward"] / dense["forward_backward"],
+            "x_physical": r["forward_backward"] / (r["flops_physical"] / rate),
             "x_floor": r["forward_backward"] / (r["flops_fb"] / rate),
+            "recompute_gflop": (r["flops_fb"] - r["flops_physical"]) / 1e9,
             "fwd_bwd_ms": r["forward_backward"] * 1e3,
         }
         for name, r in results.items()
@@ -306,22 +317,20 @@ def ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
 def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
     memory = "peak MB (fwd+bwd)" if device.type == "cuda" else "saved for bwd MB"
     lines = [
-        f"| tokens | layer | fwd ms | fwd+bwd ms | x dense | GFLOP fwd | counted fwd | GFLOP fwd+bwd | floor ms | "
-        f"/floor | eval ms | eval x switch | {memory} |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | layer | fwd ms | fwd+bwd ms | x dense | GFLOP fwd | counted fwd | GFLOP fwd+bwd "
+        "| physical floor ms | /physical | recompute GFLOP | /(physical + recompute) | eval ms | eval x switch "
+        f"| {memory} |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tokens, results in all_results.items():
-        dense = results["dense"]
-        rate = dense["flops_fb"] / dense["forward_backward"]  # FLOP/s of the dense FFN, this run
         switch_eval = results["switch"]["eval"] if "switch" in results else math.nan
-        for name, r in results.items():
-            floor = r["flops_fb"] / rate
+        for name, (r, x) in {n: (r, ratios(results)[n]) for n, r in results.items()}.items():
             mem = r.get("peak_memory", r.get("saved_bytes", 0)) / 2**20
             lines.append(
                 f"| {tokens} | {name} | {r['forward'] * 1e3:.1f} | {r['forward_backward'] * 1e3:.1f} | "
-                f"{r['forward_backward'] / dense['forward_backward']:.2f} | {r['flops_fwd'] / 1e9:.1f} | "
-                f"{r['counted_fwd'] / 1e9:.1f} | {r['flops_fb'] / 1e9:.1f} | "
-                f"{floor * 1e3:.1f} | {r['forward_backward'] / floor:.2f} | {r['eval'] * 1e3:.1f} | "
+                f"{x['x_dense']:.2f} | {r['flops_fwd'] / 1e9:.1f} | {r['counted_fwd'] / 1e9:.1f} | "
+                f"{r['flops_physical'] / 1e9:.1f} | {x['fwd_bwd_ms'] / x['x_physical']:.1f} | {x['x_physical']:.2f} | "
+                f"{x['recompute_gflop']:.1f} | {x['x_floor']:.2f} | {r['eval'] * 1e3:.1f} | "
                 f"{r['eval'] / switch_eval:.2f} | {mem:.0f} |"
             )
     return "\n".join(lines)

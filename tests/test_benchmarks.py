@@ -33,8 +33,13 @@ def test_layer_benchmark_prints_every_layer(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("dense", layers.REFERENCE, "switch", "moe", "mpoe", "mpoe++"):
+    for name in ("dense", layers.REFERENCE, "switch", "moe", "mpoe", "mpoe++", "mpoe no-recompute"):
         assert f"| 256 | {name} |" in result.stdout
+    rows = {
+        line.split("|")[2].strip(): line.split("|") for line in result.stdout.splitlines() if line.startswith("| 256 |")
+    }
+    assert float(rows["mpoe"][11]) > 0 and float(rows["mpoe no-recompute"][11]) == 0  # recompute GFLOP
+    assert float(rows["mpoe"][8]) == float(rows["mpoe no-recompute"][8])  # the same physical work
     assert out.read_text().strip() in result.stdout
     assert "Profile of mpoe, 256 tokens, forward+backward" in result.stdout
     rate = re.search(r"% in matrix products, which run at (\d+) GFLOP/s", result.stdout)
@@ -226,7 +231,7 @@ def test_gpu_summary_puts_the_parts_in_one_table_and_says_what_did_not_run(tmp_p
     """gpu_summary.py on records written here, in the layout the benchmarks write (the slow test above writes them)."""
     import gpu_summary
 
-    layer = {"fwd_bwd_ms": 2.5, "x_dense": 1.25, "x_floor": 1.5}
+    layer = {"fwd_bwd_ms": 2.5, "x_dense": 1.25, "x_physical": 1.75, "x_floor": 1.5}
     (tmp_path / "layers_bf16.json").write_text(json.dumps({"tokens": {"64": {"switch": layer, "mpoe": layer}}}))
     meta = {"precision": "bf16", "shape": "tiny", "batch": 2, "steps": 1}
     for method, k, step_ms, peak in (("dense", 1, 120.0, None), ("mpoe", 1, 180.0, 2.5), ("mpoe", 8, 900.0, 3.0)):
@@ -239,12 +244,12 @@ def test_gpu_summary_puts_the_parts_in_one_table_and_says_what_did_not_run(tmp_p
     assert text.startswith("GPU check on unknown machine")
     assert "GPU tests (pytest -m gpu): 5 passed in 3.2s" in text
     assert "Parts' times: GPU tests: 41 s of 100; layers fp32: 60 s of 60, cut at the limit" in text
-    assert "| training mpoe k=1 | bf16, tiny, batch 2, 1 steps | 180 ms/step, 4,096 tokens/s | 1.50 | | 2.5 |" in text
-    assert "| training mpoe k=8 | bf16, tiny, batch 2, 1 steps | 900 ms/step, 4,096 tokens/s | - | | 3.0 |" in text
+    assert "| training mpoe k=1 | bf16, tiny, batch 2, 1 steps | 180 ms/step, 4,096 tokens/s | 1.50 | | | 2.5 |" in text
+    assert "| training mpoe k=8 | bf16, tiny, batch 2, 1 steps | 900 ms/step, 4,096 tokens/s | - | | | 3.0 |" in text
     assert "| layers | fp32 | not run |" in text  # a part that did not run says so
-    assert "| layer switch | bf16, 64 tokens | 2.50 ms fwd+bwd | 1.25 | 1.50 | |" in text
+    assert "| layer switch | bf16, 64 tokens | 2.50 ms fwd+bwd | 1.25 | 1.75 | 1.50 | |" in text
     assert "| layer mpoe | bf16, 64 tokens |" in text and "| layer moe |" not in text
-    assert "| training dense k=1 | bf16, tiny, batch 2, 1 steps | 120 ms/step, 4,096 tokens/s | 1.00 | | - |" in text
+    assert "| training dense k=1 | bf16, tiny, batch 2, 1 steps | 120 ms/step, 4,096 tokens/s | 1.00 | | | - |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
