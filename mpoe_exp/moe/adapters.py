@@ -104,7 +104,7 @@ class TopKRouter(LinearRouter):
             gate = self.gate(top_prob, self.straight_through)
             share = nn.functional.one_hot(top_index, self.num_experts).sum(dim=1) / self.top_k  # (N, E)
             aux = self.balance_loss_coef * self.balance_loss(share, probs)
-            return Routing(top_index, gate.to(x.dtype), aux, probs)
+            return Routing(top_index, gate.to(x.dtype), aux, probs, kept=x.shape[0] * self.top_k)
 
 
 class AdapterExperts(nn.Module):
@@ -155,8 +155,8 @@ class AdapterFeedForward(RoutedLayer):
         dispatch = Dispatch.from_routing(routing, self.num_experts)
         self.expert_counts = dispatch.counts_tensor.detach()
         rows = (ffn if self.position == "sequential" else x).index_select(0, dispatch.token)  # grouped by expert
-        h = self.act(grouped_mm(rows, self.experts.down, dispatch.offsets, dispatch.counts))  # (M, r)
-        y = grouped_mm(h, self.experts.up, dispatch.offsets, dispatch.counts)  # (M, d)
+        h = self.act(grouped_mm(rows, self.experts.down, dispatch.offsets, dispatch.lazy_counts()))  # (M, r)
+        y = grouped_mm(h, self.experts.up, dispatch.offsets, dispatch.lazy_counts())  # (M, d)
         out = ffn + combine(y, dispatch, x.shape[0]).to(ffn.dtype)
         return self.output_dropout(out).reshape(shape)
 

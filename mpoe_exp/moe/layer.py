@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +42,19 @@ def _has_grouped_mm(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     return cuda and torch.cuda.get_device_capability(rows.device)[0] >= 8
 
 
-def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+Counts = list[int] | Callable[[], list[int]]  # rows per expert, or how to read them back (Dispatch.lazy_counts)
+
+
+def resolved(counts: Counts) -> list[int]:
+    return counts() if callable(counts) else counts
+
+
+def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: Counts) -> torch.Tensor:
     """rows (M, in) grouped by expert, weight (E, out, in) -> (M, out): each expert's rows times its weight^T.
 
     One `torch.nn.functional.grouped_mm` where PyTorch has it for these inputs (CPU in fp32/bf16/fp16; CUDA in
-    bf16 on sm80+), else one matmul per expert over `weight.unbind(0)` (backward stacks the weight gradient once).
+    bf16 on sm80+), which reads the groups off `offsets` on the device; else one matmul per expert over
+    `weight.unbind(0)` (backward stacks the weight gradient once), which needs `counts` on the host.
     """
     device = rows.device.type
     if torch.is_autocast_enabled(device):  # grouped_mm is not on autocast's lists: cast as matmul would be
@@ -62,10 +70,10 @@ def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, 
     return out
 
 
-def _grouped_product(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list[int]):
+def _grouped_product(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: Counts):
     if _has_grouped_mm(rows, weight):
         return torch.nn.functional.grouped_mm(rows, weight.transpose(1, 2), offs=offsets)
-    return torch.cat([chunk @ w.t() for chunk, w in zip(rows.split(counts), weight.unbind(0))])
+    return torch.cat([chunk @ w.t() for chunk, w in zip(rows.split(resolved(counts)), weight.unbind(0))])
 
 
 class _GradientInPlace(torch.autograd.Function):
@@ -89,9 +97,9 @@ class _GradientInPlace(torch.autograd.Function):
         grad_rows = None
         if ctx.needs_input_grad[0]:  # grad (M, out) times each expert's (out, in)
             grad_rows = _grouped_product(grad, weight.transpose(1, 2), offsets, ctx.counts)
-        total = gradient_sum(weight)
+        total, counts = gradient_sum(weight), resolved(ctx.counts)
         wide_grad, wide_rows = grad.to(total.dtype), rows.to(total.dtype)  # no copy when the dtypes agree
-        for total_e, grad_e, rows_e in zip(total, wide_grad.split(ctx.counts), wide_rows.split(ctx.counts)):
+        for total_e, grad_e, rows_e in zip(total, wide_grad.split(counts), wide_rows.split(counts)):
             if rows_e.shape[0]:
                 total_e.addmm_(grad_e.t(), rows_e)
         return grad_rows, None, None, None
@@ -104,7 +112,7 @@ def grouped_feed_forward(
     or (out,) when all experts share it."""
 
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
-        return grouped_mm(x, matrices[name], dispatch.offsets, dispatch.counts)
+        return grouped_mm(x, matrices[name], dispatch.offsets, dispatch.lazy_counts())
 
     if spec.gated:
         h = act(linear(rows, "wi_0")) * linear(rows, "wi_1")  # (M, d_ff)
@@ -126,13 +134,28 @@ def add_expert_bias(h: torch.Tensor, bias: torch.Tensor | None, dispatch: Dispat
 
 @dataclass
 class Dispatch:
-    """Token choices grouped by expert (dropped ones left out): which token each row is, its gate, group sizes."""
+    """Token choices grouped by expert (dropped ones left out): which token each row is, its gate, group sizes.
+
+    The rows per expert live on the device (`counts_tensor`, `offsets`); `counts`, the same as a list, is read back
+    only where it is used (the per-expert loop, the in-place gradient sum), once per dispatch: grouped matmuls take
+    the offsets, so a router without a capacity limit dispatches with no host sync at all."""
 
     token: torch.Tensor  # (M,) index into the layer's tokens
     gate: torch.Tensor  # (M,)
-    counts: list[int]  # rows per expert
-    counts_tensor: torch.Tensor  # the same, (E,) long on the device
+    counts_tensor: torch.Tensor  # (E,) long on the device: rows per expert
     offsets: torch.Tensor  # (E,) int32: end of each expert's rows (grouped_mm's `offs`)
+    known_counts: list[int] | None = None  # `counts` where the host has it already
+
+    @property
+    def counts(self) -> list[int]:
+        """Rows per expert, on the host (one device-to-host read, the first time)."""
+        if self.known_counts is None:
+            self.known_counts = self.counts_tensor.tolist()
+        return self.known_counts
+
+    def lazy_counts(self) -> list[int] | Callable[[], list[int]]:
+        """`counts` for grouped_mm: the list where known, else how to read it if needed."""
+        return self.known_counts if self.known_counts is not None else (lambda: self.counts)
 
     @classmethod
     def every_token(cls, num_tokens: int, num_experts: int, device) -> Dispatch:
@@ -141,24 +164,28 @@ class Dispatch:
         return cls(
             token=torch.arange(num_tokens, device=device).repeat(num_experts),
             gate=torch.ones(num_tokens * num_experts, device=device),
-            counts=[num_tokens] * num_experts,
             counts_tensor=counts_tensor,
             offsets=counts_tensor.cumsum(0).to(torch.int32),
+            known_counts=[num_tokens] * num_experts,
         )
 
     @classmethod
     def from_routing(cls, routing: Routing, num_experts: int) -> Dispatch:
+        """At most one host sync: reading the rows per expert back, only where the router cannot say how many
+        choices it kept (a capacity limit)."""
         num_choices = routing.expert_index.shape[1]
         flat_expert = routing.expert_index.reshape(-1)  # (N k,)
         order = torch.argsort(flat_expert, stable=True)  # grouped by expert; dropped (-1) first
-        counts_tensor = torch.bincount(flat_expert[flat_expert != DROPPED], minlength=num_experts)
-        kept = order[flat_expert.numel() - int(counts_tensor.sum()) :]
+        counts_tensor = torch.bincount(flat_expert - DROPPED, minlength=num_experts + 1)[1:]  # dropped: bin 0
+        known_counts = None if routing.kept is not None else counts_tensor.tolist()
+        num_kept = routing.kept if routing.kept is not None else sum(known_counts)
+        kept = order[flat_expert.numel() - num_kept :]
         return cls(
             token=torch.div(kept, num_choices, rounding_mode="floor"),
             gate=routing.gate.reshape(-1)[kept],
-            counts=counts_tensor.tolist(),
             counts_tensor=counts_tensor,
             offsets=counts_tensor.cumsum(0).to(torch.int32),
+            known_counts=known_counts,
         )
 
 

@@ -146,7 +146,7 @@ class MergedExpertsFeedForward(RoutedLayer):
 
         def merged_linear(h: torch.Tensor, name: str, bias_name: str) -> torch.Tensor:
             rows = h.index_select(0, dispatch.token)  # (M, in), grouped by expert
-            out = grouped_mm(rows, matrices[name], dispatch.offsets, dispatch.counts)
+            out = grouped_mm(rows, matrices[name], dispatch.offsets, dispatch.lazy_counts())
             return combine(add_expert_bias(out, biases.get(bias_name), dispatch), dispatch, h.shape[0])  # (N, out)
 
         if self.spec.gated:

@@ -43,6 +43,9 @@ class Routing:
     gate: torch.Tensor  # (N, k) multiplier of each chosen expert's output (0 where dropped)
     aux_loss: torch.Tensor  # scalar, already weighted by its coefficients
     router_probs: torch.Tensor  # (N, E) softmax of the router logits, for logging and tests
+    # the number of choices kept (not DROPPED), where the host knows it without asking the device: N k for a router
+    # without a capacity limit; None where it depends on the routing (capacity), so the dispatch must read it back
+    kept: int | None = None
 
 
 def no_autocast(x: torch.Tensor):
@@ -97,6 +100,7 @@ class Router(nn.Module):
             routing.gate.new_zeros(num_tokens, k).index_copy(0, index, routing.gate),
             aux,
             routing.router_probs.new_zeros(num_tokens, self.num_experts).index_copy(0, index, routing.router_probs),
+            kept=routing.kept,  # the real tokens' choices: padding adds none
         )
 
 
@@ -190,7 +194,8 @@ class SwitchRouter(LinearRouter):
                 aux = aux + self.balance_loss_coef * self.balance_loss(one_hot, probs)
             if self.z_loss_coef:
                 aux = aux + self.z_loss_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
-            return Routing(expert_index[:, None], gate[:, None].to(x.dtype), aux, probs)
+            kept_count = x.shape[0] if capacity is None else None
+            return Routing(expert_index[:, None], gate[:, None].to(x.dtype), aux, probs, kept=kept_count)
 
 
 class GroupTop1Router(LinearRouter):
@@ -225,7 +230,9 @@ class GroupTop1Router(LinearRouter):
             gate = self.gate(top_prob, self.straight_through)
             one_hot = nn.functional.one_hot(top_index, per_group)  # (N, G, E/G)
             aux = self.balance_loss_coef * self.balance_loss(one_hot, probs)
-            return Routing(expert_index, gate.to(x.dtype), aux, probs.reshape(-1, self.num_experts))
+            return Routing(
+                expert_index, gate.to(x.dtype), aux, probs.reshape(-1, self.num_experts), kept=x.shape[0] * self.groups
+            )
 
 
 class NoisyTopKRouter(Router):
@@ -277,7 +284,7 @@ class NoisyTopKRouter(Router):
             else:
                 load = (gates_full > 0).float().sum(dim=0)
             aux = self.importance_loss_coef * cv_squared(importance) + self.load_loss_coef * cv_squared(load)
-            return Routing(top_index[:, :k], gate.to(x.dtype), aux, clean.softmax(dim=-1))
+            return Routing(top_index[:, :k], gate.to(x.dtype), aux, clean.softmax(dim=-1), kept=x.shape[0] * k)
 
     def _smooth_load(self, clean, noisy, noise_std, top_logits) -> torch.Tensor:
         """Sum over tokens of P(expert e is in the top k under fresh noise): Shazeer et al. 2017, eq. 8-10."""
@@ -285,10 +292,15 @@ class NoisyTopKRouter(Router):
         threshold_if_in = top_logits[:, k : k + 1]  # k+1-th largest: what e must beat if it is in
         threshold_if_out = top_logits[:, k - 1 : k]  # k-th largest: what e must beat if it is out
         is_in = noisy > threshold_if_in
-        normal = torch.distributions.Normal(0.0, 1.0)
-        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
-        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        prob_if_in = standard_normal_cdf((clean - threshold_if_in) / noise_std)
+        prob_if_out = standard_normal_cdf((clean - threshold_if_out) / noise_std)
         return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)
+
+
+def standard_normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Phi(z), the formula of torch.distributions.Normal(0, 1).cdf (same bits) without its argument validation,
+    which reads a boolean back from the device (a host sync) on every call."""
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
 
 
 # method.router.type -> router class (a new router: its class above, and one line here)
