@@ -333,16 +333,53 @@ class PairedCell:
     metric: str | None  # None for an average column
     paired: Paired | None = None
     status: str = "ok"  # ok | n=1: no interval | no common seed | missing: <row label> has no runs
+    verdict: str = ""  # the comparison's decision rule read on this cell ("" without a rule)
+
+
+RULES = ("at_least", "equivalent", "positive")
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """A pre-registered reading of a comparison's 95% interval [low, high] of left − right (higher is better),
+    with a practical margin `delta` and the seeds a verdict needs:
+    - at_least ("left is at least as good as right"): supports if low > −delta, contradicts if high < −delta;
+    - equivalent ("left matches right"): supports if the interval lies inside [−delta, +delta], contradicts if it
+      lies entirely outside;
+    - positive ("left is better"): supports if low > 0, contradicts if high < 0; an interval inside
+      [−delta, +delta] is "no effect larger than delta";
+    anything else is inconclusive. With fewer than `seeds` paired seeds there is no verdict."""
+
+    kind: str
+    delta: float
+    seeds: int
+
+    def verdict(self, paired: Paired | None, greater_is_better: bool = True) -> str:
+        if paired is None or paired.n < self.seeds:
+            return f"no verdict: n = {paired.n if paired else 0} < {self.seeds}"
+        if not greater_is_better or paired.interval is None:
+            return "no verdict: " + ("lower is better" if not greater_is_better else "no interval")
+        (low, high), d = paired.interval, self.delta
+        inside = -d <= low and high <= d
+        if self.kind == "at_least":
+            return "supports" if low > -d else "contradicts" if high < -d else "inconclusive"
+        if self.kind == "equivalent":
+            return "supports" if inside else "contradicts" if high < -d or low > d else "inconclusive"
+        if low > 0 or high < 0:
+            return "supports" if low > 0 else "contradicts"
+        return f"inconclusive: no effect larger than {d:g}" if inside else "inconclusive"
 
 
 @dataclass
 class Comparison:
-    """One `LEFT - RIGHT` entry of a table's `comparisons`: a PairedCell per column of the table."""
+    """One entry of a table's `comparisons` ("LEFT - RIGHT", with or without a decision rule): a PairedCell per
+    column of the table."""
 
     text: str
     left: Row
     right: Row
     cells: list[PairedCell] = field(default_factory=list)
+    rule: DecisionRule | None = None
 
 
 @dataclass

@@ -32,7 +32,9 @@ models (Table 1: t5-large/mpoe, t5-base/mpoe); a side without a model takes the 
 else is an error when the YAML is loaded. For every column: LEFT's test metric minus RIGHT's, seed by seed over the
 seeds both rows ran, each row at its own selected setting (the very runs of its table cell); their mean, the 95%
 t-interval (none with n = 1) and n. An average column (Table 1's Avg) pairs the per-seed mean over its tasks, over
-the seeds both rows ran on every task.
+the seeds both rows ran on every task. An item {compare: "LEFT - RIGHT", rule, delta, seeds} also reads the
+interval by a pre-registered decision rule (aggregate.DecisionRule: at_least, equivalent, positive) and writes its
+verdict in a last column.
 
 Routing figures: `routing_<model>_<method>_<task>.png`, expert load per layer at the best checkpoint, for every
 selection with routing telemetry (mpoe_exp/figures.py).
@@ -53,8 +55,10 @@ from omegaconf import OmegaConf
 
 from mpoe_exp.aggregate import (
     MIN_SEEDS,
+    RULES,
     Cell,
     Comparison,
+    DecisionRule,
     GroupKey,
     PairedCell,
     Row,
@@ -86,12 +90,29 @@ def load_paper(path: str | Path = PAPER_TABLES) -> dict[str, Any]:
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(spec, dict)
     for name, table in spec.items():
-        for text in table.get("comparisons") or []:
+        for entry in table.get("comparisons") or []:
             try:
-                comparison_rows(name, table, text)
+                comparison_rows(name, table, comparison_entry(name, entry)[0])
             except UserError as err:
                 raise UserError(f"{path}: {err}") from None
     return spec
+
+
+def comparison_entry(name: str, entry: Any) -> tuple[str, DecisionRule | None]:
+    """A `comparisons` item: "LEFT - RIGHT", or {compare: "LEFT - RIGHT", rule: at_least|equivalent|positive,
+    delta: D, seeds: N} with a pre-registered decision rule (aggregate.DecisionRule)."""
+    if not isinstance(entry, dict):
+        return entry, None
+    keys = {"compare", "rule", "delta", "seeds"}
+    rule, delta, seeds = entry.get("rule"), entry.get("delta"), entry.get("seeds")
+    if set(entry) != keys or rule not in RULES or not isinstance(delta, int | float) or delta < 0:
+        raise UserError(
+            f"{name}: comparison {entry!r} is not {{compare: 'LEFT - RIGHT', rule: {' | '.join(RULES)}, "
+            "delta: a number >= 0, seeds: an integer >= 2}"
+        )
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 2:
+        raise UserError(f"{name}: comparison {entry['compare']!r}: seeds={seeds!r} must be an integer >= 2")
+    return entry["compare"], DecisionRule(rule, float(delta), seeds)
 
 
 def comparison_rows(name: str, spec: dict[str, Any], text: Any) -> tuple[int, int]:
@@ -171,9 +192,10 @@ def build_table(name: str, spec: dict[str, Any], selections: dict[GroupKey, Sele
         row.params_ours = sorted(params)
         rows.append(row)
     comparisons = []
-    for text in spec.get("comparisons") or []:
+    for entry in spec.get("comparisons") or []:
+        text, rule = comparison_entry(name, entry)
         left, right = comparison_rows(name, spec, text)
-        comparisons.append(build_comparison(text, rows[left], rows[right], columns))
+        comparisons.append(build_comparison(text, rows[left], rows[right], columns, rule))
     title, names = spec.get("title", name), [c["name"] for c in columns]
     return Table(name, title, experiment, names, rows, spec.get("figure"), comparisons)
 
@@ -187,9 +209,12 @@ def _per_seed(row: Row, index: list[int], columns: list[dict[str, Any]]) -> list
     return [row.cells[i].selection.values_by_seed(columns[i]["metric"]) for i in index]
 
 
-def build_comparison(text: str, left: Row, right: Row, columns: list[dict[str, Any]]) -> Comparison:
-    """Per column, left's test metric minus right's, paired by seed, each row's cells as its table selected them."""
-    comparison = Comparison(text, left, right)
+def build_comparison(
+    text: str, left: Row, right: Row, columns: list[dict[str, Any]], rule: DecisionRule | None = None
+) -> Comparison:
+    """Per column, left's test metric minus right's, paired by seed, each row's cells as its table selected them;
+    with a decision rule, its verdict on each column."""
+    comparison = Comparison(text, left, right, rule=rule)
     for k, col in enumerate(columns):
         cell = PairedCell(col["name"], col.get("task"), col.get("metric"))
         # the columns paired: this one, or an average column's tasks
@@ -200,8 +225,19 @@ def build_comparison(text: str, left: Row, right: Row, columns: list[dict[str, A
         else:
             cell.paired = paired(_per_seed(left, index, columns), _per_seed(right, index, columns))
             cell.status = {0: "no common seed", 1: "n=1: no interval"}.get(cell.paired.n, "ok")
+        if rule is not None:
+            cell.verdict = rule.verdict(cell.paired, _greater_is_better(left, index, columns))
         comparison.cells.append(cell)
     return comparison
+
+
+def _greater_is_better(row: Row, index: list[int], columns: list[dict[str, Any]]) -> bool:
+    """False where a paired column's metric is its runs' main metric and lower is better (perplexity)."""
+    for i in index:
+        runs = row.cells[i].selection.runs if row.cells[i].selection is not None else []
+        if any(r.main_metric == columns[i]["metric"] and not r.greater_is_better for r in runs):
+            return False
+    return True
 
 
 def build_tables(
@@ -400,19 +436,28 @@ def _sides(comparison: Comparison) -> str:
 def _comparison_lines(table: Table) -> tuple[list[str], list[list[str]]]:
     """Header and body: one line per comparison and column (the comparison named on its first line)."""
     header = ["Comparison", "Column", "n", "Mean", "95% CI", "Per-seed differences (seed: left − right)"]
+    ruled = any(c.rule is not None for c in table.comparisons)
+    header += ["Verdict"] if ruled else []
     body = []
     for comparison in table.comparisons:
         for k, cell in enumerate(comparison.cells):
             line = [_sides(comparison) if k == 0 else "", cell.column]
             pair = cell.paired
             if pair is None:
-                body.append(line + ["0", "", cell.status, ""])
-                continue
-            interval = pair.interval
-            ci = f"[{_num(interval[0], sign=True)}, {_num(interval[1], sign=True)}]" if interval else cell.status
-            diffs = ", ".join(f"{s}: {_num(d, sign=True)}" for s, d in zip(pair.seeds, pair.differences))
-            body.append(line + [str(pair.n), _num(pair.mean, sign=True), ci, diffs])
+                line += ["0", "", cell.status, ""]
+            else:
+                interval = pair.interval
+                ci = f"[{_num(interval[0], sign=True)}, {_num(interval[1], sign=True)}]" if interval else cell.status
+                diffs = ", ".join(f"{s}: {_num(d, sign=True)}" for s, d in zip(pair.seeds, pair.differences))
+                line += [str(pair.n), _num(pair.mean, sign=True), ci, diffs]
+            body.append(line + ([_rule_words(comparison, cell)] if ruled else []))
     return header, body
+
+
+def _rule_words(comparison: Comparison, cell) -> str:
+    """`supports (at_least, delta 1)` or `` for a comparison without a rule."""
+    rule = comparison.rule
+    return f"{cell.verdict} ({rule.kind}, delta {rule.delta:g})" if rule is not None else ""
 
 
 def _comparison_notes(table: Table) -> list[str]:
@@ -421,7 +466,13 @@ def _comparison_notes(table: Table) -> list[str]:
         f"both rows ran, each row at its own validation-selected setting (as in {table.name}.md); mean, 95% "
         "t-interval (scipy.stats.t, n − 1 degrees of freedom; none with n = 1) and n = common seeds. "
         "An average column pairs each seed's mean over the averaged tasks. For PPL lower is better.",
-    ]
+        *(
+            ["Verdict: the comparison's pre-registered decision rule read on the interval (mpoe_exp.aggregate."
+             "DecisionRule): at_least supports if the interval lies above −delta; equivalent if inside [−delta, "
+             "+delta]; positive if above 0; none with fewer seeds than the rule needs."]
+            if any(c.rule is not None for c in table.comparisons) else []
+        ),
+    ]  # fmt: skip
 
 
 def render_comparisons_markdown(table: Table) -> str:
@@ -436,7 +487,7 @@ def render_comparisons_latex(table: Table) -> str:
     out = [
         f"% {table.title}: paired comparisons (experiment {table.experiment}); generated by mpoe_exp.tables",
         r"% needs \usepackage{booktabs}",
-        r"\begin{tabular}{llrrll}",
+        r"\begin{tabular}{llrrll" + "l" * (len(header) - 6) + "}",
         r"\toprule",
         " & ".join(_tex(h) for h in header) + r" \\",
     ]
@@ -450,7 +501,7 @@ def render_comparisons_latex(table: Table) -> str:
 
 COMPARISON_CSV_FIELDS = (
     "table", "comparison", "left_label", "left_model", "left_method", "right_label", "right_model", "right_method",
-    "column", "task", "metric", "n", "mean", "ci_low", "ci_high", "seeds", "differences", "status",
+    "column", "task", "metric", "n", "mean", "ci_low", "ci_high", "seeds", "differences", "status", "verdict",
 )  # fmt: skip
 
 
@@ -479,6 +530,7 @@ def render_comparisons_csv(table: Table) -> str:
                     "seeds": " ".join(str(seed) for seed in pair.seeds) if pair is not None else "",
                     "differences": " ".join(_num(d, 4) for d in pair.differences) if pair is not None else "",
                     "status": cell.status,
+                    "verdict": cell.verdict,
                 }
             )
     return buf.getvalue()

@@ -489,3 +489,73 @@ def test_routing_heatmap_averages_the_best_checkpoints_load_over_seeds(tmp_path:
     figure = runs / EXP / "tables" / "routing_gpt2_mpoe_wikitext2.png"
     assert figure in written[EXP] and figure.stat().st_size > 1000
     assert [p.name for p in (runs / EXP / "tables").glob("routing_*")] == [figure.name]  # none for dense
+
+
+# --- pre-registered decision rules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "differences", "verdict"),
+    [
+        ("at_least", [0.2, 0.4, 0.3, 0.5, 0.1], "supports"),  # interval above -1
+        ("at_least", [-3.1, -2.9, -3.0, -3.2, -2.8], "contradicts"),  # below -1
+        ("at_least", [-3.0, 1.0, -1.0, 0.5, -2.5], "inconclusive"),  # straddles -1
+        ("equivalent", [0.2, -0.2, 0.1, 0.0, -0.1], "supports"),  # inside [-1, 1]
+        ("equivalent", [2.0, 2.2, 1.9, 2.1, 2.0], "contradicts"),  # entirely above 1
+        ("equivalent", [0.5, 1.5, 0.9, 1.2, 0.7], "inconclusive"),  # crosses 1
+        ("positive", [0.2, 0.4, 0.3, 0.5, 0.1], "supports"),  # above 0
+        ("positive", [-0.2, -0.4, -0.3, -0.5, -0.1], "contradicts"),  # below 0
+        ("positive", [0.2, -0.2, 0.1, 0.0, -0.1], "inconclusive: no effect larger than 1"),  # inside [-1, 1]
+        ("positive", [3.0, -2.0, 1.0, -1.5, 2.5], "inconclusive"),  # wide
+    ],
+)
+def test_a_decision_rule_reads_the_95_percent_interval(kind, differences, verdict):
+    from mpoe_exp.aggregate import DecisionRule, Paired
+
+    pair = Paired(list(range(1, 6)), differences)
+    low, high = stats.t.interval(0.95, 4, loc=np.mean(differences), scale=stats.sem(differences))
+    assert pair.interval == pytest.approx((low, high))
+    assert DecisionRule(kind, 1.0, 5).verdict(pair) == verdict
+    assert DecisionRule(kind, 1.0, 6).verdict(pair) == "no verdict: n = 5 < 6"  # too few seeds: none
+    assert DecisionRule(kind, 1.0, 5).verdict(pair, greater_is_better=False) == "no verdict: lower is better"
+
+
+def test_a_comparison_with_a_rule_writes_its_verdict_per_column(tmp_path: Path):
+    paper = tmp_path / "paper.yaml"
+    rule = "{compare: t5-base/mpoe - dense, rule: at_least, delta: 1.0, seeds: 3}"
+    paper.write_text(MINI_TABLE.replace("COMPARISONS", f'{rule}, "t5-large/mpoe - t5-base/mpoe"'))
+    runs = tmp_path / "runs"
+    values = {("dense", "rte"): [70, 72, 71], ("mpoe", "rte"): [74, 75, 74], ("dense", "cola"): [50, 55, 52],
+              ("mpoe", "cola"): [60, 58]}  # fmt: skip
+    for (method, task), tests in values.items():
+        metric = "accuracy" if task == "rte" else "mcc"
+        for seed, value in enumerate(tests, start=1):
+            write_run(runs, "t5-base", method, task, seed, 1e-4, {metric: 1.0}, {metric: float(value)},
+                      main_metric=metric, greater_is_better=True)  # fmt: skip
+    tables.make_tables(runs, paper_path=paper)
+    rows = _csv_rows(runs / EXP / "tables" / "mini_comparisons.csv")
+    assert rows[("t5-base/mpoe - dense", "RTE")]["verdict"] == "supports"  # 4, 3, 3: [1.9, 4.8], above -1
+    assert rows[("t5-base/mpoe - dense", "CoLA")]["verdict"] == "no verdict: n = 2 < 3"  # mpoe/cola: 2 seeds
+    assert rows[("t5-large/mpoe - t5-base/mpoe", "RTE")]["verdict"] == ""  # no rule
+    md = (runs / EXP / "tables" / "mini_comparisons.md").read_text()
+    assert "| Verdict |" in md and "| supports (at_least, delta 1) |" in md
+    tex = (runs / EXP / "tables" / "mini_comparisons.tex").read_text()
+    assert r"\begin{tabular}{llrrlll}" in tex
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{compare: t5-base/mpoe - dense, rule: better, delta: 1.0, seeds: 5}", "rule: at_least | equivalent"),
+        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: -1, seeds: 5}", "delta: a number >= 0"),
+        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: 1, seeds: 1}", "seeds=1 must be an integer >= 2"),
+        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: 1}", "seeds: an integer >= 2"),
+    ],
+)
+def test_a_bad_decision_rule_is_a_one_line_error(tmp_path, capsys, entry, message):
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(MINI_TABLE.replace("COMPARISONS", entry))
+    write_run(tmp_path / "runs", "t5-base", "dense", "rte", 1, 1e-4, {"accuracy": 1.0}, {"accuracy": 1.0})
+    assert tables.main([str(tmp_path / "runs"), "--paper", str(paper)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {paper}: mini: comparison ") and message in err and len(err.splitlines()) == 1
