@@ -145,6 +145,7 @@ class Dispatch:
     counts_tensor: torch.Tensor  # (E,) long on the device: rows per expert
     offsets: torch.Tensor  # (E,) int32: end of each expert's rows (grouped_mm's `offs`)
     known_counts: list[int] | None = None  # `counts` where the host has it already
+    choices: int = 1  # rows a token can have (k of top-k): at 1, combining is a scatter, not a sum
 
     @property
     def counts(self) -> list[int]:
@@ -167,6 +168,7 @@ class Dispatch:
             counts_tensor=counts_tensor,
             offsets=counts_tensor.cumsum(0).to(torch.int32),
             known_counts=[num_tokens] * num_experts,
+            choices=num_experts,
         )
 
     @classmethod
@@ -186,6 +188,7 @@ class Dispatch:
             counts_tensor=counts_tensor,
             offsets=counts_tensor.cumsum(0).to(torch.int32),
             known_counts=known_counts,
+            choices=num_choices,
         )
 
 
@@ -198,6 +201,9 @@ def combine(rows: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Te
     """
     dtype = torch.promote_types(rows.dtype, dispatch.gate.dtype)
     weighted = rows.to(dtype) * dispatch.gate[:, None].to(dtype)
+    if dispatch.choices == 1:  # each token has at most one row: a scatter (no atomic adds on a GPU), same values
+        weighted = weighted.to(rows.dtype)
+        return weighted.new_zeros(num_tokens, rows.shape[1]).index_copy(0, dispatch.token, weighted)
     out = weighted.new_zeros(num_tokens, rows.shape[1]).index_add(0, dispatch.token, weighted)
     return out.to(rows.dtype)
 

@@ -580,3 +580,26 @@ def test_recompute_gives_the_same_outputs_and_gradients_and_saves_less():
     for got, want in zip(saved["recompute"][1], saved["plain"][1]):
         torch.testing.assert_close(got, want)
     assert saved["recompute"][2] < saved["plain"][2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combining_top_1_rows_is_a_scatter_with_the_values_and_gradients_of_the_sum(dtype):
+    """At top-1 each token has at most one row, so `combine` scatters instead of summing: bit-identical outputs and
+    gradients (0 + x is x), dropped tokens 0."""
+    from mpoe_exp.moe.layer import Dispatch, combine
+    from mpoe_exp.moe.routers import DROPPED, Routing
+
+    torch.manual_seed(0)
+    expert_index = torch.tensor([[2], [0], [DROPPED], [2], [1], [0]])
+    gate = torch.rand(6, 1)
+    routing = Routing(expert_index, gate, torch.zeros(()), torch.rand(6, 3))
+    dispatch = Dispatch.from_routing(routing, 3)
+    assert dispatch.choices == 1
+    rows = torch.randn(dispatch.token.numel(), 4, dtype=dtype, requires_grad=True)
+    out = combine(rows, dispatch, 6)
+    summed = combine(rows, Dispatch(**{**vars(dispatch), "choices": 2}), 6)  # the general path: index_add
+    assert torch.equal(out, summed) and out.dtype == dtype and torch.equal(out[2], torch.zeros(4, dtype=dtype))
+    grad = torch.randn(6, 4, dtype=dtype)
+    (scattered,) = torch.autograd.grad(out, rows, grad)
+    (added,) = torch.autograd.grad(summed, rows, grad)
+    assert torch.equal(scattered, added)
