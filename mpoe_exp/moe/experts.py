@@ -241,6 +241,12 @@ class MPOExperts(nn.Module):
                 accumulate_in_place(leaf)
         self._step = (contracted, leaves)
 
+    @property
+    def holds_step_matrices(self) -> bool:
+        """Whether `materialize` hands out matrices contracted for the whole optimizer step (begin_step..end_step):
+        free to use, nothing for method.recompute to rebuild."""
+        return self._step is not None
+
     def end_step(self, backward: bool = True) -> None:
         """One backward through the contraction with the gradients the step's micro-batches left on the copies
         (`backward=False`: drop them, after a failed step)."""

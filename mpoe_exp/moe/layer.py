@@ -273,7 +273,9 @@ class MoEFeedForward(RoutedLayer):
             matrices, biases = self.experts.materialize()
             return grouped_feed_forward(rows, dispatch, self.spec, matrices, biases, self.act, self.inner_dropout)
 
-        if self.recompute and torch.is_grad_enabled():
+        # recompute: rebuild the expert matrices in backward instead of storing them; nothing to rebuild while the
+        # experts hold this optimizer step's matrices (MPOExperts.begin_step), where it would only redo the FFN
+        if self.recompute and torch.is_grad_enabled() and not getattr(self.experts, "holds_step_matrices", False):
             y = torch.utils.checkpoint.checkpoint(experts_ffn, rows, use_reentrant=False)
         else:
             y = experts_ffn(rows)

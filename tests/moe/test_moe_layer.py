@@ -603,3 +603,37 @@ def test_combining_top_1_rows_is_a_scatter_with_the_values_and_gradients_of_the_
     (scattered,) = torch.autograd.grad(out, rows, grad)
     (added,) = torch.autograd.grad(summed, rows, grad)
     assert torch.equal(scattered, added)
+
+
+def test_recompute_is_skipped_while_the_experts_hold_the_step_s_matrices(monkeypatch):
+    """method.recompute rebuilds the expert matrices in backward; under gradient accumulation the experts hold the
+    step's matrices (begin_step), so there is nothing to rebuild and the FFN is not run twice: no checkpoint, the
+    same gradients as without recompute."""
+    import copy
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    layer = make_layer(SPECS["t5"], {**switch_method("mpo"), "recompute": True}).float().train()
+    plain = copy.deepcopy(layer)
+    plain.recompute = False
+    x = torch.randn(4, 6, D_MODEL)
+    layer(x).sum().backward()
+    assert len(calls) == 1  # outside a step: recomputed
+    grads = {}
+    for name, net in (("recompute", layer), ("plain", plain)):
+        net.zero_grad(set_to_none=True)
+        calls.clear()
+        net.experts.begin_step()
+        for micro_batch in x.split(2):
+            net(micro_batch).square().sum().backward()
+        net.experts.end_step()
+        assert calls == []
+        grads[name] = [p.grad for p in net.parameters()]
+    for got, want in zip(grads["recompute"], grads["plain"]):
+        torch.testing.assert_close(got, want)
