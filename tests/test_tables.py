@@ -426,6 +426,12 @@ def test_comparisons_name_the_model_and_pair_an_average_column_per_seed(tmp_path
         ('"t5-base/mpoe-dense"', "is not 'LEFT - RIGHT'"),
         ('"t5-base/mpoe - t5-base/mpoe"', "compares a row with itself"),
         ('"t5-base/mpoe - null"', "no row is t5-base/null"),
+        # with a decision rule
+        ("{compare: t5-base/mpoe - dense, rule: better, delta: 1.0, seeds: 5}", "rule: at_least | equivalent"),
+        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: -1, seeds: 5}", "delta: a number >= 0"),
+        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: 1, seeds: 1}", "seeds=1 must be an integer >= 2"),
+        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: 1}", "seeds: an integer >= 2"),
+        ("{compare: t5-base/mpoe - foo, rule: at_least, delta: 1, seeds: 5}", "no row is t5-base/foo"),
     ],
 )
 def test_a_comparison_that_names_no_single_row_is_a_one_line_error(tmp_path, capsys, comparison, message):
@@ -541,21 +547,3 @@ def test_a_comparison_with_a_rule_writes_its_verdict_per_column(tmp_path: Path):
     assert "| Verdict |" in md and "| supports (at_least, delta 1) |" in md
     tex = (runs / EXP / "tables" / "mini_comparisons.tex").read_text()
     assert r"\begin{tabular}{llrrlll}" in tex
-
-
-@pytest.mark.parametrize(
-    ("entry", "message"),
-    [
-        ("{compare: t5-base/mpoe - dense, rule: better, delta: 1.0, seeds: 5}", "rule: at_least | equivalent"),
-        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: -1, seeds: 5}", "delta: a number >= 0"),
-        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: 1, seeds: 1}", "seeds=1 must be an integer >= 2"),
-        ("{compare: t5-base/mpoe - dense, rule: at_least, delta: 1}", "seeds: an integer >= 2"),
-    ],
-)
-def test_a_bad_decision_rule_is_a_one_line_error(tmp_path, capsys, entry, message):
-    paper = tmp_path / "paper.yaml"
-    paper.write_text(MINI_TABLE.replace("COMPARISONS", entry))
-    write_run(tmp_path / "runs", "t5-base", "dense", "rte", 1, 1e-4, {"accuracy": 1.0}, {"accuracy": 1.0})
-    assert tables.main([str(tmp_path / "runs"), "--paper", str(paper)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {paper}: mini: comparison ") and message in err and len(err.splitlines()) == 1
