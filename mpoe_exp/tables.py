@@ -34,7 +34,7 @@ seeds both rows ran, each row at its own selected setting (the very runs of its 
 t-interval (none with n = 1) and n. An average column (Table 1's Avg) pairs the per-seed mean over its tasks, over
 the seeds both rows ran on every task. An item {compare: "LEFT - RIGHT", rule, delta, seeds} also reads the
 interval by a pre-registered decision rule (aggregate.DecisionRule: at_least, equivalent, positive) and writes its
-verdict in a last column.
+verdict in a last column. A table with a `reference:` also gets <table>_reference.md (mpoe_exp/reference.py).
 
 Routing figures: `routing_<model>_<method>_<task>.png`, expert load per layer at the best checkpoint, for every
 selection with routing telemetry (mpoe_exp/figures.py).
@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from mpoe_exp import reference
 from mpoe_exp.aggregate import (
     MIN_SEEDS,
     RULES,
@@ -90,11 +91,13 @@ def load_paper(path: str | Path = PAPER_TABLES) -> dict[str, Any]:
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(spec, dict)
     for name, table in spec.items():
-        for entry in table.get("comparisons") or []:
-            try:
+        try:
+            if "reference" in table:
+                reference.check_spec(name, table["reference"])
+            for entry in table.get("comparisons") or []:
                 comparison_rows(name, table, comparison_entry(name, entry)[0])
-            except UserError as err:
-                raise UserError(f"{path}: {err}") from None
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
     return spec
 
 
@@ -592,6 +595,12 @@ def make_tables(
         tables = build_tables(selections, exp, paper)
         out_dir = Path(runs_dir) / exp / "tables"
         written[exp] = write_tables(tables, out_dir) + write_figures(tables, selections, exp, out_dir)
+        for table in tables:  # a study's reference runs and its convergence criterion (mpoe_exp/reference.py)
+            spec = paper[table.name]
+            if "reference" in spec:
+                path = out_dir / f"{table.name}_reference.md"
+                atomic_write_text(path, reference.render_reference(table, spec["reference"], spec["columns"], runs_dir))
+                written[exp].append(path)
         unplaced += [f"{exp}: {line}" for line in unplaced_runs(records, tables, exp)]
     return written, problems, n_failed, unplaced
 

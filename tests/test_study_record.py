@@ -25,7 +25,10 @@ def test_a_study_record_rebuilds_the_tables_and_comparisons_reproduction_shows(r
     written, problems, _, _ = tables.make_tables(rebuilt, experiment)
     assert not problems
     reproduction = (ROOT / "REPRODUCTION.md").read_text()
-    for name in (f"{experiment}.md", f"{experiment}_comparisons.md"):
+    names = [f"{experiment}.md", f"{experiment}_comparisons.md", f"{experiment}_reference.md"]
+    made = [name for name in names if (rebuilt / experiment / "tables" / name).exists()]
+    assert made[:2] == names[:2]  # the table and its comparisons; the reference where the table names one
+    for name in made:
         text = (rebuilt / experiment / "tables" / name).read_text()
         assert text == (record_dir / experiment / "tables" / name).read_text(), f"{name}: the committed one is stale"
         rows = [line for line in text.splitlines() if line.startswith("|")]

@@ -547,3 +547,42 @@ def test_a_comparison_with_a_rule_writes_its_verdict_per_column(tmp_path: Path):
     assert "| Verdict |" in md and "| supports (at_least, delta 1) |" in md
     tex = (runs / EXP / "tables" / "mini_comparisons.tex").read_text()
     assert r"\begin{tabular}{llrrlll}" in tex
+
+
+# --- a study's reference runs: the convergence criterion ---------------------------------------------------------
+
+
+def test_a_reference_says_whether_the_row_is_within_its_margin(tmp_path: Path):
+    """mpoe_exp/reference.py: the reference's mean test score per column from <files>/<task>_seed<N>.json, the
+    row's at its selected setting, and the criterion read once the row has its seeds."""
+    paper = tmp_path / "paper.yaml"
+    spec = "  reference: {label: plain fine-tune, files: plain, row: dense, margin: 1.5, seeds: 3}\n"
+    paper.write_text(MINI_TABLE.replace("  comparisons: [COMPARISONS]\n", spec))
+    runs = tmp_path / "runs"
+    for (task, metric), tests in {("rte", "accuracy"): [70, 72, 71], ("cola", "mcc"): [50, 55]}.items():
+        for seed, value in enumerate(tests, start=1):
+            write_run(runs, "t5-base", "dense", task, seed, 1e-4, {metric: 1.0}, {metric: float(value)},
+                      main_metric=metric, greater_is_better=True)  # fmt: skip
+    (runs / EXP / "plain").mkdir()
+    for seed, value in ((1, 73.0), (2, 73.6)):  # mean 73.3: dense's 71.0 is 2.3 below it
+        (runs / EXP / "plain" / f"rte_seed{seed}.json").write_text(json.dumps({"test": {"accuracy": value}}))
+    (runs / EXP / "plain" / "cola_seed1.json").write_text(json.dumps({"test": {"mcc": 50.0}}))
+    written, _, _, _ = tables.make_tables(runs, paper_path=paper)
+    text = (runs / EXP / "tables" / "mini_reference.md").read_text()
+    assert runs / EXP / "tables" / "mini_reference.md" in written[EXP]
+    assert "| RTE | 73.30 (n=2) | 71.00 (n=3) | -2.30 | fails |" in text
+    assert "| CoLA | 50.00 (n=1) | 52.50 (n=2) | +2.50 | not read yet: Base has n = 2 < 3 |" in text
+    (runs / EXP / "plain" / "rte_seed2.json").write_text(json.dumps({"test": {"accuracy": 71.8}}))  # mean 72.4
+    tables.make_tables(runs, paper_path=paper)
+    text = (runs / EXP / "tables" / "mini_reference.md").read_text()
+    assert "| RTE | 72.40 (n=2) | 71.00 (n=3) | -1.40 | holds |" in text
+
+
+def test_a_bad_reference_is_a_one_line_error(tmp_path, capsys):
+    paper = tmp_path / "paper.yaml"
+    spec = "  reference: {label: plain, files: plain, row: dense, margin: -1, seeds: 3}\n"
+    paper.write_text(MINI_TABLE.replace("  comparisons: [COMPARISONS]\n", spec))
+    write_run(tmp_path / "runs", "t5-base", "dense", "rte", 1, 1e-4, {"accuracy": 1.0}, {"accuracy": 1.0})
+    assert tables.main([str(tmp_path / "runs"), "--paper", str(paper)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {paper}: mini: reference ") and "margin: a number >= 0" in err
