@@ -267,14 +267,17 @@ def test_gpu_check_refuses_without_a_gpu_in_one_line(tmp_path):
 def test_training_memory_benchmark_measures_each_method_in_its_own_process():
     text = subprocess.run(
         [sys.executable, "benchmarks/train_memory.py", "--shape", "tiny", "--batch", "2", "--steps", "1",
-         "--methods", "switch", "mpoe", "--malloc", "keep", "--adamw", "foreach", "--set", "++method.recompute=true"],
+         "--methods", "switch", "mpoe", "--malloc", "keep", "--adamw", "foreach", "--grad-accum", "1", "2",
+         "--set", "++method.recompute=true"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert text.returncode == 0, text.stderr[-3000:]
     assert "++method.recompute=true" in text.stdout and "foreach AdamW" in text.stdout
     assert f"malloc {'keep' if cpu_malloc.is_glibc() else 'system'}" in text.stdout
-    rows = [line for line in text.stdout.splitlines() if line.startswith(("| switch |", "| mpoe |"))]
-    assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00"  # switch's peak over itself
+    rows = [line.split("|") for line in text.stdout.splitlines() if line.startswith(("| switch |", "| mpoe |"))]
+    settings = [(r[1].strip(), r[2].strip()) for r in rows]
+    assert settings == [("switch", "1"), ("mpoe", "1"), ("switch", "2"), ("mpoe", "2")]
+    assert rows[0][6].strip() == rows[2][6].strip() == "1.00"  # switch's peak over itself, at each k
 
 
 @pytest.mark.slow
