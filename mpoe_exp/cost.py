@@ -15,8 +15,10 @@ with N_enc / N_dec / N_body the non-embedding parameters a token passes through 
 mpoe, mpoe++, which therefore cost what the dense model costs per token; two for top-2 moe), L the padded
 sequence lengths of conf/paper/cost.yaml, d V the output projection. MPO methods add, per optimizer step, the
 reconstruction of every expert matrix: 2 x 3 (forward and backward) x experts x mpo.contraction_macs per matrix
-and layer (once per step however many micro-batches it has; under DistributedDataParallel with
-train.grad_accum_steps > 1 it is once per micro-batch, which this does not count). Not included: evaluation,
+and layer, 2 x 4 where the matrices are contracted again for the backward instead of stored (method.recompute, the
+MPO methods' default; and with train.grad_accum_steps > 1, where one contraction serves the step's micro-batches
+and a second one its backward). Once per step however many micro-batches it has (under DistributedDataParallel
+with train.grad_accum_steps > 1 it is once per micro-batch, which this does not count). Not included: evaluation,
 sampling, routers, data loading. The throughput (--tflops) is an assumption: the default 60 is about 40% of an
 A100's TF32 peak (the runs are fp32 with TF32 matmuls; precision=bf16 is faster).
 """
@@ -78,10 +80,14 @@ def _ffn_parameters(spec: RunSpec) -> int:
 
 
 def _reconstruction_flops(spec: RunSpec) -> float:
-    """FLOPs of one forward+backward reconstruction of every expert matrix of the model (MPO methods), else 0."""
+    """FLOPs of reconstructing every expert matrix of the model in one optimizer step (MPO methods), else 0: a
+    forward and its backward (x 3), plus a second forward where the matrices are rebuilt for the backward instead of
+    stored (x 4): `method.recompute` at one micro-batch per step, and always with several (MPOExperts.end_step)."""
     method = spec.method
     if method["experts"] != "mpo":
         return 0.0
+    train = getattr(spec, "train", None)
+    passes = 4 if method.get("recompute") or (train is not None and train.grad_accum_steps > 1) else 3
     shapes = _shapes(spec)
     d_model, d_ff, layers = shapes.d_model, shapes.d_ff, shapes.layers + shapes.decoder_layers
     settings = method["mpo"]
@@ -91,7 +97,7 @@ def _reconstruction_flops(spec: RunSpec) -> float:
             rows, cols, settings["num_tensors"], settings.get("factorizations") or {}
         )
         macs += mpo.contraction_macs(row_shape, col_shape, settings.get("max_bond"))
-    return 2 * 3 * method["num_experts"] * layers * macs
+    return 2 * passes * method["num_experts"] * layers * macs
 
 
 def run_cost(spec: RunSpec, workload: dict) -> tuple[float, float]:

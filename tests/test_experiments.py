@@ -173,7 +173,12 @@ def test_mpo_reconstruction_cost_is_the_contraction_of_every_expert_matrix():
     per_matrix = mpo.contraction_macs((4, 4, 8, 6, 4), (3, 4, 4, 4, 4))
     assert per_matrix == 3072 * 768 * 577.1875  # ~|W| (r2 + r3): docs/method.md, 'Cost model of GPU hours'
     both = per_matrix + mpo.contraction_macs((3, 4, 4, 4, 4), (4, 4, 8, 6, 4))
-    assert cost._reconstruction_flops(cfg) == 2 * 3 * 8 * 24 * both
+    assert cfg.method.recompute  # the matrices are contracted again in backward: forward twice, backward once
+    assert cost._reconstruction_flops(cfg) == 2 * 4 * 8 * 24 * both
+    stored = compose_config(["model=t5-base", "method=mpoe", "method.recompute=false"])
+    assert cost._reconstruction_flops(stored) == 2 * 3 * 8 * 24 * both
+    accumulated = compose_config(["model=t5-base", "method=mpoe", "method.recompute=false", "train.grad_accum_steps=2"])
+    assert cost._reconstruction_flops(accumulated) == 2 * 4 * 8 * 24 * both  # MPOExperts.end_step contracts again
     assert cost._reconstruction_flops(compose_config(["model=t5-base", "method=switch"])) == 0
 
 
@@ -190,7 +195,8 @@ def test_run_cost_of_a_dense_gpt2_run_by_hand():
 
 
 def test_mpo_reconstruction_is_charged_once_per_optimizer_step():
-    """With k micro-batches per optimizer step the experts are contracted once per step (MPOExperts.begin_step)."""
+    """With k micro-batches per optimizer step the experts are contracted once per step for all of them
+    (MPOExperts.begin_step), not once per micro-batch."""
     workload = {"padding": 1.0, "tasks": {"imdb": {"train": 1000, "tokens": 20}}}
     base = ["model=gpt2", "task=imdb", "train.epochs=1", "train.batch_size=10"]
     costs = {}

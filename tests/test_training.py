@@ -442,8 +442,10 @@ def seq2seq_batches(k: int, vocab: int = 100) -> list[dict[str, torch.Tensor]]:
     [("mpoe", False, "fp32"), ("mpoe", True, "fp32"), ("mpoe++", False, "fp32"), ("mpoe", False, "bf16")],
 )
 def test_one_contraction_per_step_gives_the_gradients_of_one_per_micro_batch(monkeypatch, method, masked, precision):
-    """k = 3 micro-batches: every MPO matrix is contracted once (not 3 times) and every parameter's gradient equals
-    that of contracting per micro-batch; on a masked step (centrals frozen) and under bf16 autocast too."""
+    """k = 3 micro-batches: every MPO matrix is contracted twice per optimizer step, once for the micro-batches and
+    once more for the backward (begin_step keeps no graph; not 3 x (1 + recompute) times), and every parameter's
+    gradient equals that of contracting per micro-batch; on a masked step (centrals frozen) and under bf16 autocast
+    too."""
     from mpoe_exp import build_model, compose_config, mpo
     from mpoe_exp.moe import MPOExperts, central_parameters
     from mpoe_exp.training import autocast, one_contraction_per_step
@@ -468,7 +470,7 @@ def test_one_contraction_per_step_gives_the_gradients_of_one_per_micro_batch(mon
                 loss.backward()
         matrices = sum(len(m.spec.matrix_names) for m in model.modules() if isinstance(m, MPOExperts))
         per_micro_batch = 2 if cfg.method.recompute else 1  # recompute contracts again in backward
-        assert len(calls) == (matrices if once else 3 * per_micro_batch * matrices)
+        assert len(calls) == (2 * matrices if once else 3 * per_micro_batch * matrices)
         grads[once] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys()
     assert not masked or not any("central" in n for n in grads[True])

@@ -133,7 +133,7 @@ class MPOExperts(nn.Module):
         self.spec, self.num_experts, self.share_central = spec, num_experts, share_central
         self.cache_in_eval = cache_in_eval
         self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None  # (parameter versions, matrices)
-        self._step: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None  # (contracted, leaves)
+        self._step: tuple[tuple, dict[str, torch.Tensor]] | None = None  # (autocast of begin_step, leaves)
         self.factorizations = {n: (tuple(r), tuple(c)) for n, (r, c) in factorizations.items()}
         self.max_bond = max_bond
         kw = {"device": device, "dtype": dtype}
@@ -230,16 +230,21 @@ class MPOExperts(nn.Module):
 
     def begin_step(self) -> None:
         """Contract every matrix once for an optimizer step of several micro-batches: their forwards get detached
-        copies (leaves) that collect the micro-batches' gradients, added in place into buffers allocated here, and
-        `end_step` sends the sum back through the contraction once. The gradients are those of contracting per
+        copies (leaves) that collect the micro-batches' gradients, added in place into fp32 sums allocated here, and
+        `end_step` sends the sums back through the contraction once. The gradients are those of contracting per
         micro-batch (the contraction is the same function of the same weights within a step); the work is done once
-        instead of k times."""
-        contracted = self._contract()
-        leaves = {n: w.detach().requires_grad_(w.requires_grad) for n, w in contracted.items()}
-        for leaf in leaves.values():
-            if leaf.requires_grad:  # the micro-batches add their gradients in place, in fp32 (layer.grouped_mm)
-                accumulate_in_place(leaf)
-        self._step = (contracted, leaves)
+        instead of k times. The contraction's graph is not kept through the step (its intermediates are about as
+        large as the matrices): `end_step` contracts once more, under the autocast of this call, and backpropagates
+        through that, one module at a time."""
+        device = self.central[self.spec.matrix_names[0]].device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        leaves = {}
+        for name in self.spec.matrix_names:
+            matrix = mpo.contract(self.local_tensors(name), *self.factorizations[name])  # as the forward would
+            leaves[name] = matrix.detach().requires_grad_(matrix.requires_grad)  # its graph freed here
+            if matrix.requires_grad:  # the micro-batches add their gradients in place, in fp32 (layer.grouped_mm)
+                accumulate_in_place(leaves[name])
+        self._step = (autocast, leaves)
 
     @property
     def holds_step_matrices(self) -> bool:
@@ -248,17 +253,20 @@ class MPOExperts(nn.Module):
         return self._step is not None
 
     def end_step(self, backward: bool = True) -> None:
-        """One backward through the contraction with the gradients the step's micro-batches left on the copies
-        (`backward=False`: drop them, after a failed step)."""
+        """One backward through the contraction, contracted again as begin_step did, with the gradient sums the
+        step's micro-batches left (`backward=False`: drop them, after a failed step)."""
         if self._step is None:
             return
-        contracted, leaves = self._step
+        (device, enabled, dtype), leaves = self._step
         self._step = None
-        if not backward:
+        sums = {n: gradient_sum(leaf) for n, leaf in leaves.items() if gradient_sum(leaf) is not None}
+        if not backward or not sums:
             return
-        pairs = [(contracted[n], gradient_sum(leaf)) for n, leaf in leaves.items() if gradient_sum(leaf) is not None]
-        if pairs and pairs[0][0].requires_grad:  # the sum enters the contraction's backward in its dtype
-            torch.autograd.backward([w for w, _ in pairs], [g.to(w.dtype) for w, g in pairs])
+        del leaves
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            contracted = {n: mpo.contract(self.local_tensors(n), *self.factorizations[n]) for n in sums}
+        if any(w.requires_grad for w in contracted.values()):  # the sums enter the backward in the matrices' dtype
+            torch.autograd.backward(list(contracted.values()), [sums[n].to(w.dtype) for n, w in contracted.items()])
 
     def _contract(self) -> dict[str, torch.Tensor]:
         return {n: mpo.contract(self.local_tensors(n), *self.factorizations[n]) for n in self.spec.matrix_names}
