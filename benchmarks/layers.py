@@ -341,11 +341,32 @@ def table(all_results: dict[int, dict[str, dict]], device: torch.device) -> str:
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::_grouped_mm")
 
 
+def self_times(events, cuda: bool) -> dict[str, float]:
+    """{operator: self time in µs} of profiler events: CPU time on CPU; on CUDA the device time of the aten operators
+    only, each of which carries the time of the kernels it launched (the kernels' own events, also listed, would
+    count that time twice)."""
+    if cuda:
+        return {
+            e.key: e.self_device_time_total
+            for e in events
+            if e.key.startswith("aten::") and e.self_device_time_total > 0
+        }
+    return {e.key: e.self_cpu_time_total for e in events if e.self_cpu_time_total > 0}
+
+
 def profile_table(
-    layer: nn.Module, name: str, tokens: int, device: torch.device, seq_len: int = 512, top: int = 8
+    layer: nn.Module,
+    name: str,
+    tokens: int,
+    device: torch.device,
+    seq_len: int = 512,
+    top: int = 8,
+    precision: str = "fp32",
 ) -> str:
     """Top operators of the layer's forward+backward by self time (3 steps after 2 warm-up steps), ms per step, and
-    the rate of its matrix products (FLOPs counted in the first warm-up step over their time)."""
+    the rate of its matrix products (FLOPs counted in the first warm-up step over their time), under the autocast
+    of `precision` as the timed runs. On CUDA also the host's time in operators per step: where it exceeds the
+    device's, the layer waits on Python and kernel launches, not on the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     seq_len = min(seq_len, tokens)
@@ -355,7 +376,9 @@ def profile_table(
     layer.train()
 
     def step() -> None:
-        layer(x.clone()).float().sum().backward()
+        with autocast(device, precision):
+            out = layer(x.clone())
+        out.float().sum().backward()
         for p in layer.parameters():
             p.grad = None
         x.grad = None
@@ -369,14 +392,17 @@ def profile_table(
         for _ in range(3):
             step()
         synchronize(device)
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
-    self_us = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 3 for e in events}
+    self_us = {key: t / 3 for key, t in self_times(prof.key_averages(), cuda).items()}
     total = sum(self_us.values())
     in_matmuls = sum(t for k, t in self_us.items() if k in MATMULS)
+    host = ""
+    if cuda:
+        host_us = sum(e.self_cpu_time_total for e in prof.key_averages()) / 3
+        host = f"; the host spends {host_us / 1e3:.1f} ms per step in operators (launches included)"
     lines = [
-        f"Profile of {name}, {tokens} tokens, forward+backward ({'device' if cuda else 'CPU'} self time, ms per step): "
-        f"{total / 1e3:.1f} ms, {100 * in_matmuls / total:.0f}% in matrix products, which run at "
-        f"{counter.get_total_flops() / in_matmuls / 1e3:.0f} GFLOP/s",
+        f"Profile of {name}, {tokens} tokens, {precision}, forward+backward ({'device' if cuda else 'CPU'} self time, "
+        f"ms per step): {total / 1e3:.1f} ms, {100 * in_matmuls / total:.0f}% in matrix products, which run at "
+        f"{counter.get_total_flops() / in_matmuls / 1e3:.0f} GFLOP/s{host}",
         "",
         "| operator | ms | share |",
         "|---|---:|---:|",
@@ -481,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     text += f"{table(results, device)}\n"
     for tokens in args.tokens:
         for name in args.profile:
-            text += f"\n{profile_table(layers[name], name, tokens, device, args.seq_len)}\n"
+            text += f"\n{profile_table(layers[name], name, tokens, device, args.seq_len, precision=args.precision)}\n"
     if args.state:
         text += f"\nTraining state (parameters + gradients + AdamW moments, fp32):\n\n{state_table()}\n"
     print(text)

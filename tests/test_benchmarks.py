@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from mpoe_exp import cpu_malloc
 from mpoe_exp.config import DEMO_DATA_DIR, run_spec
@@ -41,7 +42,7 @@ def test_layer_benchmark_prints_every_layer(tmp_path):
     assert float(rows["mpoe"][11]) > 0 and float(rows["mpoe no-recompute"][11]) == 0  # recompute GFLOP
     assert float(rows["mpoe"][8]) == float(rows["mpoe no-recompute"][8])  # the same physical work
     assert out.read_text().strip() in result.stdout
-    assert "Profile of mpoe, 256 tokens, forward+backward" in result.stdout
+    assert "Profile of mpoe, 256 tokens, fp32, forward+backward" in result.stdout
     rate = re.search(r"% in matrix products, which run at (\d+) GFLOP/s", result.stdout)
     assert rate and int(rate.group(1)) > 0  # counted FLOPs over the products' time
     assert "| aten::bmm |" in result.stdout  # the contraction's batched products are among its top operators
@@ -56,6 +57,34 @@ def test_layer_benchmark_refuses_an_unknown_layer_to_profile():
     )  # fmt: skip
     assert result.returncode == 2 and "invalid choice: 'nosuch'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_profile_runs_under_the_autocast_of_the_timed_runs():
+    """`--precision bf16 --profile`: the profiled steps run under bf16 autocast, as the timed ones (it ran fp32)."""
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return super().forward(x)
+
+    text = layers.profile_table(Probe(layers.D_MODEL, 16), "probe", 8, torch.device("cpu"), seq_len=8, precision="bf16")
+    assert len(seen) == 5 and all(seen)  # 2 warm-up steps, 3 profiled
+    assert text.startswith("Profile of probe, 8 tokens, bf16, forward+backward")
+
+
+def test_profile_counts_each_kernel_once_on_cuda():
+    """On CUDA the profiler lists an operator (its kernels' time as its self device time) and the kernels themselves:
+    the table sums the operators only (it summed both, twice the device time)."""
+    from types import SimpleNamespace as Event
+
+    events = [
+        Event(key="aten::mm", self_device_time_total=600.0, self_cpu_time_total=20.0),
+        Event(key="nvjet_sm90_tst_256x128", self_device_time_total=600.0, self_cpu_time_total=0.0),
+        Event(key="cudaLaunchKernel", self_device_time_total=0.0, self_cpu_time_total=5.0),
+    ]
+    assert layers.self_times(events, cuda=True) == {"aten::mm": 600.0}
+    assert layers.self_times(events, cuda=False) == {"aten::mm": 20.0, "cudaLaunchKernel": 5.0}
 
 
 @pytest.mark.slow

@@ -181,7 +181,10 @@ class SwitchRouter(LinearRouter):
             )
             one_hot = nn.functional.one_hot(top_index, self.num_experts)  # (N, E)
             if capacity is not None:
-                position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # 1-based arrival order
+                # 1-based arrival order within each expert: a running count per expert, scanned along the tokens as
+                # the innermost dimension (E, N) (over dim 0 of (N, E) a GPU runs E sequential scans of N tokens)
+                arrivals = one_hot.t().contiguous().cumsum(dim=-1)  # (E, N)
+                position_in_expert = arrivals.gather(0, top_index[None]).squeeze(0)
                 kept = position_in_expert <= capacity
             else:
                 kept = torch.ones_like(top_index, dtype=torch.bool)
