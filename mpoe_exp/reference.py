@@ -43,10 +43,21 @@ def reference_scores(directory: Path, task: str, metric: str) -> dict[int, float
     scores = {}
     for path in sorted(directory.glob(f"{task}_seed*.json")):
         seed = re.fullmatch(rf"{re.escape(task)}_seed(\d+)\.json", path.name)
-        value = json.loads(path.read_text()).get("test", {}).get(metric) if seed else None
+        value = _read(path).get("test", {}).get(metric) if seed else None
         if isinstance(value, int | float):
             scores[int(seed[1])] = float(value)
     return scores
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A reference file's JSON object; a UserError naming the file if it is not one (a truncated write, say)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable reference file ({err}); rerun it or remove it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("test", {}), dict):
+        raise UserError(f"{path}: not a reference file (a JSON object with a 'test' object)")
+    return data
 
 
 def render_reference(table: Table, spec: dict[str, Any], columns: list[dict[str, Any]], runs_dir: str | Path) -> str:

@@ -35,6 +35,7 @@ t-interval (none with n = 1) and n. An average column (Table 1's Avg) pairs the 
 the seeds both rows ran on every task. An item {compare: "LEFT - RIGHT", rule, delta, seeds} also reads the
 interval by a pre-registered decision rule (aggregate.DecisionRule: at_least, equivalent, positive) and writes its
 verdict in a last column. A table with a `reference:` also gets <table>_reference.md (mpoe_exp/reference.py).
+Every experiment also gets <experiment>_cost.md: the run-hours of its runs and reference runs (mpoe_exp/run_cost.py).
 
 Routing figures: `routing_<model>_<method>_<task>.png`, expert load per layer at the best checkpoint, for every
 selection with routing telemetry (mpoe_exp/figures.py).
@@ -53,7 +54,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mpoe_exp import reference
+from mpoe_exp import reference, run_cost
 from mpoe_exp.aggregate import (
     MIN_SEEDS,
     RULES,
@@ -601,6 +602,14 @@ def make_tables(
                 path = out_dir / f"{table.name}_reference.md"
                 atomic_write_text(path, reference.render_reference(table, spec["reference"], spec["columns"], runs_dir))
                 written[exp].append(path)
+        references = {
+            paper[t.name]["reference"]["label"]: Path(runs_dir) / exp / paper[t.name]["reference"]["files"]
+            for t in tables
+            if "reference" in paper[t.name]
+        }
+        cost_path = out_dir / f"{exp}_cost.md"  # what the runs cost (mpoe_exp/run_cost.py)
+        atomic_write_text(cost_path, run_cost.render_cost(records, exp, references))
+        written[exp].append(cost_path)
         unplaced += [f"{exp}: {line}" for line in unplaced_runs(records, tables, exp)]
     return written, problems, n_failed, unplaced
 

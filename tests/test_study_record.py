@@ -1,5 +1,5 @@
-"""The record of each study (docs/<experiment>/runs/, written by `python -m mpoe_exp.record`) rebuilds the tables
-and comparisons that REPRODUCTION.md shows: every number there can be recomputed from what is committed."""
+"""The record of each study (docs/<experiment>/runs/, written by `python -m mpoe_exp.record`) rebuilds the tables,
+comparisons and cost that REPRODUCTION.md shows: every number there can be recomputed from what is committed."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def test_a_study_record_rebuilds_the_tables_and_comparisons_reproduction_shows(r
     written, problems, _, _ = tables.make_tables(rebuilt, experiment)
     assert not problems
     reproduction = (ROOT / "REPRODUCTION.md").read_text()
-    names = [f"{experiment}.md", f"{experiment}_comparisons.md", f"{experiment}_reference.md"]
+    names = [f"{experiment}.md", f"{experiment}_comparisons.md", f"{experiment}_cost.md", f"{experiment}_reference.md"]
     made = [name for name in names if (rebuilt / experiment / "tables" / name).exists()]
-    assert made[:2] == names[:2]  # the table and its comparisons; the reference where the table names one
+    assert made[:3] == names[:3]  # the table, its comparisons and the cost; the reference where the table names one
     for name in made:
         text = (rebuilt / experiment / "tables" / name).read_text()
         assert text == (record_dir / experiment / "tables" / name).read_text(), f"{name}: the committed one is stale"

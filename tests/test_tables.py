@@ -303,7 +303,7 @@ def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
     written, problems, n_failed, unplaced = tables.make_tables(runs)
     assert not problems and not unplaced and n_failed == 0
     markdown = sorted(p.name for p in written["real_minilm"] if p.suffix == ".md")
-    assert markdown == ["real_minilm.md", "real_minilm_comparisons.md"]
+    assert markdown == ["real_minilm.md", "real_minilm_comparisons.md", "real_minilm_cost.md"]
     assert "real_minilm.md" not in {p.name for p in written[EXP]} and "table3.md" in {p.name for p in written[EXP]}
     rows = list(csv.DictReader((runs / "real_minilm" / "tables" / "real_minilm.csv").open()))
     assert len(rows) == len(methods) * 3  # SST-2, RTE, #To (M)
@@ -576,6 +576,57 @@ def test_a_reference_says_whether_the_row_is_within_its_margin(tmp_path: Path):
     tables.make_tables(runs, paper_path=paper)
     text = (runs / EXP / "tables" / "mini_reference.md").read_text()
     assert "| RTE | 72.40 (n=2) | 71.00 (n=3) | -1.40 | holds |" in text
+
+
+def test_the_cost_page_adds_up_every_finished_runs_wall_time_and_the_reference_runs(tmp_path: Path):
+    """<experiment>_cost.md: every finished run of every setting (not only the selected one), grouped by model,
+    method and task, and the reference runs from their own files; failed runs and runs without a time left out."""
+    paper = tmp_path / "paper.yaml"
+    spec = "  reference: {label: plain fine-tune, files: plain, row: dense, margin: 1.5, seeds: 3}\n"
+    paper.write_text(MINI_TABLE.replace("  comparisons: [COMPARISONS]\n", spec))
+    runs = tmp_path / "runs"
+    for seed, lr, seconds in ((1, 1e-4, 600.0), (2, 1e-4, 1200.0), (1, 1e-3, 900.0)):
+        write_run(runs, "t5-base", "dense", "rte", seed, lr, {"accuracy": 1.0}, {"accuracy": 70.0},
+                  main_metric="accuracy", greater_is_better=True, wall_time_s=seconds)  # fmt: skip
+    write_run(runs, "t5-base", "mpoe", "rte", 1, 1e-4, {"accuracy": 1.0}, {"accuracy": 71.0},
+              main_metric="accuracy", greater_is_better=True, wall_time_s=3600.0)  # fmt: skip
+    write_run(runs, "t5-base", "mpoe", "rte", 2, 1e-4, {}, {}, status="failed", wall_time_s=50.0)
+    write_run(
+        runs,
+        "t5-base",
+        "mpoe",
+        "rte",
+        3,
+        1e-4,
+        {"accuracy": 1.0},
+        {"accuracy": 71.0},
+        main_metric="accuracy",
+        greater_is_better=True,
+    )  # fmt: skip  (no wall_time_s)
+    (runs / EXP / "plain").mkdir()
+    (runs / EXP / "plain" / "rte_seed1.json").write_text(json.dumps({"test": {"accuracy": 73.0}, "wall_time_s": 1800}))
+    written, _, _, _ = tables.make_tables(runs, paper_path=paper)
+    path = runs / EXP / "tables" / f"{EXP}_cost.md"
+    assert path in written[EXP]
+    text = path.read_text()
+    assert "| t5-base | dense | rte | 3 | 900 (600-1,200) | 0.75 |" in text
+    assert "| t5-base | mpoe | rte | 1 | 3,600 (3,600-3,600) | 1.00 |" in text
+    assert "|  | plain fine-tune | rte | 1 | 1,800 (1,800-1,800) | 0.50 |" in text
+    assert "| all | | | 5 | | 2.25 |" in text
+
+
+def test_a_corrupt_reference_file_is_a_one_line_error_naming_it(tmp_path, capsys):
+    paper = tmp_path / "paper.yaml"
+    spec = "  reference: {label: plain, files: plain, row: dense, margin: 1.5, seeds: 3}\n"
+    paper.write_text(MINI_TABLE.replace("  comparisons: [COMPARISONS]\n", spec))
+    write_run(tmp_path / "runs", "t5-base", "dense", "rte", 1, 1e-4, {"accuracy": 1.0}, {"accuracy": 1.0},
+              main_metric="accuracy", greater_is_better=True)  # fmt: skip
+    (tmp_path / "runs" / EXP / "plain").mkdir()
+    corrupt = tmp_path / "runs" / EXP / "plain" / "rte_seed1.json"
+    corrupt.write_text('{"test": {"accuracy": 7')  # a write cut short
+    assert tables.main([str(tmp_path / "runs"), "--paper", str(paper)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {corrupt}: not a readable reference file") and "Traceback" not in err
 
 
 def test_a_bad_reference_is_a_one_line_error(tmp_path, capsys):
