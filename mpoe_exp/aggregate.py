@@ -194,7 +194,7 @@ def select(records: list[RunRecord]) -> dict[GroupKey, Selection]:
     return selections
 
 
-def _seed_order(seed: Any) -> tuple:
+def seed_order(seed: Any) -> tuple:
     return (0, seed, "") if is_number(seed) else (1, 0, str(seed))
 
 
@@ -230,7 +230,7 @@ def paired(left: list[dict[Any, float]], right: list[dict[Any, float]]) -> Paire
     """Left minus right per seed, averaged over the parts (one per column; an average column's tasks): only the
     seeds present in every part of both sides."""
     common = set.intersection(*(set(values) for values in [*left, *right]))
-    seeds = sorted(common, key=_seed_order)
+    seeds = sorted(common, key=seed_order)
     diffs = [float(np.mean([lv[s] - rv[s] for lv, rv in zip(left, right)])) for s in seeds]
     return Paired(seeds, diffs)
 
@@ -280,7 +280,7 @@ def routing_load(sel: Selection) -> RoutingLoad | None:
                 stack[i, j, : len(loads[name])] = loads[name]
     counts = np.sum(~np.isnan(stack), axis=0)
     mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
-    return RoutingLoad(layers, mean, sorted((seed for seed, _ in per_run), key=_seed_order))
+    return RoutingLoad(layers, mean, sorted((seed for seed, _ in per_run), key=seed_order))
 
 
 # ----------------------------------------------------------------------------------------------------------------

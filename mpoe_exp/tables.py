@@ -35,7 +35,8 @@ t-interval (none with n = 1) and n. An average column (Table 1's Avg) pairs the 
 the seeds both rows ran on every task. An item {compare: "LEFT - RIGHT", rule, delta, seeds} also reads the
 interval by a pre-registered decision rule (aggregate.DecisionRule: at_least, equivalent, positive) and writes its
 verdict in a last column. A table with a `reference:` also gets <table>_reference.md (mpoe_exp/reference.py).
-Every experiment also gets <experiment>_cost.md: the run-hours of its runs and reference runs (mpoe_exp/run_cost.py).
+Every experiment also gets <experiment>_cost.md, the run-hours of its runs and reference runs (mpoe_exp/run_cost.py),
+and <experiment>_runs.md, each run in one line: its training curve and its experts (mpoe_exp/run_notes.py).
 
 Routing figures: `routing_<model>_<method>_<task>.png`, expert load per layer at the best checkpoint, for every
 selection with routing telemetry (mpoe_exp/figures.py).
@@ -54,7 +55,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mpoe_exp import reference, run_cost
+from mpoe_exp import reference, run_cost, run_notes
 from mpoe_exp.aggregate import (
     MIN_SEEDS,
     RULES,
@@ -609,7 +610,9 @@ def make_tables(
         }
         cost_path = out_dir / f"{exp}_cost.md"  # what the runs cost (mpoe_exp/run_cost.py)
         atomic_write_text(cost_path, run_cost.render_cost(records, exp, references))
-        written[exp].append(cost_path)
+        notes_path = out_dir / f"{exp}_runs.md"  # each run in one line (mpoe_exp/run_notes.py)
+        atomic_write_text(notes_path, run_notes.render_run_notes(records, exp))
+        written[exp] += [cost_path, notes_path]
         unplaced += [f"{exp}: {line}" for line in unplaced_runs(records, tables, exp)]
     return written, problems, n_failed, unplaced
 

@@ -303,7 +303,7 @@ def test_an_experiment_with_its_own_table_renders_only_that_one(tmp_path: Path):
     written, problems, n_failed, unplaced = tables.make_tables(runs)
     assert not problems and not unplaced and n_failed == 0
     markdown = sorted(p.name for p in written["real_minilm"] if p.suffix == ".md")
-    assert markdown == ["real_minilm.md", "real_minilm_comparisons.md", "real_minilm_cost.md"]
+    assert markdown == ["real_minilm.md", "real_minilm_comparisons.md", "real_minilm_cost.md", "real_minilm_runs.md"]
     assert "real_minilm.md" not in {p.name for p in written[EXP]} and "table3.md" in {p.name for p in written[EXP]}
     rows = list(csv.DictReader((runs / "real_minilm" / "tables" / "real_minilm.csv").open()))
     assert len(rows) == len(methods) * 3  # SST-2, RTE, #To (M)
@@ -613,6 +613,35 @@ def test_the_cost_page_adds_up_every_finished_runs_wall_time_and_the_reference_r
     assert "| t5-base | mpoe | rte | 1 | 3,600 (3,600-3,600) | 1.00 |" in text
     assert "|  | plain fine-tune | rte | 1 | 1,800 (1,800-1,800) | 0.50 |" in text
     assert "| all | | | 5 | | 2.25 |" in text
+
+
+def test_the_runs_page_gives_each_runs_curve_and_routing_at_its_best_checkpoint(tmp_path: Path):
+    """<experiment>_runs.md (mpoe_exp/run_notes.py): the best evaluation out of n, the first evaluation with half the
+    gain from the first evaluation to the best, and the routing of the best checkpoint over its layers."""
+    runs = tmp_path / "runs"
+    routing = {
+        "layer.0": {"load": [0.5, 0.5], "entropy": 0.69, "dropped": 0.0, "aux_drift": [0.01, 0.02]},
+        "layer.1": {"load": [0.9, 0.1], "entropy": 0.33, "dropped": 0.05, "aux_drift": [0.0, 0.015]},
+    }
+    scores = [10.0, 12.0, 50.0, 80.0, 78.0]  # gain 10 -> 80: halfway 45, first reached at the 3rd evaluation
+    history = [{"step": 10 * (i + 1), "loss": 1.0, "validation": {"pearson": v}} for i, v in enumerate(scores)]
+    history[3]["routing"] = routing  # the best checkpoint's
+    history[4]["routing"] = {"layer.0": {"load": [1.0, 0.0], "entropy": 0.0, "dropped": 0.0}}  # not the best
+    write_run(runs, "t5-base", "mpoe", "stsb", 1, 1e-4, {"pearson": 80.0}, {"pearson": 79.5}, main_metric="pearson",
+              greater_is_better=True, extra={"history": history, "best_step": 40})  # fmt: skip
+    curve = [{"step": 5 * (i + 1), "loss": 1.0, "validation": {"pearson": v}} for i, v in enumerate([40.0, 60, 70])]
+    write_run(runs, "t5-base", "dense", "stsb", 1, 1e-4, {"pearson": 70.0}, {"pearson": 71.0}, main_metric="pearson",
+              greater_is_better=True, extra={"history": curve, "best_step": 15})  # fmt: skip
+    write_run(runs, "t5-base", "dense", "stsb", 2, 1e-4, {}, {}, status="failed")
+    written, _, _, _ = tables.make_tables(runs)
+    path = runs / EXP / "tables" / f"{EXP}_runs.md"
+    assert path in written[EXP]
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| stsb")]
+    assert rows == [
+        "| stsb | t5-base | dense | lr=0.0001,bs=32,ep=3 | 1 | last of 3 | 2 | 70.00 | 71.00 |  |  |  |  |",
+        "| stsb | t5-base | mpoe | lr=0.0001,bs=32,ep=3 | 1 | 4 of 5 | 3 | 80.00 | 79.50 | 0.33-0.69 | 10.0-90.0% "
+        "| 5.0% | 2.0% |",
+    ]
 
 
 def test_a_corrupt_reference_file_is_a_one_line_error_naming_it(tmp_path, capsys):
