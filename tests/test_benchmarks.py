@@ -383,6 +383,35 @@ def test_plain_finetune_without_the_tasks_data_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_capacity_drop_measures_each_routed_layer_of_a_finished_switch_run(tmp_path):
+    """benchmarks/capacity_drop.py on a tiny Switch run whose training capacity drops tokens (factor 0.5: an expert
+    takes at most half its even share): one row per routed layer, a share dropped above 0; a run without its
+    checkpoint is a one-line error."""
+    from mpoe_exp import compose_config
+    from mpoe_exp.runner import run
+
+    cfg = compose_config(
+        ["model=tiny-bert", "method=switch", "task=rte", f"data_dir={DEMO_DATA_DIR / 'glue'}", f"runs_dir={tmp_path}",
+         "train.max_steps=4", "train.eval_every=2", "train.batch_size=8", "method.router.capacity_factor_train=0.5"]
+    )  # fmt: skip
+    directory = run(cfg)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/capacity_drop.py", str(directory), "--batches", "3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    layers = json.loads((directory / "results.json").read_text())["history"][-1]["routing"]
+    assert [r[1].strip() for r in rows] == list(layers)
+    assert all(float(r[2].strip(" %")) >= 50.0 for r in rows)  # half of every choice over capacity at least
+    (directory / "checkpoints" / "best.pt").unlink()
+    result = subprocess.run(
+        [sys.executable, "benchmarks/capacity_drop.py", str(directory)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 2 and "no checkpoints/best.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
 def test_wall_time_benchmark_times_a_command_and_bleu_and_names_the_machine():
     result = subprocess.run(
         [sys.executable, "benchmarks/wall_time.py", "--cases", "dry_run", "bleu", "--repeats", "1"],
