@@ -21,6 +21,8 @@ results.json (schema_version 1):
     central_updates   optimizer steps that updated the central tensors (gradient mask)
     history           [{"step", "loss", "validation": {...}, ...}] one entry per evaluation; with routed expert
                       layers also "routing": {layer: {load, entropy, dropped[, aux_drift]}} (mpoe_exp/moe/telemetry.py)
+                      of the validation pass and "train_routing": {layer: {load, entropy, dropped}} of the training
+                      forwards since the previous evaluation (this process's, under several processes)
     wall_time_s, tokens_per_second
   failed runs also:
     error             why it stopped

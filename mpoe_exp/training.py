@@ -434,7 +434,7 @@ class TrainingHooks(Protocol):
     def central_parameters(self) -> list[torch.nn.Parameter]: ...  # what the gradient mask acts on
     def begin_step(self) -> None: ...  # an optimizer step of several micro-batches starts (under autocast)
     def end_step(self, backward: bool = True) -> None: ...  # it ends; backward=False: it failed before backward
-    def reset_routing_stats(self) -> None: ...  # start recording where tokens are routed (an evaluation)
+    def reset_routing_stats(self) -> None: ...  # start recording where tokens are routed (training, an evaluation)
     def routing_stats(self) -> dict[str, dict[str, Any]]: ...  # end it: per routed layer, its telemetry
 
 
@@ -701,6 +701,7 @@ class Trainer:
             progress.write(f"resumed from {self.checkpoints / LAST} at step {state.step}")
         self.progress = progress
         batches = self.micro_batches()
+        self.hooks.reset_routing_stats()  # the training routing, read at each evaluation (train_routing)
         with contextlib.closing(progress):
             while state.step < plan.total_steps:
                 self.train_one_step(batches)
@@ -713,6 +714,7 @@ class Trainer:
                     if self.dist.is_main:
                         self.save_checkpoint()
                     self.dist.barrier()
+        self.hooks.routing_stats()  # the recording ends with training
         return state
 
     def train_one_step(self, batches: Iterator[tuple[int, int, dict]]) -> StepOutcome:
@@ -762,9 +764,11 @@ class Trainer:
             torch.distributed.all_reduce(loss)
             train_loss = loss.item() / self.dist.world_size
         state.running_loss, state.running_batches = 0.0, 0
+        training_routing = self.hooks.routing_stats()  # the training forwards' since the last evaluation (fit)
         self.hooks.reset_routing_stats()  # where the routed layers send the validation pass's tokens
         metrics = self.evaluate("validation")
         routing = self.hooks.routing_stats()
+        self.hooks.reset_routing_stats()  # training again
         value = metrics[self.task.main_metric]
         better = replaces_best(metrics, self.best_validation(), self.task.main_metric, self.task.greater_is_better)
         record = {
@@ -776,6 +780,11 @@ class Trainer:
         }
         if routing:  # models with routed expert layers
             record["routing"] = routing
+        if training_routing:  # where a training capacity limit drops choices (validation has none); this rank's
+            drift = "aux_drift"  # the evaluation's entry has it, from the same moment
+            record["train_routing"] = {
+                n: {k: v for k, v in e.items() if k != drift} for n, e in training_routing.items()
+            }
         state.history.append(record)
         self.log(record)
         if self.progress is not None and self.dist.is_main:

@@ -1,5 +1,6 @@
-"""Routing telemetry: where a model's routed layers sent the tokens of one pass (a validation evaluation), and how far
-MPO experts moved from their upcycled start.
+"""Routing telemetry: where a model's routed layers sent the tokens of one pass (a validation evaluation, or the
+training forwards between two evaluations: the trainer records both), and how far MPO experts moved from their
+upcycled start.
 
 `reset_routing_stats(model)` starts a recording in every routed layer (`RoutedLayer`): each forward then adds its
 real tokens' choices to counts kept on the device (no host sync per forward). `routing_stats(model)` ends it and

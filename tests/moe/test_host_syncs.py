@@ -84,3 +84,14 @@ def test_the_noisy_router_s_normal_cdf_is_torch_s_without_validation():
 
     z = torch.randn(1000) * 3
     assert torch.equal(standard_normal_cdf(z), torch.distributions.Normal(0.0, 1.0).cdf(z))
+
+
+@pytest.mark.parametrize("method", ["mpoe", "switch"])
+def test_recording_the_routing_adds_no_host_sync(method):
+    """The trainer records the routing of every training forward (train_routing): on the device, no read back."""
+    from mpoe_exp.moe import reset_routing_stats
+
+    plain = forward_reads(method_layer(method), padded=False)
+    layer = method_layer(method)
+    reset_routing_stats(layer)
+    assert forward_reads(layer, padded=False) == plain

@@ -1,5 +1,6 @@
 """Routing telemetry: every validation evaluation records, per routed layer, the experts' load, its entropy, the
-fraction dropped by capacity and (MPO) each expert's drift from its upcycled start; padding never counts."""
+fraction dropped by capacity and (MPO) each expert's drift from its upcycled start, and the same of the training
+forwards since the previous evaluation; padding never counts."""
 
 from __future__ import annotations
 
@@ -66,6 +67,24 @@ def test_every_validation_records_the_routing_of_every_routed_layer(tmp_path, ca
     assert logged[-1]["routing"] == history[-1]["routing"]  # train.log too
     out = capsys.readouterr().out
     assert "routing: most loaded expert" in out and "least loaded expert" in out
+
+
+def test_each_evaluation_also_records_the_training_routing_since_the_last_one(tmp_path):
+    """History entries carry "train_routing": the routing of the training forwards since the previous evaluation,
+    where a training capacity limit drops choices (the validation pass has none). Capacity factor 0.5: an expert
+    takes at most half its even share, so at least half of every layer's choices are dropped in training."""
+    overrides = ["model=tiny-bert", "method=switch", *RUNS["tiny-bert"], f"runs_dir={tmp_path}"]
+    cfg = compose_config([*overrides, "train.max_steps=4", "train.eval_every=2", "train.batch_size=8",
+                          "method.router.capacity_factor_train=0.5"])  # fmt: skip
+    directory = run(cfg)
+    history = json.loads((directory / RESULTS_FILE).read_text())["history"]
+    names = routed_names(build_model(run_spec(cfg))[0])
+    for record in history:
+        assert list(record["train_routing"]) == names
+        for name, entry in record["train_routing"].items():
+            check_entry(entry, cfg.method.num_experts)
+            assert entry["dropped"] >= 0.5 and record["routing"][name]["dropped"] == 0.0
+            assert "aux_drift" not in entry  # the evaluation's entry has it, at the same moment
 
 
 def perturbed_switch_model(capacity_factor=None):
