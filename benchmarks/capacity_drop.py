@@ -34,8 +34,13 @@ from mpoe_exp.tasks.tasks import build_task
 
 
 def measure(run_dir: Path, data_dir: str | None, batches: int) -> str:
-    results = json.loads((run_dir / "results.json").read_text())
-    record = RunRecord.from_json(results)
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        record = RunRecord.from_json(results)
+    except (OSError, ValueError) as err:  # BadRecord is a ValueError
+        raise UserError(f"{run_dir}: not a finished run ({err})") from None
+    if not record.finished:
+        raise UserError(f"{run_dir}: not a finished run (status {record.status})")
     cfg = OmegaConf.create(results["config"])
     if data_dir:
         cfg.data_dir = data_dir

@@ -404,6 +404,12 @@ def test_capacity_drop_measures_each_routed_layer_of_a_finished_switch_run(tmp_p
     layers = json.loads((directory / "results.json").read_text())["history"][-1]["routing"]
     assert [r[1].strip() for r in rows] == list(layers)
     assert all(float(r[2].strip(" %")) >= 50.0 for r in rows)  # half of every choice over capacity at least
+    (directory / "results.json").rename(directory / "moved.json")  # a run still training has best.pt, no results
+    result = subprocess.run(
+        [sys.executable, "benchmarks/capacity_drop.py", str(directory)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 2 and "not a finished run" in result.stderr and "Traceback" not in result.stderr
+    (directory / "moved.json").rename(directory / "results.json")
     (directory / "checkpoints" / "best.pt").unlink()
     result = subprocess.run(
         [sys.executable, "benchmarks/capacity_drop.py", str(directory)], capture_output=True, text=True, cwd=ROOT
