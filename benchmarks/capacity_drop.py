@@ -55,6 +55,7 @@ def measure(run_dir: Path, data_dir: str | None, batches: int) -> str:
     random.Random(0).shuffle(features)
     size = spec.train.batch_size
     model.train()
+    torch.manual_seed(0)  # the jitter and dropout of the pass: the same numbers on a rerun
     reset_routing_stats(model)
     with torch.no_grad():
         for start in range(0, min(len(features), batches * size), size):
