@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from mpoe_exp.aggregate import best_routing
 from mpoe_exp.config import run_spec
-from mpoe_exp.errors import UserError
+from mpoe_exp.errors import UserError, run_command
 from mpoe_exp.models import build_model
 from mpoe_exp.moe.telemetry import reset_routing_stats, routing_stats
 from mpoe_exp.run_record import RunRecord
@@ -34,6 +34,8 @@ from mpoe_exp.tasks.tasks import build_task
 
 
 def measure(run_dir: Path, data_dir: str | None, batches: int) -> str:
+    if not (run_dir / "checkpoints" / "best.pt").is_file():
+        raise UserError(f"{run_dir}: no checkpoints/best.pt (a finished run that kept its checkpoint)")
     try:
         results = json.loads((run_dir / "results.json").read_text())
         record = RunRecord.from_json(results)
@@ -82,14 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="where the task's data is now, if not where the run read it")
     parser.add_argument("--batches", type=int, default=1000, help="at most this many training batches")
     args = parser.parse_args(argv)
-    try:
-        if not (args.run_dir / "checkpoints" / "best.pt").is_file():
-            raise UserError(f"{args.run_dir}: no checkpoints/best.pt (a finished run that kept its checkpoint)")
-        print(measure(args.run_dir, args.data_dir, args.batches))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: print(measure(args.run_dir, args.data_dir, args.batches)))
 
 
 if __name__ == "__main__":

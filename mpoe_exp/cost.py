@@ -189,14 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiments", nargs="*", default=list(PAPER_EXPERIMENTS), help="experiment configs")
     parser.add_argument("--tflops", type=float, default=60.0, help="sustained TFLOP/s per GPU (default 60)")
     args = parser.parse_args(argv)
-    from mpoe_exp.errors import UserError
+    from mpoe_exp.errors import run_command
 
-    try:
-        print(render(estimate(args.experiments), args.tflops))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: print(render(estimate(args.experiments), args.tflops)))
 
 
 if __name__ == "__main__":
