@@ -6,7 +6,7 @@ RUNS ?= runs
 SMOKE = table1_t5_base_smoke table1_t5_large_smoke table1_gpt2_smoke table2_smoke table3_smoke table4_smoke \
         extra_methods_t5_base_smoke extra_methods_gpt2_smoke
 
-.PHONY: install test test-all test-sweeps lint dry-run tables smoke gpu-hours real-minilm minilm-converged minilm-converged-extra plain-finetune
+.PHONY: install test test-all test-sweeps lint dry-run tables smoke gpu-hours real-minilm minilm-converged minilm-converged-extra plain-finetune minilm-stsb-b32
 
 install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU machines) + this package
 	python3 -m venv $(VENV)
@@ -41,6 +41,8 @@ tables:  ## the paper's Tables 1-4 beside our results, in runs/<experiment>/tabl
 	$(PYTHON) -m mpoe_exp.tables $(RUNS)
 
 JOBS ?= 2
+# minilm-stsb-b32's device: auto (a GPU where there is one), cpu, cuda, cuda:N
+DEVICE ?= auto
 smoke:  ## every table's sweep on tiny models and demo data (CPU, offline, JOBS runs at a time), then the tables
 	@for e in $(SMOKE); do OMP_NUM_THREADS=1 $(PYTHON) -m mpoe_exp -m experiment=$$e runs_dir=$(RUNS) \
 	  hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS) || exit 1; done
@@ -69,6 +71,18 @@ minilm-converged-extra:  ## the study's optional methods, in the design's order:
 	  for seed in 1 2 3 4 5; do for t in sst2 stsb; do \
 	  $(PYTHON) -m mpoe_exp -m experiment=minilm_converged_$$t $(CONVERGED) seed=$$seed $$extra || exit 1; done; done; done
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment minilm_converged
+
+STSB_B32 = experiment=minilm_stsb_b32 data_dir=$(GLUE_DIR) runs_dir=$(RUNS) hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)
+minilm-stsb-b32:  ## the STS-B follow-up (REPRODUCTION.md), made for a GPU: plain fine-tunes, dense/switch/mpoe, the optional methods, tables
+	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue (STS-B/ in the GLUE download-script layout)" >&2; exit 2; }
+	@mkdir -p $(RUNS)/minilm_stsb_b32/plain_finetune
+	@for seed in 1 2 3 4 5; do out=$(RUNS)/minilm_stsb_b32/plain_finetune/stsb_seed$$seed.json; \
+	  test -f $$out || $(PYTHON) benchmarks/plain_finetune.py --data-dir $(GLUE_DIR) --task stsb --seed $$seed \
+	    --device $(DEVICE) --out $$out || exit 1; done
+	$(PYTHON) -m mpoe_exp -m $(STSB_B32) device=$(DEVICE)
+	@for extra in "method=mpoe ablation=no_mask" "method=mpoe ablation=no_sharing" "method=mpoe++" "method=moe"; do \
+	  $(PYTHON) -m mpoe_exp -m $(STSB_B32) device=$(DEVICE) $$extra || exit 1; done
+	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment minilm_stsb_b32
 
 plain-finetune:  ## the study's reference: benchmarks/plain_finetune.py at its defaults, seeds 1-3, SST-2 and STS-B
 	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue" >&2; exit 2; }

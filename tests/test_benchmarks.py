@@ -382,6 +382,14 @@ def test_plain_finetune_without_the_tasks_data_is_a_one_line_error(tmp_path):
     assert result.stderr.startswith("error: no GLUE rte data under data_dir") and "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_plain_finetune_on_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    result = run_plain_finetune("--data-dir", str(tmp_path), "--task", "rte", "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: device=cuda asked for, but CUDA is not available")
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_capacity_drop_measures_each_routed_layer_of_a_finished_switch_run(tmp_path):
     """benchmarks/capacity_drop.py on a tiny Switch run whose training capacity drops tokens (factor 0.5: an expert
