@@ -494,3 +494,19 @@ def test_a_torch_that_ships_its_own_grouped_mm_flop_formula_keeps_it(monkeypatch
     finally:
         monkeypatch.undo()
         importlib.reload(reloaded)
+
+
+def test_layer_targets_reads_each_runs_ratios_against_the_targets(tmp_path):
+    """benchmarks/layer_targets.py: one column per run and token count, the ratio layers.py measured, and how many
+    of them meet each target (a missing layer is '-', not counted)."""
+    import layer_targets
+
+    def run(mpoe_physical: float) -> dict:
+        layer = {"x_physical": mpoe_physical, "x_floor": 1.0}
+        return {"machine": "AMD EPYC, 2 threads", "tokens": {"4096": {"mpoe no-recompute": layer, "mpoe": layer}}}
+
+    text = layer_targets.table({"a": run(1.19), "b": run(1.31)})
+    assert "| criterion | target | a, 4,096 | b, 4,096 | met |" in text
+    assert "| mpoe no-recompute / physical floor | <= 1.20 | 1.19 | 1.31 | 1 of 2 |" in text
+    assert "| mpoe++ no-recompute / physical floor | <= 1.25 | - | - | 0 of 0 |" in text
+    assert text.endswith("AMD EPYC, 2 threads")
