@@ -164,7 +164,10 @@ def _shown_setting(chosen: RunRecord, settings: list[RunRecord]) -> dict[str, An
 
 
 def select(records: list[RunRecord]) -> dict[GroupKey, Selection]:
-    """Per group, the setting (the config less the seed) with the best mean validation main metric over its seeds."""
+    """Per group, the setting (the config less the seed) with the best mean validation main metric, compared over
+    the seeds every setting of the group has (all of each setting's seeds where they share none): a sweep stopped
+    part way does not pick a setting for which seeds it happened to reach. `validation_mean` is the chosen
+    setting's mean over all its seeds."""
     settings: dict[GroupKey, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     failed: Counter[GroupKey] = Counter()
     for r in records:
@@ -177,10 +180,13 @@ def select(records: list[RunRecord]) -> dict[GroupKey, Selection]:
     selections: dict[GroupKey, Selection] = {}
     for key, by_setting in settings.items():
         best: tuple[float, str, float] | None = None  # (score, hparams key, validation mean)
+        shared = set.intersection(*({r.seed for r in runs} for runs in by_setting.values()))
         for hkey in sorted(by_setting):
             runs = by_setting[hkey]
             mean = float(np.mean([r.metric("validation", r.main_metric) for r in runs]))
-            score = mean if runs[0].greater_is_better else -mean
+            compared = [r for r in runs if r.seed in shared] or runs
+            score = float(np.mean([r.metric("validation", r.main_metric) for r in compared]))
+            score = score if runs[0].greater_is_better else -score
             score = score if math.isfinite(score) else -math.inf
             if best is None or score > best[0]:
                 best = (score, hkey, mean)

@@ -317,7 +317,8 @@ def _lines(table: Table) -> tuple[list[str], list[list[str]]]:
 def _footnote(table: Table) -> list[str]:
     notes = [
         f"Experiment `{table.experiment}`. Ours: mean ± sample std (ddof=1) of the TEST metric over the seeds of the "
-        "hyperparameter setting with the best mean validation main metric; n = seeds; no std with one seed.",
+        "hyperparameter setting with the best mean validation main metric (compared over the seeds every setting has); "
+        "n = seeds; no std with one seed.",
         f"{DAGGER} fewer than {MIN_SEEDS} seeds. missing: not run (or no finished run). "
         "ours − paper: signed difference of means (for PPL lower is better). Rows the paper does not have "
         "(CartesianMoE, MEO, adapter experts) leave the paper's lines blank.",

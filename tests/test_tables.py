@@ -107,6 +107,22 @@ def runs(tmp_path: Path) -> Path:
     return runs
 
 
+def test_selection_compares_settings_on_the_seeds_they_share(tmp_path: Path):
+    """A sweep stopped part way: lr 1e-4 has seeds 1-3, lr 1e-3 only seed 1. Over all their seeds lr 1e-3 (validation
+    85) beats lr 1e-4 (mean 83.3), but only because seeds 2 and 3 were hard for every setting; on seed 1, the one both
+    ran, lr 1e-4 is better (90 against 85), and it is chosen. Its reported validation mean stays over all its seeds."""
+    runs = tmp_path / "runs"
+    for seed, val in ((1, 90.0), (2, 80.0), (3, 80.0)):
+        write_run(runs, "t5-base", "mpoe", "cola", seed, 1e-4, {"mcc": val}, {"mcc": val},
+                  main_metric="mcc", greater_is_better=True)  # fmt: skip
+    write_run(runs, "t5-base", "mpoe", "cola", 1, 1e-3, {"mcc": 85.0}, {"mcc": 85.0},
+              main_metric="mcc", greater_is_better=True)  # fmt: skip
+    records, _ = tables.load_results(runs)
+    chosen = tables.select(records)[(EXP, "t5-base", "mpoe", "cola")]
+    assert chosen.hparams["lr"] == 1e-4 and chosen.settings == 2
+    assert chosen.validation_mean == pytest.approx(250.0 / 3)
+
+
 def test_load_results_reports_corrupt_and_incomplete_files(runs: Path):
     records, problems = tables.load_results(runs)
     assert len(records) == 6 + 1 + 2 + 6
