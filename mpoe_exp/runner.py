@@ -43,9 +43,12 @@ def run(cfg: DictConfig) -> Path:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.train.tf32
     seed_everything(cfg.seed)
+    threads = cfg.get("cpu_threads", "auto")
+    if threads != "auto":  # a number holds from the start: upcycling runs on those threads too
+        set_cpu_threads(threads, device, None)
     model, tokenizer = build_model(spec)
     model.to(device)
-    set_cpu_threads(cfg.get("cpu_threads", "auto"), device, model)
+    set_cpu_threads(threads, device, model)
     kept = set_cpu_malloc(cfg.get("cpu_malloc", "system"), device)
     task = build_task(spec, tokenizer)
     parameters = parameter_report(model)
@@ -145,12 +148,13 @@ def print_outcome(path: Path, task, best: dict, test_metrics: dict) -> None:
 SMALL_MODEL_PARAMETERS = 20_000_000
 
 
-def set_cpu_threads(setting, device: torch.device, model: torch.nn.Module) -> None:
-    """`cpu_threads`: an int, or "auto": one thread for small models on CPU, torch's default otherwise."""
+def set_cpu_threads(setting, device: torch.device, model: torch.nn.Module | None) -> None:
+    """`cpu_threads`: an int, or "auto": one thread for small models on CPU, torch's default otherwise (the model
+    decides; with none, "auto" does nothing yet)."""
     if device.type != "cpu":
         return
     if setting == "auto":
-        if sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMETERS:
+        if model is None or sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMETERS:
             return
         setting = 1
     torch.set_num_threads(int(setting))

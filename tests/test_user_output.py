@@ -78,6 +78,27 @@ def test_small_models_train_on_one_cpu_thread_unless_told_otherwise():
         torch.set_num_threads(before)
 
 
+def test_a_run_builds_its_model_on_the_cpu_threads_it_was_given(tmp_path, monkeypatch):
+    """cpu_threads set to a number holds from the start: upcycling (the MPO decompositions' SVDs) runs on those
+    threads too, so parallel sweeps with cpu_threads=1 do not oversubscribe the cores while building."""
+    from mpoe_exp import runner
+
+    seen = []
+    build = runner.build_model
+    monkeypatch.setattr(runner, "build_model", lambda spec: (seen.append(torch.get_num_threads()), build(spec))[1])
+    cfg = compose_config(
+        ["model=tiny-t5", "method=mpoe", "task=cola", "data_dir=${mpoe_demo_data:glue}", f"runs_dir={tmp_path}"]
+        + ["train.max_steps=1", "train.batch_size=8", "cpu_threads=3"]
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(cfg)
+        assert seen == [3] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("old", ["huggingface-cli"])
 def test_no_command_that_no_longer_exists_is_recommended(old):
     for path in [ROOT / "README.md", *(ROOT / "mpoe_exp").rglob("*.py")]:
