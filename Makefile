@@ -14,7 +14,7 @@ install:  ## virtual environment + torch (CPU-only here; the CUDA build on GPU m
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
 
-test:  ## the default test run (CPU, offline, one test process per core; about 10 minutes on 2 cores)
+test:  ## the default test run (CPU, offline, one test process per core; about 3-4 minutes on 2 cores)
 	$(PYTHON) -m pytest -m "not slow" -q -n auto --dist worksteal
 
 test-all:  ## every test but the full smoke sweeps: slow ones included (sweeps, launchers, smoke + tables, benchmarks, kill/resume)
