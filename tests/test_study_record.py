@@ -4,6 +4,7 @@ comparisons and cost that REPRODUCTION.md shows: every number there can be recom
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -52,3 +53,27 @@ def test_the_record_keeps_every_number_and_drops_samples_and_checkpoints(tmp_pat
     copied = json.loads((tmp_path / "record" / run.relative_to(tmp_path / "runs") / RESULTS_FILE).read_text())
     assert copied == {**results, "test": {"accuracy": 90.0}}
     assert not list((tmp_path / "record").rglob("*.pt")) and not list((tmp_path / "record").rglob("train.log"))
+
+
+def test_the_verdicts_at_a_glance_are_those_of_the_records_comparisons():
+    """REPRODUCTION.md's summary table copies each verdict from its study's comparisons: every copied mean, interval
+    and verdict is a row of that study's committed comparisons table."""
+    text = (ROOT / "REPRODUCTION.md").read_text()
+    glance = text[text.index("The verdicts at a glance") :]
+    glance = glance[: glance.index("\n\n", glance.index("| the paper's claim"))]
+    checked = 0
+    for line in glance.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        found = re.search(r"\(`(\w+)`\)", cells[1]) if len(cells) == 5 else None
+        if found is None or "[" not in cells[3]:
+            continue
+        study = found.group(1)
+        comparisons = (ROOT / "docs" / study / "runs" / study / "tables" / f"{study}_comparisons.md").read_text()
+        mean, interval = cells[3].replace("−", "-").split(" ", 1)
+        left, right = cells[2].split(" − ")
+        rows = [r for r in comparisons.splitlines() if f"| {mean} | {interval} |" in r]
+        assert len(rows) == 1, (study, cells)
+        task = cells[1].split(" ")[0]
+        assert f"(minilm/{left} − minilm/{right}) | {task} |" in rows[0] and f"| {cells[4]} (" in rows[0], rows[0]
+        checked += 1
+    assert checked == 6
