@@ -65,11 +65,11 @@ minilm-converged:  ## the pre-registered MiniLM study (REPRODUCTION.md): dense/s
 	  $(PYTHON) -m mpoe_exp -m experiment=minilm_converged_$$t $(CONVERGED) seed=$$seed || exit 1; done; done
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment minilm_converged
 
-minilm-converged-extra:  ## the study's optional methods, in the design's order: mpoe without the mask, without sharing, mpoe++, moe
+minilm-converged-extra:  ## the study's optional methods on SST-2 (its STS-B did not converge), in the design's order: mpoe without the mask, without sharing, mpoe++, moe
 	@test -n "$(GLUE_DIR)" || { echo "error: set GLUE_DIR=/path/to/glue" >&2; exit 2; }
 	@for extra in "method=mpoe ablation=no_mask" "method=mpoe ablation=no_sharing" "method=mpoe++" "method=moe"; do \
-	  for seed in 1 2 3 4 5; do for t in sst2 stsb; do \
-	  $(PYTHON) -m mpoe_exp -m experiment=minilm_converged_$$t $(CONVERGED) seed=$$seed $$extra || exit 1; done; done; done
+	  for seed in 1 2 3 4 5; do \
+	  $(PYTHON) -m mpoe_exp -m experiment=minilm_converged_sst2 $(CONVERGED) seed=$$seed $$extra || exit 1; done; done
 	$(PYTHON) -m mpoe_exp.tables $(RUNS) --experiment minilm_converged
 
 STSB_B32 = experiment=minilm_stsb_b32 data_dir=$(GLUE_DIR) runs_dir=$(RUNS) hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)
