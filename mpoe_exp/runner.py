@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.train.tf32
     seed_everything(cfg.seed)
     threads = cfg.get("cpu_threads", "auto")
-    if threads != "auto":  # a number holds from the start: upcycling runs on those threads too
-        set_cpu_threads(threads, device, None)
+    set_cpu_threads(threads, device, None)  # a number holds from the start: upcycling runs on those threads too
     model, tokenizer = build_model(spec)
     model.to(device)
     set_cpu_threads(threads, device, model)
