@@ -29,23 +29,60 @@ from torch import nn
 
 from mpoe_exp import mpo
 
-# The attribute of a matrix whose weight gradient the experts' grouped matmul adds in place into a preallocated sum
-# (`MPOExperts.begin_step`'s copies, for an optimizer step of several micro-batches): the sum itself.
+# The attribute of a matrix whose weight gradient the experts' grouped matmul adds in place into a sum (the experts'
+# `begin_step` leaves, for an optimizer step of several micro-batches): a `_GradientSum`.
 GRADIENT_IN_PLACE = "gradient_in_place"
 
 
-def accumulate_in_place(leaf: torch.Tensor) -> torch.Tensor:
+class _GradientSum:
+    """The in-place gradient sum of a marked matrix: allocated by the first backward that adds to it (`start`), so a
+    matrix no backward reached has none, as a parameter without gradient has .grad None."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.total = dtype, None
+
+    def start(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum, uninitialized: its first addition overwrites (`addmm_(beta=0)`), saving a pass of zeros."""
+        self.total = torch.empty_like(like, dtype=self.dtype, memory_format=torch.contiguous_format)
+        return self.total
+
+
+def accumulate_in_place(leaf: torch.Tensor) -> None:
     """Mark the matrix stack `leaf` (E, out, in) so that `layer.grouped_mm` adds its weight gradients in place into
-    a sum of zeros, returned: in fp32 at least, so that the micro-batches of a bf16 or fp16 step are summed as an
-    fp32 optimizer step sums them, not rounded to 8 or 11 bits at every addition."""
-    total = torch.zeros_like(leaf, dtype=torch.promote_types(leaf.dtype, torch.float32))
-    setattr(leaf, GRADIENT_IN_PLACE, total)
-    return total
+    a sum (`gradient_sum`): in fp32 at least, so that the micro-batches of a bf16 or fp16 step are summed as an fp32
+    optimizer step sums them, not rounded to 8 or 11 bits at every addition."""
+    setattr(leaf, GRADIENT_IN_PLACE, _GradientSum(torch.promote_types(leaf.dtype, torch.float32)))
+
+
+def accumulates_in_place(leaf: torch.Tensor) -> bool:
+    return hasattr(leaf, GRADIENT_IN_PLACE)
 
 
 def gradient_sum(leaf: torch.Tensor) -> torch.Tensor | None:
-    """The in-place gradient sum of a matrix marked by `accumulate_in_place`, or None."""
-    return getattr(leaf, GRADIENT_IN_PLACE, None)
+    """The in-place gradient sum of a matrix marked by `accumulate_in_place`; None while no backward has added to it
+    (or when the matrix is not marked)."""
+    marked = getattr(leaf, GRADIENT_IN_PLACE, None)
+    return None if marked is None else marked.total
+
+
+def step_leaf(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of `weight` for one optimizer step's forwards, detached, its gradients added in place: in the autocast
+    dtype under autocast (as the forward would cast it), else the weight itself detached (no copy)."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and weight.is_floating_point():
+        weight = weight.to(torch.get_autocast_dtype(device))
+    leaf = weight.detach().requires_grad_()
+    accumulate_in_place(leaf)
+    return leaf
+
+
+def add_gradient(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad (cast to the parameter's dtype), or = grad where it has none (no copy when they agree)."""
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
 
 
 @dataclass(frozen=True)
@@ -93,6 +130,7 @@ class DenseExperts(nn.Module):
         self.biases = nn.ParameterDict(
             {n: nn.Parameter(torch.empty(num_experts, spec.bias_size(n), **kw)) for n in spec.bias_names}
         )
+        self._step: dict[str, torch.Tensor] | None = None  # begin_step..end_step: {name: this step's leaf}
 
     @classmethod
     def from_dense(cls, spec: FeedForwardSpec, num_experts: int, weights: dict, biases: dict) -> DenseExperts:
@@ -107,8 +145,39 @@ class DenseExperts(nn.Module):
         return experts
 
     def materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Matrices {name: (E, out, in)} and biases {name: (E, out)}, one per expert."""
-        return dict(self.matrices), dict(self.biases)
+        """Matrices {name: (E, out, in)} and biases {name: (E, out)}, one per expert (between begin_step and end_step,
+        with autograd: the step's leaves in place of the trainable matrices)."""
+        matrices = dict(self.matrices)
+        if self._step is not None and torch.is_grad_enabled():
+            matrices.update(self._step)
+        return matrices, dict(self.biases)
+
+    def begin_step(self) -> None:
+        """For an optimizer step of several micro-batches: the forwards get one leaf per trainable matrix
+        (`step_leaf`: cast once per step to the autocast dtype, not once per call), whose weight gradients the
+        grouped matmuls add in place into an fp32 sum (`layer.grouped_mm`); `end_step` adds the sums to .grad.
+        Autograd would instead allocate each micro-batch's (E, out, in) weight gradient and then add it to .grad.
+        Only for a consumer whose products go through `layer.grouped_mm` (MoEFeedForward; moe/hooks.py): a gradient
+        that reaches a leaf by plain autograd is kept too, but summed in the leaf's dtype."""
+        self._step = {n: step_leaf(w) for n, w in self.matrices.items() if w.requires_grad}
+
+    def end_step(self, backward: bool = True) -> None:
+        """Add the step's gradient sums to the matrices' .grad (`backward=False`: drop them, after a failed step). A
+        matrix no backward reached keeps .grad as it was, None after `zero_grad`."""
+        leaves, self._step = self._step or {}, None
+        if not backward:
+            return
+        for name, leaf in leaves.items():
+            total = gradient_sum(leaf)
+            if leaf.grad is not None:  # reached by plain autograd (outside grouped_mm)
+                total = leaf.grad.to(total.dtype) if total is None else total.add_(leaf.grad)
+            if total is not None:
+                add_gradient(self.matrices[name], total)
+
+    @property
+    def holds_step_matrices(self) -> bool:
+        """Whether `materialize` hands out this optimizer step's leaves (begin_step..end_step)."""
+        return self._step is not None
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return []

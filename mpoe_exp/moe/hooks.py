@@ -6,7 +6,8 @@
 - `aux_loss()`: the sum of the routed layers' auxiliary losses of the last forward (balance, z, importance/load),
   added to the task loss;
 - `begin_step()` / `end_step(backward)`: the bounds of one optimizer step of several micro-batches; MPO experts
-  contract each expert matrix once per step instead of once per micro-batch (`MPOExperts.begin_step`);
+  contract each expert matrix once per step instead of once per micro-batch (`MPOExperts.begin_step`), and both MPO
+  and dense experts add their micro-batches' weight gradients in place into one fp32 sum per matrix;
 - `central_parameters()` and `gradient_mask_prob`: what the gradient mask acts on and how often (section 3.3 of
   the paper: MPOE's central tensors, p_b of the method; nothing, 0.0 for other methods);
 - `reset_routing_stats()` / `routing_stats()`: the routing telemetry of one evaluation (moe/telemetry.py).
@@ -22,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpoe_exp.moe.experts import MPOExperts
-from mpoe_exp.moe.layer import central_parameters, collect_aux_loss
+from mpoe_exp.moe.experts import DenseExperts, MPOExperts
+from mpoe_exp.moe.layer import MoEFeedForward, central_parameters, collect_aux_loss
 from mpoe_exp.moe.telemetry import reset_routing_stats, routing_stats
 
 
@@ -45,7 +46,11 @@ class MoETrainingHooks:
         return central_parameters(self.model)
 
     def begin_step(self) -> None:
-        self._in_step = [m for m in self.model.modules() if isinstance(m, MPOExperts)]
+        """MPO experts anywhere; dense experts where an MoEFeedForward runs them (through `layer.grouped_mm`, which
+        adds their gradients in place), not where a layer merges or applies them otherwise (MEO, adapters)."""
+        mpo = [m for m in self.model.modules() if isinstance(m, MPOExperts)]
+        dense = [m.experts for m in self.model.modules() if isinstance(m, MoEFeedForward)]
+        self._in_step = mpo + [e for e in dense if isinstance(e, DenseExperts)]
         for experts in self._in_step:
             experts.begin_step()
 

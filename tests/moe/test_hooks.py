@@ -79,3 +79,47 @@ def test_begin_and_end_step_bracket_the_contraction_of_every_mpo_layer():
     assert all(e._step is None for e in experts)
     assert torch.allclose(loss, plain)
     assert all(p.grad is not None for p in central_parameters(model))
+
+
+@pytest.mark.parametrize("method", ["switch", "moe"])
+def test_begin_and_end_step_hand_dense_experts_one_leaf_per_step(method):
+    """Dense experts run by an MoEFeedForward get this step's leaves between begin_step and end_step; end_step puts
+    the gradients on the matrices' .grad, equal to a plain backward's. A step whose backward never ran (end_step
+    without backward, or nothing reached the matrices) leaves .grad None, as autograd would."""
+    from mpoe_exp.moe import DenseExperts, MoEFeedForward
+
+    model, _ = built(f"method={method}")
+    experts = [m.experts for m in model.modules() if isinstance(m, MoEFeedForward)]
+    assert experts and all(isinstance(e, DenseExperts) for e in experts)
+    torch.manual_seed(0)
+    model.train()(**batch()).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.training_hooks.begin_step()
+    assert all(e.holds_step_matrices for e in experts)
+    torch.manual_seed(0)
+    model(**batch()).loss.backward()
+    assert all(p.grad is None for e in experts for p in e.matrices.values())
+    model.training_hooks.end_step()
+    assert not any(e.holds_step_matrices for e in experts)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == plain.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    model.zero_grad(set_to_none=True)
+    for backward in (True, False):
+        model.training_hooks.begin_step()
+        model(**batch())  # no backward
+        model.training_hooks.end_step(backward=backward)
+        assert all(p.grad is None for e in experts for p in e.matrices.values())
+
+
+def test_layers_that_apply_dense_experts_otherwise_keep_their_parameters():
+    """MEO merges its experts' matrices (no grouped matmul): begin_step leaves them alone."""
+    from mpoe_exp.moe import DenseExperts
+
+    model, _ = built("method=meo")
+    experts = [m for m in model.modules() if isinstance(m, DenseExperts)]
+    model.training_hooks.begin_step()
+    assert experts and not any(e.holds_step_matrices for e in experts)
+    model.training_hooks.end_step()
