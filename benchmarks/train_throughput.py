@@ -1,15 +1,16 @@
 """End to end: training tokens per second of a T5 (t5-small's or t5-base's shape, random weights) per method.
 
-    python benchmarks/train_throughput.py [--methods dense switch mpoe] [--steps 5] [--batch 8] [--device cpu|cuda]
+    python benchmarks/train_throughput.py [--methods dense switch mpoe] [--steps 5] [--warm-up 0] [--batch 8]
+                                          [--device cpu|cuda]
                                           [--shape t5-small|t5-base] [--precision fp32|bf16] [--grad-accum 1 8]
                                           [--json out.json] [--malloc keep|system] [--adamw fused|foreach]
 
 Each step is the trainer's `TrainingStep`: the gradient mask draw, forward with labels and the auxiliary losses,
 backward, over k micro-batches (`--grad-accum`; MPO experts contracted once per optimizer step), gradient clipping and
-the AdamW step. Tokens are the source and target tokens of a step (random ids,
-source length 128, target length 16). The methods alternate step by step after a warm-up step each, so drift on a
+the AdamW step. Tokens are the source and target tokens of a step (random ids, source length 128, target length 16).
+The methods alternate step by step after a warm-up step each (`--warm-up N`: N more), so drift on a
 shared machine hits all alike; the table gives the median step time, tokens/s and the ratio to dense, and on CUDA
-the peak memory allocated by each method's steps. Each warm-up step runs under torch's FLOP counter
+the peak memory allocated by each method's steps. The first warm-up step runs under torch's FLOP counter
 (`torch.utils.flop_counter`, with benchmarks/layers.py's formula for grouped matmuls), so the table also gives the
 arithmetic of a step (forward, backward, recomputation and MPO contraction; not the optimizer) and its ratio to
 dense's: the floor that the measured ratio can be read against. `--precision bf16` runs the forward under bf16
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=["dense", "switch", "mpoe"])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--warm-up", type=int, default=0,
+        help="untimed steps after the FLOP-counting one (whose allocations differ: a kept heap may still grow)",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-small")
@@ -133,13 +138,13 @@ def main(argv: list[str] | None = None) -> str:
     times: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
     peaks: dict[tuple[str, int], float] = {}
     flops: dict[tuple[str, int], int] = {}
-    for warm_up in [True] + [False] * args.steps:
+    for warm_up in [True] * (1 + args.warm_up) + [False] * args.steps:
         for method, k in settings:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            if warm_up:  # not timed: counts the step's FLOPs
+            if warm_up and (method, k) not in flops:  # not timed: counts the step's FLOPs
                 with FlopCounterMode(display=False) as counter:
                     runs[method].step([batch] * k)
                 flops[method, k] = counter.get_total_flops()
@@ -160,15 +165,17 @@ def main(argv: list[str] | None = None) -> str:
     ]
     record: dict[str, dict] = {}
     for method, k in settings:
-        step = statistics.median(times[method, k][1:])
-        dense = statistics.median(times["dense", k][1:]) if "dense" in runs else None
+        timed = times[method, k][1 + args.warm_up :]
+        step = statistics.median(timed)
+        dense = statistics.median(times["dense", k][1 + args.warm_up :]) if "dense" in runs else None
         ratio = step / dense if dense else None
         peak = peaks.get((method, k))
         per_token = flops[method, k] / (k * tokens)
         flops_ratio = flops[method, k] / flops["dense", k] if "dense" in runs else None
         name = method if len(args.grad_accum) == 1 else f"{method} k={k}"
         record[name] = {
-            "method": method, "k": k, "step_ms": step * 1e3, "tokens_per_s": k * tokens / step, "x_dense": ratio,
+            "method": method, "k": k, "step_ms": step * 1e3, "steps_ms": [t * 1e3 for t in timed],
+            "tokens_per_s": k * tokens / step, "x_dense": ratio,
             "peak_gb": peak,
             "flops_per_token": per_token, "flops_x_dense": flops_ratio,
         }  # fmt: skip
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> str:
     print(text)
     if args.json:
         meta = {"shape": args.shape, "precision": args.precision, "batch": args.batch, "steps": args.steps}
+        meta["machine"] = layers.machine(device, args.precision, malloc)
         Path(args.json).write_text(json.dumps({**meta, "device": str(device), "methods": record}, indent=1))
     return text
 

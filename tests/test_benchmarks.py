@@ -510,3 +510,44 @@ def test_layer_targets_reads_each_runs_ratios_against_the_targets(tmp_path):
     assert "| mpoe no-recompute / physical floor | <= 1.20 | 1.19 | 1.31 | 1 of 2 |" in text
     assert "| mpoe++ no-recompute / physical floor | <= 1.25 | - | - | 0 of 0 |" in text
     assert text.endswith("AMD EPYC, 2 threads")
+
+
+def test_time_vs_flops_divides_each_time_ratio_by_its_flop_ratio_against_dense_at_the_same_k():
+    """benchmarks/time_vs_flops.py's table: per setting the median over rounds, time per token and FLOPs per token
+    against dense at the same k, and their quotient, in bold above the 1.15 target."""
+    import time_vs_flops
+
+    def record(step_ms: float, flops: float) -> dict:
+        return {"step_ms": step_ms, "flops_per_token": flops, "machine": "m"}
+
+    records = {
+        ("dense", 1): [record(100, 10), record(120, 10)],
+        ("switch", 1): [record(120, 8), record(150, 8)],  # median 135 over dense's 110: 1.23, FLOPs 0.80: 1.53
+        ("dense", 8): [record(800, 10)],
+        ("switch", 8): [record(700, 8)],  # 0.875 / 0.8 = 1.09
+    }
+    text = time_vs_flops.table(records, "header")
+    assert "| dense | 1 | 100, 120 | 1.00 | 1.00 | 1.00 |" in text
+    assert "| switch | 1 | 120, 150 | 1.23 | 0.80 | **1.53** |" in text
+    assert "| switch | 8 | 700 | 0.88 | 0.80 | 1.09 |" in text
+
+
+@pytest.mark.slow
+def test_time_vs_flops_runs_each_setting_in_its_own_process(tmp_path):
+    text = subprocess.run(
+        [sys.executable, "benchmarks/time_vs_flops.py", "--shape", "tiny", "--methods", "dense", "switch",
+         "--grad-accum", "1", "2", "--rounds", "2", "--steps", "1", "--batch", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    for row in ("| dense | 1 |", "| switch | 1 |", "| dense | 2 |", "| switch | 2 |"):
+        assert row in text.stdout
+    assert len(list(tmp_path.glob("round*_k*.json"))) == 8 and (tmp_path / "table.md").read_text().strip()
+    record = json.loads((tmp_path / "round2_switch_k2.json").read_text())
+    assert len(record["methods"]["switch"]["steps_ms"]) == 1  # after the FLOP-counting step and one more warm-up
+    assert "each setting in its own process, 2 rounds" in text.stdout and "threads" in text.stdout
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/time_vs_flops.py", "--methods", "switch", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "must include dense" in bad.stderr
