@@ -22,7 +22,6 @@ backbone again before loading the weights, so the copy is the run's upcycled sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,67 +29,29 @@ from torch import nn
 
 from mpoe_exp import mpo
 
-# The attribute of a matrix whose weight gradient the experts' grouped matmul sums for an optimizer step of several
-# micro-batches (the experts' `begin_step` leaves): a `_GradientSum`.
+# The attribute of a matrix whose weight gradient the experts' grouped matmul adds in place into a sum (the experts'
+# `begin_step` leaves, for an optimizer step of several micro-batches): a `_GradientSum`.
 GRADIENT_IN_PLACE = "gradient_in_place"
 
 
 class _GradientSum:
-    """The weight gradient of a marked matrix stack (E, out, in), summed over an optimizer step's micro-batches.
+    """The in-place gradient sum of a marked matrix: allocated by the first backward that adds to it (`start`), so a
+    matrix no backward reached has none, as a parameter without gradient has .grad None."""
 
-    Each micro-batch's backward hands over its rows and output gradients (`add`), grouped by expert; they are kept,
-    and each expert's gradient is formed when the sum is asked for (`total`), as ONE product over all the step's rows
-    of that expert. Adding every micro-batch's product into the sum as it comes would read and write the whole sum
-    each time: at a few rows per expert (a decoder's short targets, a micro-batch of 4) that traffic, not the
-    arithmetic, set the time. The rows kept never outweigh the sum: past its size they are added into it at once.
-    The sum is allocated by its first addition, so a matrix no backward reached has none (as .grad None)."""
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.total = dtype, None
 
-    def __init__(self, like: torch.Tensor):
-        self.dtype = torch.promote_types(like.dtype, torch.float32)
-        self.shape, self.device = like.shape, like.device
-        self.limit = like.numel() * self.dtype.itemsize  # bytes of the sum
-        self._total: torch.Tensor | None = None
-        self._kept: list[tuple[torch.Tensor, torch.Tensor, Callable[[], list[int]] | list[int]]] = []
-        self._kept_bytes = 0
-
-    def add(self, grad: torch.Tensor, rows: torch.Tensor, counts) -> None:
-        """One micro-batch: grad (M, out) and rows (M, in), grouped by expert, `counts` rows each (or how to read
-        them back: layer.Counts)."""
-        self._kept.append((grad, rows, counts))
-        self._kept_bytes += grad.nbytes + rows.nbytes
-        if self._kept_bytes >= self.limit:
-            self._add_kept()
-
-    @property
-    def total(self) -> torch.Tensor | None:
-        """The sum of the products added so far (fp32 at least); None while no backward has reached the matrix."""
-        if self._kept:
-            self._add_kept()
-        return self._total
-
-    @torch.no_grad()
-    def _add_kept(self) -> None:
-        kept, self._kept, self._kept_bytes = self._kept, [], 0
-        first = self._total is None
-        if first:  # uninitialized: the first product overwrites it (addmm_'s beta 0), saving a pass of zeros
-            self._total = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        split = [(g.split(c), r.split(c)) for g, r, c in ((g, r, c() if callable(c) else c) for g, r, c in kept)]
-        for e, total_e in enumerate(self._total):
-            grads = [g[e] for g, _ in split if g[e].shape[0]]
-            rows = [r[e] for _, r in split if r[e].shape[0]]
-            if grads:
-                grad_e, rows_e = (torch.cat(t) if len(t) > 1 else t[0] for t in (grads, rows))
-                total_e.addmm_(grad_e.to(self.dtype).t(), rows_e.to(self.dtype), beta=0 if first else 1)
-            elif first:
-                total_e.zero_()
+    def start(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum, uninitialized: its first addition overwrites (`addmm_(beta=0)`), saving a pass of zeros."""
+        self.total = torch.empty_like(like, dtype=self.dtype, memory_format=torch.contiguous_format)
+        return self.total
 
 
 def accumulate_in_place(leaf: torch.Tensor) -> None:
-    """Mark the matrix stack `leaf` (E, out, in) so that `layer.grouped_mm` sums its weight gradients over the
-    micro-batches of an optimizer step (`gradient_sum`) instead of handing each to autograd: in fp32 at least, so
-    that the micro-batches of a bf16 or fp16 step are summed as an fp32 optimizer step sums them, not rounded to 8
-    or 11 bits at every addition."""
-    setattr(leaf, GRADIENT_IN_PLACE, _GradientSum(leaf))
+    """Mark the matrix stack `leaf` (E, out, in) so that `layer.grouped_mm` adds its weight gradients in place into
+    a sum (`gradient_sum`): in fp32 at least, so that the micro-batches of a bf16 or fp16 step are summed as an fp32
+    optimizer step sums them, not rounded to 8 or 11 bits at every addition."""
+    setattr(leaf, GRADIENT_IN_PLACE, _GradientSum(torch.promote_types(leaf.dtype, torch.float32)))
 
 
 def accumulates_in_place(leaf: torch.Tensor) -> bool:
@@ -98,8 +59,8 @@ def accumulates_in_place(leaf: torch.Tensor) -> bool:
 
 
 def gradient_sum(leaf: torch.Tensor) -> torch.Tensor | None:
-    """The step's weight gradient of a matrix marked by `accumulate_in_place`, formed now from the micro-batches'
-    kept rows; None while no backward has reached it (or when the matrix is not marked)."""
+    """The in-place gradient sum of a matrix marked by `accumulate_in_place`; None while no backward has added to it
+    (or when the matrix is not marked)."""
     marked = getattr(leaf, GRADIENT_IN_PLACE, None)
     return None if marked is None else marked.total
 

@@ -77,12 +77,13 @@ def _grouped_product(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
 
 
 class _GradientInPlace(torch.autograd.Function):
-    """`grouped_mm` whose backward hands each micro-batch's rows and output gradients to the weight's gradient sum
-    (`experts.accumulate_in_place`), which forms each expert's gradient once per optimizer step, and returns none
-    for the weight. Autograd would instead allocate the whole (E, out, in) gradient of every micro-batch and then
-    add it to .grad: the traffic of 2 E full matrices per matrix and micro-batch, into memory that on CPU is fresh,
-    page-faulted anew each time. For the experts' `begin_step` leaves (MPO and dense experts), whose sum collects
-    an optimizer step's micro-batches, in fp32 under bf16/fp16 autocast."""
+    """`grouped_mm` whose backward adds each expert's weight gradient (grad_e^T @ rows_e) into the weight's gradient
+    sum (`experts.accumulate_in_place`) in place and returns none for the weight. Autograd would instead allocate the
+    whole (E, out, in) gradient of every micro-batch and then add it to .grad: the traffic of 2 E full matrices per
+    matrix and micro-batch, into memory that on CPU is fresh, page-faulted anew each time. For the experts'
+    `begin_step` leaves (MPO and dense experts), whose sum collects an optimizer step's micro-batches. The sum is fp32
+    under bf16/fp16 autocast, and so are the products added to it (rows and gradient cast once per call); the first
+    backward allocates it and writes its products over it (no pass of zeros first)."""
 
     @staticmethod
     def forward(ctx, rows, weight, offsets, counts):
@@ -97,7 +98,15 @@ class _GradientInPlace(torch.autograd.Function):
         grad_rows = None
         if ctx.needs_input_grad[0]:  # grad (M, out) times each expert's (out, in)
             grad_rows = _grouped_product(grad, weight.transpose(1, 2), offsets, ctx.counts)
-        getattr(weight, GRADIENT_IN_PLACE).add(grad, rows, ctx.counts)
+        marked, counts = getattr(weight, GRADIENT_IN_PLACE), resolved(ctx.counts)
+        first = marked.total is None
+        total = marked.start(weight) if first else marked.total
+        wide_grad, wide_rows = grad.to(total.dtype), rows.to(total.dtype)  # no copy when the dtypes agree
+        for total_e, grad_e, rows_e in zip(total, wide_grad.split(counts), wide_rows.split(counts)):
+            if rows_e.shape[0]:
+                total_e.addmm_(grad_e.t(), rows_e, beta=0 if first else 1)  # beta 0: the empty memory is ignored
+            elif first:
+                total_e.zero_()
         return grad_rows, None, None, None
 
 

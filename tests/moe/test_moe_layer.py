@@ -520,68 +520,6 @@ def test_micro_batch_gradients_added_in_place_are_summed_in_fp32_under_bf16_auto
     assert (total.double() - expected).norm() <= 1e-3 * expected.norm()
 
 
-def _counting_addmm_(monkeypatch) -> list[torch.Size]:
-    """The shapes of the tensors torch.Tensor.addmm_ writes into, from now on."""
-    calls, original = [], torch.Tensor.addmm_
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.shape)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "addmm_", counting)
-    return calls
-
-
-def _accumulate_micro_batches(weight: torch.Tensor, counts: list[int], micro_batches: int) -> torch.Tensor:
-    """Backward through `grouped_mm` for `micro_batches` random micro-batches; their weight gradient summed in fp64."""
-    from mpoe_exp.moe.layer import grouped_mm
-
-    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
-    expected = torch.zeros(weight.shape, dtype=torch.float64)
-    for _ in range(micro_batches):
-        rows, grad = torch.randn(sum(counts), weight.shape[2]), torch.randn(sum(counts), weight.shape[1])
-        grouped_mm(rows, weight, offsets, counts).backward(grad)
-        for e, (grad_e, rows_e) in enumerate(zip(grad.split(counts), rows.split(counts))):
-            expected[e] += grad_e.double().t() @ rows_e.double()
-    return expected
-
-
-def test_an_experts_weight_gradient_is_one_product_per_optimizer_step(monkeypatch):
-    """With gradient accumulation each expert's weight gradient is formed once per optimizer step, as one product
-    over all its micro-batches' rows, when the sum is asked for: not added into the (E, out, in) sum at every
-    micro-batch, which reads and writes the whole sum each time (at few rows per expert that traffic, not the
-    arithmetic, set Switch's training time at k = 8). The result is the sum of the micro-batches' gradients."""
-    from mpoe_exp.moe.experts import accumulate_in_place, gradient_sum
-
-    torch.manual_seed(0)
-    weight = torch.randn(4, 48, 32, requires_grad=True)
-    accumulate_in_place(weight)
-    calls = _counting_addmm_(monkeypatch)
-    expected = _accumulate_micro_batches(weight, [5, 3, 0, 8], micro_batches=4)
-    assert not calls  # the micro-batches' backwards added nothing yet
-    total = gradient_sum(weight)
-    assert calls == [torch.Size([48, 32])] * 3  # one product per expert that had rows; the empty one is zeroed
-    assert weight.grad is None and total.dtype == torch.float32
-    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)
-    assert gradient_sum(weight) is total  # asked again: the same sum, nothing added twice
-
-
-def test_rows_kept_for_the_step_weight_gradient_never_outweigh_the_sum(monkeypatch):
-    """Rows kept for the step's weight gradient are bounded by the sum's own size: when a micro-batch's rows and
-    output gradients outweigh the (E, out, in) sum, they are added into it at once (many rows per expert: the sum's
-    traffic is small against the product's arithmetic)."""
-    from mpoe_exp.moe.experts import accumulate_in_place, gradient_sum
-
-    torch.manual_seed(0)
-    weight = torch.randn(3, 8, 4, requires_grad=True)  # a 384-byte sum; a micro-batch keeps 120 x 12 x 4 bytes
-    accumulate_in_place(weight)
-    calls = _counting_addmm_(monkeypatch)
-    expected = _accumulate_micro_batches(weight, [50, 70, 0], micro_batches=3)
-    assert len(calls) == 3 * 2  # each micro-batch added at once, expert by expert
-    torch.testing.assert_close(gradient_sum(weight).double(), expected, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 6
-
-
 def test_evaluation_caches_mpo_experts_until_the_weights_change(monkeypatch):
     from mpoe_exp import mpo
 
