@@ -10,8 +10,10 @@ machine hits all alike. A setting's step time is the median over rounds of its p
 two warm-up steps (the first counts the step's FLOPs, train_throughput.py; on CPU the step after it could still be
 twice as slow as the rest). The table gives, against dense at the same k, time per token, counted FLOPs per token
 and their quotient, time / FLOPs: how far a method's time strays from its arithmetic (1.00: it runs at dense's rate;
-the performance target asks for at most 1.15). Each process's table and JSON land in `--out` (default
-time_vs_flops/).
+the performance target asks for at most 1.15). The same quotient for the forward and backward passes alone, and
+the time of the step's optimizer update (clipping, AdamW), which no FLOP count sees, say where a step strays: a
+method with E copies of each FFN updates E times the FFN parameters. Each process's table and JSON land in `--out`
+(default time_vs_flops/).
 """
 
 from __future__ import annotations
@@ -46,26 +48,37 @@ def run_setting(args: argparse.Namespace, method: str, k: int, round_: int) -> d
 
 
 def table(records: dict[tuple[str, int], list[dict]], header: str) -> str:
-    """The Markdown table of the settings' medians over rounds, each against dense at the same k."""
+    """The Markdown table of the settings' medians over rounds, each against dense at the same k: the whole step's
+    time against its counted FLOPs (the target's quotient), then the forward and backward passes' alone (the step
+    less its optimizer update: clipping and AdamW, whose work no FLOP count sees) and the update's time."""
     step = {s: statistics.median(r["step_ms"] for r in rs) for s, rs in records.items()}
     flops = {s: rs[0]["flops_per_token"] for s, rs in records.items()}
+    timed_apart = {s: rs for s, rs in records.items() if all("passes_ms" in r for r in rs)}
+    passes = {s: statistics.median(r["passes_ms"] for r in rs) for s, rs in timed_apart.items()}
+    update = {s: statistics.median(r["step_ms"] - r["passes_ms"] for r in rs) for s, rs in timed_apart.items()}
     lines = [
         header,
         "",
         "| method | k | step ms (per round) | time per token x dense | FLOPs x dense | time / FLOPs "
-        f"(target <= {TARGET}) |",
-        "|---|---:|---|---:|---:|---:|",
+        f"(target <= {TARGET}) | passes' time / FLOPs | update ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for (method, k), runs in records.items():
         rounds = ", ".join(f"{r['step_ms']:,.0f}" for r in runs)
+        shown_update = f"{update[method, k]:,.0f}" if (method, k) in update else "-"
         if ("dense", k) not in step:
-            lines.append(f"| {method} | {k} | {rounds} | - | - | - |")
+            lines.append(f"| {method} | {k} | {rounds} | - | - | - | - | {shown_update} |")
             continue
-        time_ratio = step[method, k] / step["dense", k]
         flop_ratio = flops[method, k] / flops["dense", k]
-        quotient = time_ratio / flop_ratio
-        shown = f"{quotient:.2f}" if quotient <= TARGET else f"**{quotient:.2f}**"
-        lines.append(f"| {method} | {k} | {rounds} | {time_ratio:.2f} | {flop_ratio:.2f} | {shown} |")
+        time_ratio = step[method, k] / step["dense", k]
+        quotients = [time_ratio / flop_ratio]
+        if (method, k) in passes and ("dense", k) in passes:
+            quotients.append(passes[method, k] / passes["dense", k] / flop_ratio)
+        shown = [f"{q:.2f}" if q <= TARGET else f"**{q:.2f}**" for q in quotients] + ["-"] * (2 - len(quotients))
+        lines.append(
+            f"| {method} | {k} | {rounds} | {time_ratio:.2f} | {flop_ratio:.2f} | {shown[0]} | {shown[1]} "
+            f"| {shown_update} |"
+        )
     return "\n".join(lines)
 
 

@@ -13,7 +13,8 @@ shared machine hits all alike; the table gives the median step time, tokens/s an
 the peak memory allocated by each method's steps. The first warm-up step runs under torch's FLOP counter
 (`torch.utils.flop_counter`, with benchmarks/layers.py's formula for grouped matmuls), so the table also gives the
 arithmetic of a step (forward, backward, recomputation and MPO contraction; not the optimizer) and its ratio to
-dense's: the floor that the measured ratio can be read against. `--precision bf16` runs the forward under bf16
+dense's: the floor that the measured ratio can be read against. The JSON also has each step's forward and backward
+passes timed apart (`passes_ms`: the step less its clipping, AdamW update and zeroing of gradients). `--precision bf16` runs the forward under bf16
 autocast, as train.precision=bf16 does. `--malloc keep` has glibc keep freed memory, as `cpu_malloc=keep`
 does (benchmarks/layers.py). `--adamw foreach` steps with torch's default AdamW instead of the trainer's fused one.
 Models are built offline from the byte vocabulary of tiny-t5 (no download).
@@ -89,6 +90,19 @@ class Run:
             encoder_decoder=True,
         )
         self.vocab = cfg.model.architecture.vocab_size
+        self.passes_s: list[float] = []  # each step's forward and backward passes (TrainingStep.accumulate)
+        self.step_fn.accumulate = self._timed(self.step_fn.accumulate, device)
+
+    def _timed(self, accumulate, device: torch.device):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = accumulate(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.passes_s.append(time.perf_counter() - start)
+            return result
+
+        return timed
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
         """One optimizer step over the micro-batches (k of them: gradient accumulation)."""
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> str:
     tokens = batch["input_ids"].numel() + batch["labels"].numel()  # per micro-batch
     settings = [(m, k) for k in args.grad_accum for m in runs]
     times: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
+    passes: dict[tuple[str, int], list[float]] = {s: [] for s in settings}  # each step's forward+backward part
     peaks: dict[tuple[str, int], float] = {}
     flops: dict[tuple[str, int], int] = {}
     for warm_up in [True] * (1 + args.warm_up) + [False] * args.steps:
@@ -154,6 +169,7 @@ def main(argv: list[str] | None = None) -> str:
                 torch.cuda.synchronize(device)
                 peaks[method, k] = max(peaks.get((method, k), 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
             times[method, k].append(time.perf_counter() - start)
+            passes[method, k].append(runs[method].passes_s[-1])
     lines = [
         f"Training throughput, {args.shape} shape, micro-batch {args.batch} x (128 + 16) tokens, k micro-batches per "
         f"optimizer step, {args.adamw} AdamW, {layers.machine(device, args.precision, malloc)}, "
@@ -165,7 +181,7 @@ def main(argv: list[str] | None = None) -> str:
     ]
     record: dict[str, dict] = {}
     for method, k in settings:
-        timed = times[method, k][1 + args.warm_up :]
+        timed, timed_passes = times[method, k][1 + args.warm_up :], passes[method, k][1 + args.warm_up :]
         step = statistics.median(timed)
         dense = statistics.median(times["dense", k][1 + args.warm_up :]) if "dense" in runs else None
         ratio = step / dense if dense else None
@@ -175,6 +191,7 @@ def main(argv: list[str] | None = None) -> str:
         name = method if len(args.grad_accum) == 1 else f"{method} k={k}"
         record[name] = {
             "method": method, "k": k, "step_ms": step * 1e3, "steps_ms": [t * 1e3 for t in timed],
+            "passes_ms": statistics.median(timed_passes) * 1e3, "steps_passes_ms": [t * 1e3 for t in timed_passes],
             "tokens_per_s": k * tokens / step, "x_dense": ratio,
             "peak_gb": peak,
             "flops_per_token": per_token, "flops_x_dense": flops_ratio,

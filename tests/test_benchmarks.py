@@ -514,22 +514,25 @@ def test_layer_targets_reads_each_runs_ratios_against_the_targets(tmp_path):
 
 def test_time_vs_flops_divides_each_time_ratio_by_its_flop_ratio_against_dense_at_the_same_k():
     """benchmarks/time_vs_flops.py's table: per setting the median over rounds, time per token and FLOPs per token
-    against dense at the same k, and their quotient, in bold above the 1.15 target."""
+    against dense at the same k, and their quotient, in bold above the 1.15 target; then the same quotient for the
+    forward and backward passes alone (the step less the optimizer update, whose work no FLOP count sees), and the
+    update's time."""
     import time_vs_flops
 
-    def record(step_ms: float, flops: float) -> dict:
-        return {"step_ms": step_ms, "flops_per_token": flops, "machine": "m"}
+    def record(step_ms: float, flops: float, passes_ms: float | None = None) -> dict:
+        passes = {} if passes_ms is None else {"passes_ms": passes_ms}
+        return {"step_ms": step_ms, "flops_per_token": flops, "machine": "m", **passes}
 
     records = {
-        ("dense", 1): [record(100, 10), record(120, 10)],
-        ("switch", 1): [record(120, 8), record(150, 8)],  # median 135 over dense's 110: 1.23, FLOPs 0.80: 1.53
-        ("dense", 8): [record(800, 10)],
+        ("dense", 1): [record(100, 10, 90), record(120, 10, 100)],
+        ("switch", 1): [record(120, 8, 100), record(150, 8, 120)],  # median 135 over dense's 110: 1.23, FLOPs 0.80: 1.53
+        ("dense", 8): [record(800, 10)],  # recorded before the passes were timed apart
         ("switch", 8): [record(700, 8)],  # 0.875 / 0.8 = 1.09
     }
     text = time_vs_flops.table(records, "header")
-    assert "| dense | 1 | 100, 120 | 1.00 | 1.00 | 1.00 |" in text
-    assert "| switch | 1 | 120, 150 | 1.23 | 0.80 | **1.53** |" in text
-    assert "| switch | 8 | 700 | 0.88 | 0.80 | 1.09 |" in text
+    assert "| dense | 1 | 100, 120 | 1.00 | 1.00 | 1.00 | 1.00 | 15 |" in text
+    assert "| switch | 1 | 120, 150 | 1.23 | 0.80 | **1.53** | **1.45** | 25 |" in text  # passes 110 / 95 / 0.8
+    assert "| switch | 8 | 700 | 0.88 | 0.80 | 1.09 | - | - |" in text
 
 
 @pytest.mark.slow
@@ -544,7 +547,9 @@ def test_time_vs_flops_runs_each_setting_in_its_own_process(tmp_path):
         assert row in text.stdout
     assert len(list(tmp_path.glob("round*_k*.json"))) == 8 and (tmp_path / "table.md").read_text().strip()
     record = json.loads((tmp_path / "round2_switch_k2.json").read_text())
-    assert len(record["methods"]["switch"]["steps_ms"]) == 1  # after the FLOP-counting step and one more warm-up
+    timed = record["methods"]["switch"]
+    assert len(timed["steps_ms"]) == len(timed["steps_passes_ms"]) == 1  # after the FLOP count and one warm-up
+    assert 0 < timed["passes_ms"] < timed["step_ms"]  # the forward and backward passes: the step less its update
     assert "each setting in its own process, 2 rounds" in text.stdout and "threads" in text.stdout
     bad = subprocess.run(
         [sys.executable, "benchmarks/time_vs_flops.py", "--methods", "switch", "--out", str(tmp_path)],
