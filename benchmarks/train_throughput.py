@@ -14,9 +14,10 @@ the peak memory allocated by each method's steps. The first warm-up step runs un
 (`torch.utils.flop_counter`, with benchmarks/layers.py's formula for grouped matmuls), so the table also gives the
 arithmetic of a step (forward, backward, recomputation and MPO contraction; not the optimizer) and its ratio to
 dense's: the floor that the measured ratio can be read against. The JSON also has each step's forward and backward
-passes timed apart (`passes_ms`: the step less its clipping, AdamW update and zeroing of gradients). `--precision bf16` runs the forward under bf16
-autocast, as train.precision=bf16 does. `--malloc keep` has glibc keep freed memory, as `cpu_malloc=keep`
-does (benchmarks/layers.py). `--adamw foreach` steps with torch's default AdamW instead of the trainer's fused one.
+passes timed apart (`passes_ms`: the step less its clipping, AdamW update and zeroing of gradients).
+`--precision bf16` runs the forward under bf16 autocast, as train.precision=bf16 does. `--malloc keep` has glibc
+keep freed memory, as `cpu_malloc=keep` does (benchmarks/layers.py). `--adamw foreach` steps with torch's default
+AdamW instead of the trainer's fused one.
 Models are built offline from the byte vocabulary of tiny-t5 (no download).
 """
 
