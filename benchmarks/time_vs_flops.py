@@ -1,6 +1,6 @@
 """Does training time follow counted FLOPs? Each training setting in its own process, in rounds.
 
-    python benchmarks/time_vs_flops.py [--methods dense switch mpoe] [--grad-accum 1 8] [--rounds 2] [--steps 2]
+    python benchmarks/time_vs_flops.py [--methods dense switch mpoe] [--grad-accum 1 8] [--rounds 2] [--steps 3]
                                        [--shape t5-base] [--batch 4] [--malloc keep] [--out DIR]
 
 Every (method, k) runs `train_throughput.py --methods METHOD --grad-accum K` alone in a fresh process: its own heap
@@ -8,12 +8,13 @@ and nothing else's memory beside it (a t5-base Switch's 16 GB training state nex
 24 GB machine's memory). Round after round: every setting once, then every setting again, so that drift on a shared
 machine hits all alike. A setting's step time is the median over rounds of its processes' median step, timed after
 two warm-up steps (the first counts the step's FLOPs, train_throughput.py; on CPU the step after it could still be
-twice as slow as the rest). The table gives, against dense at the same k, time per token, counted FLOPs per token
-and their quotient, time / FLOPs: how far a method's time strays from its arithmetic (1.00: it runs at dense's rate;
-the performance target asks for at most 1.15). The same quotient for the forward and backward passes alone, and
-the time of the step's optimizer update (clipping, AdamW), which no FLOP count sees, say where a step strays: a
-method with E copies of each FFN updates E times the FFN parameters. Each process's table and JSON land in `--out`
-(default time_vs_flops/).
+twice as slow as the rest). Three timed steps by default: with two, the median is their mean, and one slow step
+(one of 30 s among steps of 21 s has happened) moves it. The table gives, against dense at the same k, time per
+token, counted FLOPs per token and their quotient, time / FLOPs: how far a method's time strays from its arithmetic
+(1.00: it runs at dense's rate; the performance target asks for at most 1.15). The same quotient for the forward and
+backward passes alone, and the time of the step's optimizer update (clipping, AdamW), which no FLOP count sees, say
+where a step strays: a method with E copies of each FFN updates E times the FFN parameters. Each process's table and
+JSON land in `--out` (default time_vs_flops/).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--methods", nargs="+", default=["dense", "switch", "mpoe"])
     parser.add_argument("--grad-accum", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after two warm-up steps)")
     parser.add_argument("--shape", default="t5-base")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--malloc", choices=("system", "keep"), default="keep")
